@@ -1,0 +1,268 @@
+"""Which FLUX.1 checkpoint the notebooks load, and the two stand-ins fluxnb builds offline.
+
+The notebooks always name the real model (``black-forest-labs/FLUX.1-dev``) and pass it through
+:func:`resolve_checkpoint`. The environment variable ``FLUXNB_CHECKPOINT`` swaps it for a stand-in:
+
+* unset or empty: the model id written in the notebook (downloaded from the Hub as usual);
+* ``tiny``: a tiny FLUX pipeline with random weights (real diffusers/transformers classes, real
+  tokenizers made locally), built in about a second on a CPU. Every notebook runs end to end on it;
+* ``random-dev`` / ``random-schnell``: the real FLUX.1-dev / schnell shapes (11.9B-parameter
+  transformer, T5-XXL, CLIP-L, VAE) with random weights, about 34 GB on disk. Memory and speed
+  depend on shapes, not on values, so this rehearses a run before the 34 GB download. Its images
+  are noise: it says nothing about image quality;
+* anything else: a Hub id or a local folder, used as given.
+
+Stand-ins are built once, into ``FLUXNB_CACHE`` (default ``~/.cache/fluxnb``), written to a temporary
+folder first and renamed when complete, so an interrupted build never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluxnb.environment import check_free_disk
+
+ENV_VAR = "FLUXNB_CHECKPOINT"
+STAND_INS = ("tiny", "random-dev", "random-schnell")
+_DONE = "fluxnb_done.json"
+
+# --- configs ------------------------------------------------------------------------------------
+# The full-size configs are those of black-forest-labs/FLUX.1-dev and FLUX.1-schnell (diffusers
+# format). Only the transformer's guidance embedding and the scheduler differ between the two.
+
+FULL_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+FULL_T5: dict[str, Any] = dict(  # google/t5-v1_1-xxl, encoder only
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, tie_word_embeddings=False,
+    is_encoder_decoder=False, use_cache=False,
+)
+FULL_CLIP: dict[str, Any] = dict(  # openai/clip-vit-large-patch14, text tower
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+FULL_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=0.3611,
+    shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True,
+)
+# Tiny: every Linear width is a multiple of 64 (bitsandbytes' 4-bit CPU kernels need it), and the
+# VAE keeps four blocks so images are 8x the latents, as in the real model (sizes: multiples of 16).
+TINY_TRANSFORMER: dict[str, Any] = dict(
+    FULL_TRANSFORMER, num_layers=1, num_single_layers=1, attention_head_dim=32,
+    num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 12, 12),
+)
+TINY_T5: dict[str, Any] = dict(FULL_T5, d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2)
+TINY_CLIP: dict[str, Any] = dict(
+    FULL_CLIP, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+    projection_dim=64,
+)
+TINY_VAE: dict[str, Any] = dict(
+    FULL_VAE, layers_per_block=1, norm_num_groups=8, block_out_channels=(16, 16, 32, 32), sample_size=256,
+)
+SCHEDULER_DEV: dict[str, Any] = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096,
+)
+SCHEDULER_SCHNELL: dict[str, Any] = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+
+
+def cache_dir() -> Path:
+    """Folder that holds the stand-ins: ``$FLUXNB_CACHE``, else ``~/.cache/fluxnb``."""
+    return Path(os.environ.get("FLUXNB_CACHE", Path.home() / ".cache" / "fluxnb")).expanduser()
+
+
+def variant_of(model_id: str) -> str:
+    """``"schnell"`` if the model id names FLUX.1-schnell, else ``"dev"``."""
+    return "schnell" if "schnell" in model_id.lower() else "dev"
+
+
+def resolve_checkpoint(model_id: str) -> str:
+    """Return what ``from_pretrained`` should load for ``model_id``, honouring ``FLUXNB_CHECKPOINT``.
+
+    ``tiny`` follows the notebook's variant (dev or schnell); ``random-dev``/``random-schnell`` name
+    theirs. Stand-ins are built on first use and reused after.
+    """
+    choice = os.environ.get(ENV_VAR, "").strip()
+    if not choice:
+        return model_id
+    if choice == "tiny":
+        return str(build_tiny(variant_of(model_id)))
+    if choice in ("random-dev", "random-schnell"):
+        return str(build_random(choice.split("-")[1]))
+    return choice
+
+
+def is_stand_in(checkpoint: str | os.PathLike[str]) -> str | None:
+    """``"tiny"``, ``"random"`` or None: which kind of fluxnb stand-in a checkpoint folder is."""
+    marker = Path(checkpoint) / _DONE
+    if not marker.is_file():
+        return None
+    return str(json.loads(marker.read_text())["kind"])
+
+
+# --- tokenizers ---------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's byte-to-printable-character table (the 256 symbols byte-level BPE starts from)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def make_clip_tokenizer() -> Any:
+    """A real ``CLIPTokenizer`` (byte-level BPE) with a character-level vocabulary and no merges.
+
+    The real CLIP vocabulary cannot be downloaded here; ids stay below CLIP-L's 49408 so the same
+    tokenizer serves the tiny and the full-size stand-ins.
+    """
+    from transformers import CLIPTokenizer
+
+    symbols = _bytes_to_unicode()
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def make_t5_tokenizer() -> Any:
+    """A real ``T5TokenizerFast`` (Unigram) over printable ASCII, ids below T5's 32128."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(chr(c), -3.0) for c in range(33, 127)]
+    pieces += [("\u2581" + chr(c), -2.5) for c in range(33, 127)]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+# --- building -----------------------------------------------------------------------------------
+
+
+_PARTS = ("scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "transformer")
+
+
+def _make_part(name: str, variant: str, tiny: bool) -> Any:
+    """Instantiate one FLUX component; models get random weights (current default device/dtype)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if name == "scheduler":
+        return FlowMatchEulerDiscreteScheduler(**(SCHEDULER_DEV if variant == "dev" else SCHEDULER_SCHNELL))
+    if name == "tokenizer":
+        return make_clip_tokenizer()
+    if name == "tokenizer_2":
+        return make_t5_tokenizer()
+    if name == "text_encoder":
+        tok = make_clip_tokenizer()
+        cfg = dict(TINY_CLIP if tiny else FULL_CLIP, bos_token_id=tok.bos_token_id,
+                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        if tiny:
+            cfg["vocab_size"] = len(tok)
+        return CLIPTextModel(CLIPTextConfig(**cfg))
+    if name == "text_encoder_2":
+        cfg = dict(TINY_T5 if tiny else FULL_T5)
+        if tiny:
+            cfg["vocab_size"] = len(make_t5_tokenizer())
+        return T5EncoderModel(T5Config(**cfg))
+    if name == "vae":
+        return AutoencoderKL(**(TINY_VAE if tiny else FULL_VAE))
+    if name == "transformer":
+        return FluxTransformer2DModel(**dict(TINY_TRANSFORMER if tiny else FULL_TRANSFORMER,
+                                             guidance_embeds=variant == "dev"))
+    raise ValueError(f"unknown FLUX component {name!r}")
+
+
+def _write_pipeline(folder: Path, variant: str, tiny: bool, device: str, dtype: torch.dtype) -> None:
+    """Build and save the components one at a time, so peak memory is one model, not five."""
+    index: dict[str, Any] = {"_class_name": "FluxPipeline", "_diffusers_version": _version("diffusers")}
+    for seed, name in enumerate(_PARTS):
+        torch.manual_seed(seed)  # a component's weights depend on its own seed only
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                part = _make_part(name, variant, tiny)
+        finally:
+            torch.set_default_dtype(previous)
+        if name == "scheduler":
+            part.save_config(folder / name)
+        else:
+            part.save_pretrained(folder / name)
+        library = "transformers" if type(part).__module__.startswith("transformers") else "diffusers"
+        index[name] = [library, type(part).__name__]
+        del part
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _build(kind: str, variant: str, device: str, dtype: torch.dtype, need_gb: float) -> Path:
+    """Build a stand-in once into the cache; return its folder. Reuses a complete earlier build."""
+    if variant not in ("dev", "schnell"):
+        raise ValueError(f"variant must be 'dev' or 'schnell', not {variant!r}")
+    final = cache_dir() / f"{kind}-flux.1-{variant}"
+    if (final / _DONE).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    check_free_disk(final.parent, need_gb, what=f"the {kind} FLUX.1-{variant} stand-in")
+    staging = final.with_name(final.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # ours: a build that was interrupted
+    staging.mkdir()
+    _write_pipeline(staging, variant, tiny=kind == "tiny", device=device, dtype=dtype)
+    (staging / "README.md").write_text(_CARD.format(kind=kind, variant=variant))
+    (staging / _DONE).write_text(json.dumps({"kind": kind, "variant": variant}) + "\n")
+    if final.exists():  # only a folder without the marker, i.e. an incomplete one of ours
+        shutil.rmtree(final)
+    staging.rename(final)
+    return final
+
+
+def build_tiny(variant: str = "dev") -> Path:
+    """Build (once) the tiny random FLUX.1 pipeline in fp32 on the CPU; a few MB, about a second.
+
+    Deterministic: the same fluxnb, torch and library versions give byte-identical files.
+    """
+    return _build("tiny", variant, device="cpu", dtype=torch.float32, need_gb=0.1)
+
+
+def build_random(variant: str = "dev", device: str | None = None) -> Path:
+    """Build (once) FLUX.1 with the real shapes and random bf16 weights: about 34 GB of disk.
+
+    Built on the GPU when there is one (about a minute, needs ~24 GB of VRAM for the transformer),
+    else on the CPU (slower, needs ~24 GB of RAM).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return _build("random", variant, device=device, dtype=torch.bfloat16, need_gb=36.0)
+
+
+_CARD = """# fluxnb {kind} stand-in for FLUX.1-{variant}
+
+Random weights in the diffusers layout of FLUX.1-{variant}, built offline by fluxnb
+(`fluxnb.checkpoints`). This is NOT FLUX.1: its images are noise. It exists so that notebooks, tests
+and memory/speed measurements run where the real weights cannot be downloaded.
+The tokenizers are real CLIP and T5 tokenizer classes with a small character-level vocabulary.
+"""
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)

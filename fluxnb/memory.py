@@ -1,0 +1,265 @@
+"""Memory helpers: free what can be freed, and measure what each stage of a run costs.
+
+Three views of GPU memory, because they answer different questions:
+
+* **allocated**: bytes in live tensors (``torch.cuda.max_memory_allocated``) -- what your code holds;
+* **reserved**: what PyTorch's caching allocator took from the driver (``max_memory_reserved``) --
+  allocated plus cached blocks and fragmentation;
+* **device**: what the GPU itself has in use (``torch.cuda.mem_get_info``, sampled), which adds the
+  CUDA context (~0.3-0.5 GiB) and any other process. This is the number that must fit on an 8 GB card.
+
+Host RAM is sampled the same way: anonymous memory of this process (``RssAnon``: tensors and Python
+objects, not files the OS can drop), plus ``ru_maxrss``, the kernel's lifetime peak of the process.
+On a CPU-only machine the VRAM fields are ``None`` (absent), never zero.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psutil
+import torch
+
+GIB = 1024**3
+
+
+def bytes_to_giga_bytes(n_bytes: float) -> float:
+    """Bytes to GiB (2**30 bytes), the unit nvidia-smi and PyTorch's docs call "GB"."""
+    return n_bytes / GIB
+
+
+def flush() -> None:
+    """Free memory between stages: collect garbage, empty PyTorch's CUDA cache, reset peak stats.
+
+    Delete your own references first (``del pipe``): nothing can free a tensor a variable holds.
+    On a CPU-only machine only the garbage collection runs.
+    """
+    for sampler in list(_ACTIVE_SAMPLERS):  # a running MemoryTracker stage keeps its peak
+        sampler.sample()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def anon_ram_bytes() -> int:
+    """Anonymous resident memory of this process (Linux ``RssAnon``); plain RSS elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(psutil.Process().memory_info().rss)
+
+
+def max_rss_bytes() -> int:
+    """The kernel's peak resident set of this process over its whole life (``ru_maxrss``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def device_used_bytes() -> int | None:
+    """Bytes in use on the current GPU as the device reports it (CUDA context included)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return int(total - free)
+
+
+@dataclass
+class StageRecord:
+    """What one stage cost. GiB and seconds; VRAM fields are None on a machine without a GPU."""
+
+    stage: str
+    seconds: float
+    vram_allocated_gib: float | None
+    vram_reserved_gib: float | None
+    vram_device_gib: float | None
+    ram_anon_gib: float
+    ram_maxrss_gib: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_ACTIVE_SAMPLERS: set[_Sampler] = set()
+
+
+class _Sampler(threading.Thread):
+    """Background thread that keeps per-stage peaks of host anon RAM and of the three VRAM views.
+
+    The allocator's own peak counters are polled too: a ``flush()`` inside a stage resets them, and
+    without polling, the stage would report the peak after the reset instead of its real peak.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.ram_peak = 0
+        self.device_peak: int | None = None
+        self.allocated_peak = 0
+        self.reserved_peak = 0
+        self._stop_event = threading.Event()
+        self.sample()
+        _ACTIVE_SAMPLERS.add(self)
+
+    def sample(self) -> None:
+        self.ram_peak = max(self.ram_peak, anon_ram_bytes())
+        used = device_used_bytes()
+        if used is not None:
+            self.device_peak = max(self.device_peak or 0, used)
+        if torch.cuda.is_available():
+            self.allocated_peak = max(self.allocated_peak, torch.cuda.max_memory_allocated())
+            self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved())
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            self.sample()
+
+    def stop(self) -> None:
+        _ACTIVE_SAMPLERS.discard(self)
+        self._stop_event.set()
+        self.join()
+        self.sample()
+
+
+class MemoryTracker:
+    """Record wall time and peak VRAM/RAM for named stages of a run.
+
+    >>> tracker = MemoryTracker()
+    >>> with tracker.stage("encode prompt"):
+    ...     pass  # load T5, encode, free
+    >>> print(tracker.to_markdown())  # doctest: +SKIP
+
+    Peaks are per stage: the allocator's peak counters are reset when a stage starts, and the
+    background sampler (every ``interval_s``) starts from the current level. A ``flush()`` inside a
+    stage does not hide the stage's peak: the sampler polls the peak counters before they are reset.
+    """
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.records: list[StageRecord] = []
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        sampler = _Sampler(self.interval_s)
+        sampler.start()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            sampler.stop()
+            self.records.append(StageRecord(
+                stage=name,
+                seconds=round(seconds, 3),
+                vram_allocated_gib=_gib(sampler.allocated_peak) if cuda else None,
+                vram_reserved_gib=_gib(sampler.reserved_peak) if cuda else None,
+                vram_device_gib=_gib(sampler.device_peak) if sampler.device_peak is not None else None,
+                ram_anon_gib=_gib(sampler.ram_peak),
+                ram_maxrss_gib=_gib(max_rss_bytes()),
+            ))
+
+    def to_markdown(self) -> str:
+        """The stages as a markdown table (``IPython.display.Markdown`` renders it)."""
+        return records_to_markdown([r.as_dict() for r in self.records])
+
+    def plot(self, title: str = "Peak memory per stage") -> Any:
+        """Bar chart of VRAM (device, reserved, allocated) and host RAM per stage; returns the figure."""
+        return plot_records([r.as_dict() for r in self.records], title=title)
+
+
+def _gib(n_bytes: float) -> float:
+    return round(bytes_to_giga_bytes(n_bytes), 3)
+
+
+class StepTimer:
+    """A diffusers ``callback_on_step_end`` that records the wall time of every denoising step.
+
+    The first step carries one-off costs (kernel selection, lazy initialisation, compilation), so
+    :attr:`seconds_per_step` is the median of the later steps; with one step it is that step.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.ends: list[float] = []
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+        return callback_kwargs
+
+    @property
+    def step_seconds(self) -> list[float]:
+        """Duration of each step; the first is measured from this timer's creation."""
+        marks = [self.start, *self.ends]
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+    @property
+    def seconds_per_step(self) -> float:
+        steps = self.step_seconds
+        if not steps:
+            raise ValueError("no step was timed: pass the timer as callback_on_step_end")
+        later = sorted(steps[1:] or steps)
+        return later[len(later) // 2]
+
+
+_HEADERS = {
+    "stage": "stage", "seconds": "time (s)", "vram_allocated_gib": "VRAM allocated (GiB)",
+    "vram_reserved_gib": "VRAM reserved (GiB)", "vram_device_gib": "VRAM device (GiB)",
+    "ram_anon_gib": "RAM anon (GiB)", "ram_maxrss_gib": "RAM maxrss (GiB)",
+}
+
+
+def records_to_markdown(records: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A markdown table of records (dicts), one row each; columns that are None everywhere are left out."""
+    keys = dict.fromkeys(k for r in records for k in r)  # first-seen order
+    cols = columns or [c for c in keys if any(r.get(c) is not None for r in records)]
+    head = "| " + " | ".join(_HEADERS.get(c, c) for c in cols) + " |"
+    rule = "|" + "|".join("---" for _ in cols) + "|"
+    rows = ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in records]
+    return "\n".join([head, rule, *rows])
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def plot_records(records: list[dict[str, Any]], title: str = "Peak memory per stage") -> Any:
+    """Grouped bars per stage: VRAM (device/reserved/allocated) where present, and host anon RAM."""
+    import matplotlib.pyplot as plt
+
+    series = [c for c in ("vram_device_gib", "vram_reserved_gib", "vram_allocated_gib", "ram_anon_gib")
+              if any(r.get(c) is not None for r in records)]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(records)), 3.6))
+    width = 0.8 / len(series)
+    for i, col in enumerate(series):
+        xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(records))]
+        ax.bar(xs, [r.get(col) or 0.0 for r in records], width, label=_HEADERS[col])
+    ax.set_xticks(range(len(records)), [r["stage"] for r in records], rotation=15, ha="right")
+    ax.set_ylabel("GiB")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,237 @@
+"""The staged FLUX.1 recipe, exactly as notebooks 01-03 teach it (the d2l ``#@save`` idea).
+
+Each notebook shows these functions' code in its cells; later notebooks call them from here instead
+of repeating it. ``tests/test_notebooks_match_package.py`` checks that the notebook cells marked
+``#@save`` and this file say the same thing.
+
+The flow keeps one big model on the GPU at a time:
+
+1. encode the prompt with a 4-bit (NF4) T5-XXL and CLIP, save the embeddings, free the encoders;
+2. load the 4-bit transformer, denoise from the saved embeddings to latents, free it;
+3. decode the latents with the VAE and save a PNG that records how it was made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, PngImagePlugin
+from safetensors.torch import load_file, safe_open, save_file
+
+from fluxnb.environment import check_generation_request
+from fluxnb.memory import StepTimer, flush
+
+
+def execution_device() -> torch.device:
+    """The GPU if there is one, else the CPU (the tiny course)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- 01: encode the prompt with a 4-bit T5 ----------------------------------------------------
+
+
+#@save
+def load_text_encoders_4bit(checkpoint: str, dtype: torch.dtype) -> Any:
+    """A FluxPipeline holding only CLIP (half precision) and T5-XXL in NF4: enough to encode prompts."""
+    from diffusers import FluxPipeline
+    from transformers import BitsAndBytesConfig, CLIPTextModel, T5EncoderModel
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    text_encoder_2 = T5EncoderModel.from_pretrained(
+        checkpoint, subfolder="text_encoder_2", quantization_config=nf4, dtype=dtype
+    )  # bitsandbytes places it on the GPU while loading, 4 bits per weight
+    text_encoder = CLIPTextModel.from_pretrained(checkpoint, subfolder="text_encoder", dtype=dtype)
+    return FluxPipeline.from_pretrained(
+        checkpoint, text_encoder=text_encoder.to(execution_device()), text_encoder_2=text_encoder_2,
+        transformer=None, vae=None, dtype=dtype,
+    )
+
+
+#@save
+def encode_prompt(pipe: Any, prompt: str, max_sequence_length: int = 512) -> dict[str, torch.Tensor]:
+    """T5 per-token embeddings and the pooled CLIP embedding of ``prompt``."""
+    with torch.no_grad():
+        prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, max_sequence_length=max_sequence_length
+        )
+    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+
+
+def embeddings_path(folder: str | Path, **settings: Any) -> Path:
+    """Where :func:`save_embeddings` puts embeddings made with ``settings`` (a hash names the file)."""
+    metadata = {key: str(value) for key, value in sorted(settings.items())}
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:10]
+    slug = re.sub(r"[^a-z0-9]+", "-", metadata.get("prompt", "prompt").lower()).strip("-")[:40]
+    return Path(folder) / f"{slug}-{digest}.safetensors"
+
+
+#@save
+def save_embeddings(embeds: dict[str, torch.Tensor], folder: str | Path, **settings: Any) -> Path:
+    """Save embeddings as safetensors, with the prompt and settings as metadata.
+
+    The file name is a hash of the settings: the same prompt and settings reuse one file, and
+    different ones never overwrite each other.
+    """
+    path = embeddings_path(folder, **settings)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {key: str(value) for key, value in settings.items()}
+        save_file({k: v.detach().cpu().contiguous() for k, v in embeds.items()}, str(path), metadata=metadata)
+    return path
+
+
+def load_embeddings(path: str | Path, device: torch.device | str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read back what :func:`save_embeddings` wrote: the tensors and the settings they were made with."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    tensors = load_file(str(path), device=str(device or execution_device()))
+    return tensors, metadata
+
+
+def encode_and_save(checkpoint: str, prompt: str, dtype: torch.dtype, folder: str | Path,
+                    max_sequence_length: int = 512) -> Path:
+    """All of notebook 01 in one call: load the 4-bit encoders, encode, save, free. Returns the file.
+
+    If embeddings with the same settings were saved before (by notebook 01), nothing is loaded.
+    """
+    path = embeddings_path(folder, prompt=prompt, checkpoint=checkpoint,
+                           max_sequence_length=max_sequence_length, dtype=str(dtype))
+    if path.exists():
+        return path
+    pipe = load_text_encoders_4bit(checkpoint, dtype)
+    embeds = encode_prompt(pipe, prompt, max_sequence_length)
+    path = save_embeddings(embeds, folder, prompt=prompt, checkpoint=checkpoint,
+                           max_sequence_length=max_sequence_length, dtype=str(dtype))
+    del pipe, embeds
+    flush()
+    return path
+
+
+# --- 02: the 4-bit transformer and the VAE -----------------------------------------------------
+
+
+#@save
+def load_transformer_4bit(checkpoint: str, dtype: torch.dtype, quant_type: str = "nf4") -> Any:
+    """FLUX's transformer with its Linear layers in 4 bits (NF4 by default), computing in ``dtype``.
+
+    ``checkpoint`` may be the original (bf16 weights, quantized while loading) or a folder written by
+    ``save_pretrained`` from a quantized model (already 4-bit: faster to load, a quarter of the disk).
+    """
+    from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
+
+    quantized_on_disk = (Path(checkpoint) / "config.json").is_file()
+    if quantized_on_disk:
+        return FluxTransformer2DModel.from_pretrained(checkpoint, dtype=dtype)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=dtype)
+    return FluxTransformer2DModel.from_pretrained(
+        checkpoint, subfolder="transformer", quantization_config=config, dtype=dtype
+    )
+
+
+#@save
+def load_denoising_pipeline(checkpoint: str, transformer: Any, dtype: torch.dtype) -> Any:
+    """A FluxPipeline with the given transformer and the VAE, and no text encoders at all."""
+    from diffusers import AutoencoderKL, FluxPipeline
+
+    vae = AutoencoderKL.from_pretrained(checkpoint, subfolder="vae", dtype=dtype).to(execution_device())
+    return FluxPipeline.from_pretrained(
+        checkpoint, transformer=transformer, vae=vae, text_encoder=None, text_encoder_2=None,
+        tokenizer=None, tokenizer_2=None, dtype=dtype,
+    )
+
+
+# --- 03: denoise, decode, save ------------------------------------------------------------------
+
+
+class NonFiniteLatentsError(FloatingPointError):
+    """The denoiser produced NaN or inf (typically fp16 overflow on GPUs without bf16)."""
+
+
+#@save
+def denoise(pipe: Any, embeds: dict[str, torch.Tensor], height: int, width: int, steps: int,
+            guidance: float, seed: int, step_timer: StepTimer | None = None) -> torch.Tensor:
+    """Run the transformer from saved embeddings; return the packed latents (not yet an image).
+
+    ``step_timer`` (a :class:`fluxnb.memory.StepTimer`) records when each step ends.
+    """
+    check_generation_request(height, width, steps, guidance)
+    device = pipe._execution_device
+    latents = pipe(
+        prompt_embeds=embeds["prompt_embeds"].to(device, pipe.transformer.dtype),
+        pooled_prompt_embeds=embeds["pooled_prompt_embeds"].to(device, pipe.transformer.dtype),
+        height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(seed),  # same noise on any device
+        output_type="latent", callback_on_step_end=step_timer,
+    ).images
+    if not torch.isfinite(latents).all():
+        raise NonFiniteLatentsError(
+            f"The latents contain NaN/inf after {steps} steps in {pipe.transformer.dtype}. On GPUs without "
+            "bf16 (T4, V100) this is fp16 overflow: keep the 4-bit transformer but try fewer steps or "
+            "guidance to check, and see notebook 04's fp16 notes; on bf16 GPUs use dtype=torch.bfloat16."
+        )
+    return latents
+
+
+#@save
+def decode(vae: Any, latents: torch.Tensor, height: int, width: int) -> Image.Image:
+    """Unpack FLUX's 2x2-patched latents, undo the VAE scaling, decode to a PIL image."""
+    from diffusers import FluxPipeline
+    from diffusers.image_processor import VaeImageProcessor
+
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    latents = FluxPipeline._unpack_latents(latents, height, width, scale)
+    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    with torch.no_grad():
+        pixels = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+    if not torch.isfinite(pixels).all():
+        raise NonFiniteLatentsError("The VAE produced NaN/inf: decode in float32 (vae.to(torch.float32)).")
+    return VaeImageProcessor(vae_scale_factor=scale * 2).postprocess(pixels, output_type="pil")[0]
+
+
+#@save
+def save_image(image: Image.Image, folder: str | Path, **settings: Any) -> Path:
+    """Save a PNG with the settings in its metadata; never overwrites (image-0001.png, -0002, ...)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    for key, value in settings.items():
+        info.add_text(key, str(value))
+    n = len(list(folder.glob("image-*.png"))) + 1
+    while True:
+        path = folder / f"image-{n:04d}.png"
+        try:
+            with open(path, "xb") as f:  # "x": fail rather than overwrite an earlier image
+                image.save(f, format="PNG", pnginfo=info)
+            return path
+        except FileExistsError:
+            n += 1
+
+
+# --- 04: the two recipes the staged flow is compared with ---------------------------------------
+
+
+#@save
+def load_pipeline_all_at_once(checkpoint: str, dtype: torch.dtype) -> Any:
+    """The plain recipe: every component in ``dtype`` (bf16 on a big GPU), all resident on the device."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(checkpoint, dtype=dtype).to(execution_device())
+
+
+#@save
+def load_pipeline_4bit_offload(checkpoint: str, dtype: torch.dtype) -> Any:
+    """NF4 T5 and NF4 transformer in one pipeline with model CPU offload: each model visits the GPU in turn."""
+    from diffusers import FluxPipeline
+
+    encoders = load_text_encoders_4bit(checkpoint, dtype)
+    pipe = FluxPipeline.from_pretrained(
+        checkpoint, text_encoder=encoders.text_encoder, text_encoder_2=encoders.text_encoder_2,
+        transformer=load_transformer_4bit(checkpoint, dtype), dtype=dtype,
+    )
+    pipe.enable_model_cpu_offload()
+    return pipe
