@@ -1,0 +1,1 @@
+"""GPU benchmarks of the course's recipes; see benchmarks/README.md."""

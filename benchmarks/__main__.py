@@ -1,0 +1,271 @@
+"""GPU benchmark of the course's recipes on full-size FLUX.1-dev shapes with random weights.
+
+    python -m benchmarks run                 # every recipe, each in its own process -> results/<gpu>.json
+    python -m benchmarks run --recipes staged-nf4,bf16-resident
+    python -m benchmarks envelope            # the Colab T4 (15 GiB VRAM, 12 GiB RAM, fp16) and 8 GiB envelopes
+    python -m benchmarks fit                 # "will it fit?" on your own GPU, before a 34 GB download
+    python -m benchmarks report              # regenerate table, chart, README and notebook 04 from the JSON
+
+The checkpoint is ``random-dev`` (built on first use, ~34 GB of disk, about a minute on a GPU) unless
+``--checkpoint`` names another folder. Results carry their provenance: GPU, driver, versions, date,
+and the command that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fluxnb
+from benchmarks import report
+from benchmarks.recipes import RECIPES
+from fluxnb.environment import library_versions
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_SIZES = "1024x1024,512x768"
+ENVELOPES = {  # name: (VRAM GiB incl. CUDA context, host RAM GiB, compute dtype, extra environment)
+    "colab-t4": (15.0, 12.0, "fp16", {}),
+    "8gb-card": (8.0, 16.0, "auto", {}),
+    "8gb-card-expandable": (8.0, 16.0, "auto", {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+}
+GIB = 1024**3
+
+
+def gpu_slug() -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``h100``; ``Tesla T4`` -> ``t4``; no GPU -> ``cpu``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(0).lower()
+    match = re.search(r"\b([a-z]{1,3}\d{2,4}[a-z]?)\b", name.replace("nvidia", ""))
+    return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def provenance(checkpoint: str) -> dict[str, Any]:
+    driver = "-"
+    if torch.cuda.is_available():
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=False)
+        driver = out.stdout.strip() or "-"
+    return dict(
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only",
+        driver=driver, cuda=torch.version.cuda, libraries=library_versions(), python=sys.version.split()[0],
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command="python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        checkpoint=checkpoint, stand_in=fluxnb.is_stand_in(checkpoint),
+        allocator_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+    )
+
+
+def resolve(checkpoint: str) -> str:
+    if checkpoint in ("random-dev", "random-schnell", "tiny"):
+        return str(fluxnb.build_random(checkpoint.split("-")[1]) if checkpoint != "tiny" else fluxnb.build_tiny("dev"))
+    return checkpoint
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"recipes": {}, "envelopes": {}}
+
+
+def save_results(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def run_worker(args: list[str], log: Path, timeout_s: int, preexec: Any = None,
+               env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``benchmarks.worker`` in a fresh process (``env`` added to ours); return (exit code, output)."""
+    cmd = [sys.executable, "-m", "benchmarks.worker", *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, preexec_fn=preexec,
+                              cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **(env or {})})
+        code, output = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        code, output = -1, f"{err.stdout or ''}{err.stderr or ''}\nTIMEOUT after {timeout_s} s"
+        output = output if isinstance(output, str) else output.decode()
+    log.write_text(output)
+    return code, output
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    checkpoint = resolve(ns.checkpoint)
+    path = ns.results or RESULTS / f"{gpu_slug()}.json"
+    results = load_results(path)
+    results["provenance"] = provenance(checkpoint)
+    failures = 0
+    for name in ns.recipes.split(","):
+        recipe = RECIPES[name]
+        if recipe.needs_gpu and not torch.cuda.is_available():
+            results["recipes"][name] = dict(recipe=name, description=recipe.description, skipped="needs a GPU")
+            print(f"{name}: skipped (needs a GPU)", flush=True)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            code, output = run_worker(["--recipe", name, "--checkpoint", checkpoint, "--sizes", ns.sizes,
+                                       "--steps", str(ns.steps), "--json", str(out)],
+                                      Path(tmp) / "log.txt", ns.timeout, env=recipe.env)
+            if out.is_file():
+                result = json.loads(out.read_text())
+            else:  # killed before it could write (timeout, OOM kill): say so, with the end of its log
+                result = dict(recipe=name, description=recipe.description, ok=False, sizes=[], stages=[],
+                              error=f"worker exited {code} without a result: {output[-600:]}", failed_stage=None)
+        result["provenance"] = dict(results["provenance"], allocator_conf=recipe.env.get(
+            "PYTORCH_CUDA_ALLOC_CONF", results["provenance"]["allocator_conf"]))
+        results["recipes"][name] = result
+        save_results(path, results)  # after each recipe, so a later crash keeps what was measured
+        failures += not result["ok"]
+        status = "ok" if result["ok"] else f"FAILED in {result.get('failed_stage')}: {result.get('error')}"
+        print(f"{name}: {status}; " + ", ".join(f"{s['height']}x{s['width']} {s['s_per_step']} s/step"
+                                                 for s in result.get("sizes", [])), flush=True)
+        if not result["ok"]:
+            print(output[-3000:], file=sys.stderr)
+    print(report.write_all(path, targets=ns.update_docs))
+    return 1 if failures else 0
+
+
+def make_cgroup(name: str, ram_gib: float) -> Path | None:
+    """A cgroup v2 group with ``memory.max`` = ``ram_gib`` (root only); None where that is impossible."""
+    root = Path("/sys/fs/cgroup")
+    controllers = root / "cgroup.controllers"
+    if os.geteuid() != 0 or not controllers.is_file() or "memory" not in controllers.read_text().split():
+        return None
+    subtree = root / "cgroup.subtree_control"
+    if "memory" not in subtree.read_text().split():
+        subtree.write_text("+memory")
+    group = root / f"fluxnb-{name}"
+    if group.exists():
+        group.rmdir()  # a leftover of ours, empty once its process is gone
+    group.mkdir()
+    (group / "memory.max").write_text(str(int(ram_gib * GIB)))
+    if (group / "memory.swap.max").exists():
+        (group / "memory.swap.max").write_text("0")
+    return group
+
+
+def judge_envelope(result: dict[str, Any] | None, code: int, output: str, vram_gib: float, ram_gib: float,
+                   oom_kills: int, ram_peak_gib: float | None) -> tuple[bool, str]:
+    """Did the flow stay inside the envelope? Returns (passed, why) naming the stage that broke it."""
+    stages = re.findall(r"^STAGE (.+)$", output, re.M)
+    last = stages[-1] if stages else "start-up"
+    if oom_kills:
+        return False, f"host RAM over {ram_gib:g} GiB: OOM-killed in stage '{last}'"
+    if result is None:
+        return False, f"worker exited {code} in stage '{last}' without a result"
+    if not result["ok"]:
+        return False, f"failed in stage '{result.get('failed_stage') or last}': {result.get('error')}"
+    device = result["peaks"]["vram_device_gib"] or 0.0
+    if device > vram_gib:
+        worst = max(result["stages"], key=lambda s: s["vram_device_gib"] or 0)
+        return False, f"device VRAM {device:.2f} GiB > {vram_gib:g} GiB in stage '{worst['stage']}'"
+    ram = ram_peak_gib if ram_peak_gib is not None else result["peaks"]["ram_anon_gib"]
+    if ram > ram_gib:
+        return False, f"host RAM {ram:.2f} GiB > {ram_gib:g} GiB"
+    return True, "all stages finished inside the envelope; latents finite"
+
+
+def cmd_envelope(ns: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("The envelope caps a GPU's memory: it needs a GPU.", file=sys.stderr)
+        return 2
+    checkpoint = resolve(ns.checkpoint)
+    path = ns.results or RESULTS / f"{gpu_slug()}.json"
+    results = load_results(path)
+    results.setdefault("envelopes", {})
+    results.setdefault("provenance", provenance(checkpoint))
+    failures = 0
+    for name in ns.names.split(","):
+        vram_gib, ram_gib, dtype, env = ENVELOPES[name]
+        group = make_cgroup(name, ram_gib)
+
+        def join_group(group: Path | None = group) -> None:
+            if group is not None:
+                (group / "cgroup.procs").write_text(str(os.getpid()))
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            args = ["--recipe", "staged-nf4", "--checkpoint", checkpoint, "--sizes", ns.sizes, "--steps",
+                    str(ns.steps), "--vram-gib", str(vram_gib), "--json", str(out)]
+            if dtype != "auto":
+                args += ["--dtype", dtype]
+            code, output = run_worker(args, Path(tmp) / "log.txt", ns.timeout, preexec=join_group, env=env)
+            result = json.loads(out.read_text()) if out.is_file() else None
+        oom_kills, ram_peak = 0, None
+        if group is not None:
+            events = dict(line.split() for line in (group / "memory.events").read_text().splitlines())
+            oom_kills = int(events.get("oom_kill", 0))
+            if (group / "memory.peak").exists():
+                ram_peak = round(int((group / "memory.peak").read_text()) / GIB, 3)
+            group.rmdir()
+        passed, reason = judge_envelope(result, code, output, vram_gib, ram_gib, oom_kills, ram_peak)
+        results["envelopes"][name] = dict(
+            name=name, vram_gib=vram_gib, ram_gib=ram_gib, dtype=result["compute_dtype"] if result else dtype,
+            ram_enforced=group is not None, passed=passed, reason=reason, sizes=ns.sizes, env=env,
+            vram_device_peak_gib=result["peaks"]["vram_device_gib"] if result else None,
+            ram_peak_gib=ram_peak if ram_peak is not None else (result["peaks"]["ram_anon_gib"] if result else None),
+            cgroup_memory_peak_gib=ram_peak, result=result, provenance=provenance(checkpoint))
+        save_results(path, results)
+        failures += not passed
+        print(f"{name}: {'PASS' if passed else 'FAIL'}: {reason}", flush=True)
+        if not passed:
+            print(output[-3000:], file=sys.stderr)
+    print(report.write_all(path, targets=ns.update_docs))
+    return 1 if failures else 0
+
+
+def cmd_fit(ns: argparse.Namespace) -> int:
+    """Run the course flow on this GPU and say whether it fits, before downloading 34 GB."""
+    if not torch.cuda.is_available():
+        print("No GPU here: the dry run measures a GPU. Use FLUXNB_CHECKPOINT=tiny to learn the steps.", file=sys.stderr)
+        return 2
+    ns.results = ns.results or Path(tempfile.mkdtemp(prefix="fluxnb-fit-")) / f"{gpu_slug()}.json"
+    ns.recipes = "staged-nf4" if fluxnb.environment.bf16_supported() else "staged-nf4-fp16"
+    ns.update_docs = False
+    code = cmd_run(ns)
+    result = load_results(ns.results)["recipes"][ns.recipes]
+    total = torch.cuda.get_device_properties(0).total_memory / GIB
+    peak = result["peaks"]["vram_device_gib"] or 0
+    verdict = "fits" if result["ok"] and peak < total * 0.95 else "does NOT fit"
+    print(f"\nThe course's staged NF4 flow needs {peak:.2f} GiB of VRAM at its peak (context included); "
+          f"this GPU has {total:.2f} GiB: it {verdict}. Details: {ns.results}")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "envelope", "fit"):
+        p = sub.add_parser(name)
+        p.add_argument("--checkpoint", default="random-dev", help="random-dev (default), tiny, or a folder")
+        p.add_argument("--sizes", default=DEFAULT_SIZES if name != "envelope" else "1024x1024")
+        p.add_argument("--steps", type=int, default=5, help="timed steps per size, after a 1-step warm-up")
+        p.add_argument("--results", type=Path, help="results JSON (default benchmarks/results/<gpu>.json)")
+        p.add_argument("--timeout", type=int, default=900, help="seconds per recipe process")
+        p.add_argument("--no-docs", dest="update_docs", action="store_false",
+                       help="do not rewrite README.md and notebook 04")
+    sub.choices["run"].add_argument("--recipes", default=",".join(RECIPES), help=",".join(RECIPES))
+    sub.choices["envelope"].add_argument("--names", default=",".join(ENVELOPES), help=",".join(ENVELOPES))
+    rep = sub.add_parser("report")
+    rep.add_argument("--results", type=Path, default=None)
+    rep.add_argument("--no-docs", dest="update_docs", action="store_false")
+    ns = parser.parse_args(argv)
+    if ns.command == "report":
+        path = ns.results or next(iter(sorted(RESULTS.glob("*.json"))), None)
+        if path is None:
+            parser.error("no results JSON in benchmarks/results: run `python -m benchmarks run` on a GPU first")
+        print(report.write_all(path, targets=ns.update_docs))
+        return 0
+    return {"run": cmd_run, "envelope": cmd_envelope, "fit": cmd_fit}[ns.command](ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The recipes the benchmark measures, each run by :mod:`benchmarks.worker` in a process of its own.
+
+Every recipe is built from the functions the notebooks teach (``fluxnb.stages``), so the benchmark
+measures the course's code, not a copy of it. A recipe yields the same stage structure:
+
+    load / encode  ->  for each size: warm-up (1 step), denoise (timed steps)  ->  decode per size
+
+so recipes compare row by row. What differs is how the models are loaded and where they live.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import fluxnb
+from fluxnb.memory import MemoryTracker, StepTimer
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A way to run FLUX.1; ``run`` does the work and returns per-size results."""
+
+    name: str
+    description: str
+    run: Callable[[Context], None]
+    needs_gpu: bool = False
+    compute_dtype: str = "auto"  # "auto": fluxnb.pick_dtype(); "fp16": as on a T4
+    env: dict[str, str] = field(default_factory=dict)  # set for the recipe's process before torch starts
+
+
+@dataclass
+class Context:
+    """What a recipe gets: the checkpoint, sizes, steps, and a tracker to record stages in."""
+
+    checkpoint: str
+    sizes: list[tuple[int, int]]
+    steps: int
+    dtype: torch.dtype
+    prompt: str = "A cat holding a sign that says hello world"
+    seed: int = 0
+    guidance: float = 3.5
+    tracker: MemoryTracker = field(default_factory=MemoryTracker)
+    sizes_out: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stage(self, name: str) -> Any:
+        """A tracker stage that also announces itself (the envelope reads which stage broke)."""
+        print(f"STAGE {name}", flush=True)
+        return self.tracker.stage(name)
+
+
+def _denoise_all_sizes(ctx: Context, pipe: Any, embeds: dict[str, torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
+    """Warm up (one step) then time ``ctx.steps`` steps at each size; return the latents per size."""
+    latents = {}
+    for height, width in ctx.sizes:
+        start = time.perf_counter()
+        with ctx.stage(f"warm-up {height}x{width}"):
+            fluxnb.denoise(pipe, embeds, height, width, 1, ctx.guidance, ctx.seed)
+        warmup_s = time.perf_counter() - start
+        timer = StepTimer()
+        with ctx.stage(f"denoise {height}x{width}"):
+            out = fluxnb.denoise(pipe, embeds, height, width, ctx.steps, ctx.guidance, ctx.seed, step_timer=timer)
+        latents[(height, width)] = out
+        ctx.sizes_out.append(dict(height=height, width=width, warmup_s=round(warmup_s, 3),
+                                  s_per_step=round(timer.seconds_per_step, 4),
+                                  latents_finite=bool(torch.isfinite(out).all())))
+    return latents
+
+
+def _decode_all_sizes(ctx: Context, vae: Any, latents: dict[tuple[int, int], torch.Tensor]) -> None:
+    for (height, width), lat in latents.items():
+        with ctx.stage(f"decode {height}x{width}"):
+            fluxnb.decode(vae, lat, height, width)
+
+
+def _load_transformer(ctx: Context, quant: str) -> Any:
+    """NF4 through the taught function; int8 through diffusers' BitsAndBytesConfig(load_in_8bit)."""
+    if quant == "nf4":
+        return fluxnb.load_transformer_4bit(ctx.checkpoint, ctx.dtype)
+    from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(
+        ctx.checkpoint, subfolder="transformer", quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        dtype=ctx.dtype,
+    )
+
+
+def _encode(ctx: Context, quant: str) -> dict[str, torch.Tensor]:
+    """The encode stage of the staged flow: load the quantized T5 and CLIP, encode, free."""
+    with ctx.stage(f"encode (T5 {quant})"):
+        if quant == "nf4":
+            pipe = fluxnb.load_text_encoders_4bit(ctx.checkpoint, ctx.dtype)
+        else:
+            pipe = _load_text_encoders_8bit(ctx)
+        embeds = {k: v.detach() for k, v in fluxnb.encode_prompt(pipe, ctx.prompt).items()}
+        del pipe
+        fluxnb.flush()
+    return embeds
+
+
+def _load_text_encoders_8bit(ctx: Context) -> Any:
+    from diffusers import FluxPipeline
+    from transformers import BitsAndBytesConfig, CLIPTextModel, T5EncoderModel
+
+    t5 = T5EncoderModel.from_pretrained(ctx.checkpoint, subfolder="text_encoder_2",
+                                        quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=ctx.dtype)
+    clip = CLIPTextModel.from_pretrained(ctx.checkpoint, subfolder="text_encoder", dtype=ctx.dtype)
+    return FluxPipeline.from_pretrained(ctx.checkpoint, text_encoder=clip.to(fluxnb.execution_device()),
+                                        text_encoder_2=t5, transformer=None, vae=None, dtype=ctx.dtype)
+
+
+def staged(quant: str = "nf4", compile_transformer: bool = False) -> Callable[[Context], None]:
+    """The course's flow: quantized T5 encode, free, quantized transformer denoise, free, VAE decode."""
+
+    def run(ctx: Context) -> None:
+        embeds = _encode(ctx, quant)
+        start = time.perf_counter()
+        with ctx.stage(f"load transformer ({quant}) + VAE"):
+            pipe = fluxnb.load_denoising_pipeline(ctx.checkpoint, _load_transformer(ctx, quant), ctx.dtype)
+        ctx.extra["load_s"] = round(time.perf_counter() - start, 3)
+        if compile_transformer:
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True  # as diffusers' bnb guide sets
+            pipe.transformer.compile()  # in place (keeps the module type); compiled in the warm-up step
+        latents = _denoise_all_sizes(ctx, pipe, embeds)
+        if compile_transformer:  # the warm-up steps are where compilation happens
+            ctx.extra["compile_s"] = round(sum(s["warmup_s"] for s in ctx.sizes_out), 3)
+        vae = pipe.vae
+        with ctx.stage("free transformer"):
+            del pipe
+            fluxnb.flush()
+        _decode_all_sizes(ctx, vae, latents)
+
+    return run
+
+
+def all_resident(ctx: Context) -> None:
+    """Every component in the compute dtype, resident on the GPU (the plain recipe)."""
+    start = time.perf_counter()
+    with ctx.stage("load everything"):
+        pipe = fluxnb.load_pipeline_all_at_once(ctx.checkpoint, ctx.dtype)
+    ctx.extra["load_s"] = round(time.perf_counter() - start, 3)
+    with ctx.stage("encode"):
+        embeds = {k: v.detach() for k, v in fluxnb.encode_prompt(pipe, ctx.prompt).items()}
+    latents = _denoise_all_sizes(ctx, pipe, embeds)
+    _decode_all_sizes(ctx, pipe.vae, latents)
+
+
+def model_offload(ctx: Context) -> None:
+    """NF4 T5 + NF4 transformer in one pipeline with ``enable_model_cpu_offload``; whole pipeline calls."""
+    start = time.perf_counter()
+    with ctx.stage("load (NF4, model offload)"):
+        pipe = fluxnb.load_pipeline_4bit_offload(ctx.checkpoint, ctx.dtype)
+    ctx.extra["load_s"] = round(time.perf_counter() - start, 3)
+    for height, width in ctx.sizes:
+        fluxnb.check_generation_request(height, width, ctx.steps)
+        call = dict(prompt=ctx.prompt, height=height, width=width, guidance_scale=ctx.guidance, output_type="latent")
+        start = time.perf_counter()
+        with ctx.stage(f"warm-up {height}x{width}"):
+            pipe(num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(ctx.seed), **call)
+        warmup_s = time.perf_counter() - start
+        timer = StepTimer()
+        with ctx.stage(f"generate {height}x{width}"):  # encode + denoise, models moving in and out
+            latents = pipe(num_inference_steps=ctx.steps, generator=torch.Generator("cpu").manual_seed(ctx.seed),
+                           callback_on_step_end=timer, **call).images
+        ctx.sizes_out.append(dict(height=height, width=width, warmup_s=round(warmup_s, 3),
+                                  s_per_step=round(timer.seconds_per_step, 4),
+                                  latents_finite=bool(torch.isfinite(latents).all())))
+        with ctx.stage(f"decode {height}x{width}"):
+            pipe.vae.to(fluxnb.execution_device())  # decode() calls vae.decode, which the offload hook does not move
+            fluxnb.decode(pipe.vae, latents, height, width)
+            pipe.vae.to("cpu")
+
+
+def save_and_reload(ctx: Context) -> None:
+    """Time the two ways to get an NF4 transformer: quantize the bf16 shards, or load a saved NF4 copy."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fluxnb-nf4-") as folder:
+        start = time.perf_counter()
+        with ctx.stage("quantize on the fly"):
+            transformer = fluxnb.load_transformer_4bit(ctx.checkpoint, ctx.dtype)
+        ctx.extra["on_the_fly_s"] = round(time.perf_counter() - start, 3)
+        with ctx.stage("save NF4"):
+            transformer.save_pretrained(folder)
+            del transformer
+            fluxnb.flush()
+        start = time.perf_counter()
+        with ctx.stage("load saved NF4"):
+            transformer = fluxnb.load_transformer_4bit(folder, ctx.dtype)
+        ctx.extra["prequantized_s"] = round(time.perf_counter() - start, 3)
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("bf16-resident", "all components in bf16, resident on the GPU", all_resident, needs_gpu=True),
+    Recipe("staged-nf4", "course flow: NF4 T5 encode, free, NF4 transformer denoise, free, VAE decode", staged("nf4")),
+    Recipe("staged-nf4-expandable", "the course flow with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+           staged("nf4"), needs_gpu=True, env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+    Recipe("staged-nf4-fp16", "the same flow computing in fp16, as on a T4 (no bf16)", staged("nf4"),
+           compute_dtype="fp16"),
+    Recipe("nf4-model-offload", "NF4 T5 + NF4 transformer in one pipeline, enable_model_cpu_offload",
+           model_offload, needs_gpu=True),
+    Recipe("staged-int8", "the course flow with bitsandbytes LLM.int8 (8-bit) T5 and transformer", staged("int8")),
+    Recipe("nf4-save-reload", "load time: NF4 quantized on the fly vs from a saved NF4 checkpoint",
+           save_and_reload),
+    Recipe("staged-nf4-compile", "the course flow, transformer wrapped in torch.compile", staged("nf4", True),
+           needs_gpu=True),
+]}

@@ -1,0 +1,176 @@
+"""Turn a results JSON into the markdown tables, the PNG chart, and the marked sections of README.md
+and notebook 04. Nothing here is typed by hand: rerun ``python -m benchmarks report`` after a run."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- fluxnb:benchmark-table:start -->", "<!-- fluxnb:benchmark-table:end -->"
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _stage(recipe: dict[str, Any], prefix: str, height: int, width: int) -> dict[str, Any]:
+    name = f"{prefix} {height}x{width}"
+    return next((s for s in recipe.get("stages", []) if s["stage"] == name), {})
+
+
+def label(results: dict[str, Any]) -> str:
+    """"measured on <GPU> with random weights of the real shapes", with versions, date and command."""
+    p = results["provenance"]
+    what = ("the tiny stand-in (NOT the real shapes: a test of the harness)" if p.get("stand_in") == "tiny"
+            else "random weights of the real FLUX.1-dev shapes")
+    return (f"measured on {p['gpu']} with {what} "
+            f"({p['date'][:10]}; driver {p['driver']}, torch {p['libraries']['torch']}, diffusers "
+            f"{p['libraries']['diffusers']}, transformers {p['libraries']['transformers']}, bitsandbytes "
+            f"{p['libraries']['bitsandbytes']}; `{p['command']}`)")
+
+
+def recipes_table(results: dict[str, Any]) -> str:
+    """One row per recipe and size: speed, the denoise stage's VRAM, and the whole flow's peaks."""
+    head = ("| recipe | compute | size | s/step | denoise VRAM device / reserved / allocated (GiB) "
+            "| flow peak VRAM device (GiB) | flow peak RAM anon (GiB) | load (s) | compile (s) | finite |")
+    rows = [head, "|" + "---|" * 10]
+    for r in results["recipes"].values():
+        if r.get("skipped"):
+            rows.append(f"| {r['recipe']} | - | - | skipped: {r['skipped']} | | | | | | |")
+            continue
+        if r.get("ok") and not r.get("sizes"):
+            continue  # a load-only recipe: reported as a sentence below the table
+        if not r.get("sizes"):
+            rows.append(f"| {r['recipe']} | {r.get('compute_dtype', '-')} | - | failed in "
+                        f"'{r.get('failed_stage')}': {r.get('error', '')[:120]} | | | | | | |")
+            continue
+        for s in r["sizes"]:
+            st = _stage(r, "denoise", s["height"], s["width"]) or _stage(r, "generate", s["height"], s["width"])
+            vram = " / ".join(_f(st.get(k)) for k in ("vram_device_gib", "vram_reserved_gib", "vram_allocated_gib"))
+            rows.append(
+                f"| {r['recipe']} | {r['compute_dtype'].replace('torch.', '')} | {s['height']}x{s['width']} "
+                f"| {_f(s['s_per_step'], 3)} | {vram} | {_f(r['peaks']['vram_device_gib'])} "
+                f"| {_f(r['peaks']['ram_anon_gib'])} | {_f(r.get('load_s'), 1)} | {_f(r.get('compile_s'), 1)} "
+                f"| {_f(s['latents_finite'])} |")
+    return "\n".join(rows)
+
+
+def envelopes_table(results: dict[str, Any]) -> str:
+    envelopes = results.get("envelopes", {})
+    if not envelopes:
+        return ""
+    rows = ["| envelope | VRAM cap (GiB, context incl.) | RAM cap (GiB) | compute | result | peak VRAM device (GiB) "
+            "| peak RAM (GiB) | note |", "|" + "---|" * 8]
+    for e in envelopes.values():
+        rows.append(f"| {e['name']} | {_f(e['vram_gib'], 1)} | {_f(e['ram_gib'], 1)} "
+                    f"({'cgroup' if e['ram_enforced'] else 'not enforced'}) | {e['dtype']} "
+                    f"| {'**pass**' if e['passed'] else '**FAIL**'} | {_f(e['vram_device_peak_gib'])} "
+                    f"| {_f(e['ram_peak_gib'])} | {e['reason']} |")
+    return "\n".join(rows)
+
+
+def ratios(results: dict[str, Any]) -> str:
+    """The comparisons the course promises, as sentences computed from the same numbers."""
+    rec = results["recipes"]
+
+    def step(name: str, size: str = "1024x1024") -> float | None:
+        for s in rec.get(name, {}).get("sizes", []):
+            if f"{s['height']}x{s['width']}" == size:
+                return s["s_per_step"]
+        return None
+
+    lines = []
+    nf4, bf16, comp = step("staged-nf4"), step("bf16-resident"), step("staged-nf4-compile")
+    if nf4 and bf16:
+        lines.append(f"- NF4 vs bf16 at 1024x1024: {nf4:.3f} vs {bf16:.3f} s/step, {nf4 / bf16:.2f}x.")
+    if nf4 and comp:
+        lines.append(f"- torch.compile on NF4 at 1024x1024: {comp:.3f} vs {nf4:.3f} s/step eager, {nf4 / comp:.2f}x faster"
+                     f" (compile + warm-up {rec['staged-nf4-compile'].get('compile_s')} s, both sizes).")
+    staged = rec.get("staged-nf4", {}).get("peaks", {}).get("vram_device_gib")
+    if staged:
+        lines.append(f"- Staged NF4 flow, device-level VRAM peak (CUDA context included), both sizes: {staged:.2f} GiB.")
+    loads = rec.get("nf4-save-reload", {})
+    if loads.get("ok"):
+        lines.append(f"- Loading the NF4 transformer: quantizing the bf16 shards on the fly {loads['on_the_fly_s']:.1f} s, "
+                     f"from a saved NF4 checkpoint {loads['prequantized_s']:.1f} s (local disk, warm page cache).")
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    text = label(results)
+    parts = [text[0].upper() + text[1:] + ".", "", recipes_table(results), "", ratios(results)]
+    env = envelopes_table(results)
+    if env:
+        parts += ["", env]
+    return "\n".join(parts).strip() + "\n"
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    """Two panels per recipe: the flow's device-level VRAM peak, and s/step at each size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rec = [r for r in results["recipes"].values() if r.get("sizes")]
+    names = [r["recipe"] for r in rec]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax1.barh(names, [r["peaks"]["vram_device_gib"] or 0 for r in rec], color="tab:blue")
+    for limit, text in ((8.0, "8 GiB card"), (15.0, "T4 15 GiB")):
+        ax1.axvline(limit, color="tab:red", ls="--", lw=1)
+        ax1.text(limit, -0.6, text, color="tab:red", fontsize=8, ha="center")
+    ax1.set_xlabel("peak VRAM, device level (GiB)")
+    sizes = sorted({f"{s['height']}x{s['width']}" for r in rec for s in r["sizes"]}, reverse=True)
+    width = 0.8 / max(1, len(sizes))
+    for i, size in enumerate(sizes):
+        vals = [next((s["s_per_step"] for s in r["sizes"] if f"{s['height']}x{s['width']}" == size), 0) for r in rec]
+        ax2.barh([k + i * width for k in range(len(rec))], vals, width, label=size)
+    ax2.set_yticks([k + width * (len(sizes) - 1) / 2 for k in range(len(rec))], names)
+    ax2.set_xlabel("seconds per denoising step")
+    ax2.legend(fontsize="small")
+    fig.suptitle(f"FLUX.1-dev recipes on {results['provenance']['gpu']} (random weights, real shapes)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def replace_marked(text: str, body: str) -> str:
+    """Replace what stands between the benchmark markers (markers kept); error if they are missing."""
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"markers {START} ... {END} not found")
+    return pattern.sub(lambda _: f"{START}\n{body.strip()}\n{END}", text)
+
+
+def update_notebook(path: Path, body: str) -> None:
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "markdown" and START in source:
+            cell["source"] = replace_marked(source, body).splitlines(keepends=True)
+            path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+            return
+    raise ValueError(f"{path}: no markdown cell with {START}")
+
+
+def write_all(results_path: Path, targets: bool = True) -> str:
+    """Regenerate ``<name>.md`` and ``<name>.png`` beside the JSON, and (``targets``) README + notebook 04."""
+    results = json.loads(results_path.read_text())
+    text = markdown(results)
+    results_path.with_suffix(".md").write_text(text)
+    chart(results, results_path.with_suffix(".png"))
+    if targets:
+        rel = results_path.with_suffix(".png").relative_to(ROOT).as_posix()
+        readme = ROOT / "README.md"
+        readme.write_text(replace_marked(readme.read_text(), f"{text}\n![benchmark chart]({rel})"))
+        update_notebook(ROOT / "notebooks" / "04_memory_profiling.ipynb", text)
+    return text
