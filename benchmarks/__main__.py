@@ -4,6 +4,7 @@
     python -m benchmarks run --recipes staged-nf4,bf16-resident
     python -m benchmarks envelope            # the Colab T4 (15 GiB VRAM, 12 GiB RAM, fp16) and 8 GiB envelopes
     python -m benchmarks fit                 # "will it fit?" on your own GPU, before a 34 GB download
+    python -m benchmarks merge a.json b.json --out results/h100.json   # runs split over GPU sessions
     python -m benchmarks report              # regenerate table, chart, README and notebook 04 from the JSON
 
 The checkpoint is ``random-dev`` (built on first use, ~34 GB of disk, about a minute on a GPU) unless
@@ -240,6 +241,26 @@ def cmd_fit(ns: argparse.Namespace) -> int:
     return code
 
 
+def cmd_merge(ns: argparse.Namespace) -> int:
+    """Combine results files (e.g. runs split across GPU sessions) into one; later files win per entry.
+
+    Each recipe and envelope keeps the provenance (command, date, versions) of the run that made it.
+    """
+    merged: dict[str, Any] = {"recipes": {}, "envelopes": {}}
+    for path in ns.inputs:
+        part = load_results(path)
+        merged["provenance"] = part.get("provenance", merged.get("provenance"))
+        for key in ("recipes", "envelopes"):
+            for name, entry in part.get(key, {}).items():
+                keep = merged[key].get(name)
+                if keep and keep.get("ok", keep.get("passed")) and not entry.get("ok", entry.get("passed")):
+                    continue  # never replace a good measurement by a failed attempt
+                merged[key][name] = entry
+    save_results(ns.out, merged)
+    print(report.write_all(ns.out, targets=ns.update_docs))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -254,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="do not rewrite README.md and notebook 04")
     sub.choices["run"].add_argument("--recipes", default=",".join(RECIPES), help=",".join(RECIPES))
     sub.choices["envelope"].add_argument("--names", default=",".join(ENVELOPES), help=",".join(ENVELOPES))
+    mrg = sub.add_parser("merge", help="combine results files; later files win per recipe/envelope")
+    mrg.add_argument("inputs", nargs="+", type=Path)
+    mrg.add_argument("--out", type=Path, required=True)
+    mrg.add_argument("--no-docs", dest="update_docs", action="store_false")
     rep = sub.add_parser("report")
     rep.add_argument("--results", type=Path, default=None)
     rep.add_argument("--no-docs", dest="update_docs", action="store_false")
@@ -264,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("no results JSON in benchmarks/results: run `python -m benchmarks run` on a GPU first")
         print(report.write_all(path, targets=ns.update_docs))
         return 0
-    return {"run": cmd_run, "envelope": cmd_envelope, "fit": cmd_fit}[ns.command](ns)
+    return {"run": cmd_run, "envelope": cmd_envelope, "fit": cmd_fit, "merge": cmd_merge}[ns.command](ns)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,13 @@ def label(results: dict[str, Any]) -> str:
     p = results["provenance"]
     what = ("the tiny stand-in (NOT the real shapes: a test of the harness)" if p.get("stand_in") == "tiny"
             else "random weights of the real FLUX.1-dev shapes")
+    entries = [*results.get("recipes", {}).values(), *results.get("envelopes", {}).values()]
+    commands = dict.fromkeys(e["provenance"]["command"] for e in entries if e.get("provenance")) or [p["command"]]
     return (f"measured on {p['gpu']} with {what} "
-            f"({p['date'][:10]}; driver {p['driver']}, torch {p['libraries']['torch']}, diffusers "
+            f"({p['date'][:10]}; driver {p['driver']}, CUDA {p.get('cuda')}, torch {p['libraries']['torch']}, diffusers "
             f"{p['libraries']['diffusers']}, transformers {p['libraries']['transformers']}, bitsandbytes "
-            f"{p['libraries']['bitsandbytes']}; `{p['command']}`)")
+            f"{p['libraries']['bitsandbytes']}, accelerate {p['libraries']['accelerate']}; made by "
+            + "; ".join(f"`{c}`" for c in commands) + ")")
 
 
 def recipes_table(results: dict[str, Any]) -> str:
@@ -72,7 +75,7 @@ def envelopes_table(results: dict[str, Any]) -> str:
             "| peak RAM (GiB) | note |", "|" + "---|" * 8]
     for e in envelopes.values():
         rows.append(f"| {e['name']} | {_f(e['vram_gib'], 1)} | {_f(e['ram_gib'], 1)} "
-                    f"({'cgroup' if e['ram_enforced'] else 'not enforced'}) | {e['dtype']} "
+                    f"({'cgroup' if e['ram_enforced'] else 'not enforced'}) | {e['dtype'].replace('torch.', '')} "
                     f"| {'**pass**' if e['passed'] else '**FAIL**'} | {_f(e['vram_device_peak_gib'])} "
                     f"| {_f(e['ram_peak_gib'])} | {e['reason']} |")
     return "\n".join(rows)
@@ -93,11 +96,15 @@ def ratios(results: dict[str, Any]) -> str:
     if nf4 and bf16:
         lines.append(f"- NF4 vs bf16 at 1024x1024: {nf4:.3f} vs {bf16:.3f} s/step, {nf4 / bf16:.2f}x.")
     if nf4 and comp:
-        lines.append(f"- torch.compile on NF4 at 1024x1024: {comp:.3f} vs {nf4:.3f} s/step eager, {nf4 / comp:.2f}x faster"
-                     f" (compile + warm-up {rec['staged-nf4-compile'].get('compile_s')} s, both sizes).")
-    staged = rec.get("staged-nf4", {}).get("peaks", {}).get("vram_device_gib")
-    if staged:
-        lines.append(f"- Staged NF4 flow, device-level VRAM peak (CUDA context included), both sizes: {staged:.2f} GiB.")
+        compiled = rec["staged-nf4-compile"]
+        sizes = ", ".join(f"{s['height']}x{s['width']}" for s in compiled["sizes"])
+        lines.append(f"- torch.compile on NF4 at 1024x1024: {comp:.3f} vs {nf4:.3f} s/step eager, {nf4 / comp:.2f}x faster;"
+                     f" compile + warm-up step {compiled.get('compile_s')} s in that process (sizes: {sizes}; an"
+                     " inductor cache left by an earlier process on the same machine shortens it).")
+    for name in ("staged-nf4", "staged-nf4-expandable"):
+        staged = rec.get(name, {}).get("peaks", {}).get("vram_device_gib")
+        if staged:
+            lines.append(f"- `{name}` flow, device-level VRAM peak (CUDA context included): {staged:.2f} GiB.")
     loads = rec.get("nf4-save-reload", {})
     if loads.get("ok"):
         lines.append(f"- Loading the NF4 transformer: quantizing the bf16 shards on the fly {loads['on_the_fly_s']:.1f} s, "
@@ -107,7 +114,10 @@ def ratios(results: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     text = label(results)
-    parts = [text[0].upper() + text[1:] + ".", "", recipes_table(results), "", ratios(results)]
+    note = ("Each recipe ran in its own process: sizes in the order shown, after a 1-step warm-up; s/step is the "
+            "median of the timed steps. *Device* VRAM includes the CUDA context; for a second size, *reserved* and "
+            "*device* include what the allocator kept from the first, while *allocated* is that size's own.")
+    parts = [text[0].upper() + text[1:] + ".", "", recipes_table(results), "", note, "", ratios(results)]
     env = envelopes_table(results)
     if env:
         parts += ["", env]
@@ -127,7 +137,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     ax1.barh(names, [r["peaks"]["vram_device_gib"] or 0 for r in rec], color="tab:blue")
     for limit, text in ((8.0, "8 GiB card"), (15.0, "T4 15 GiB")):
         ax1.axvline(limit, color="tab:red", ls="--", lw=1)
-        ax1.text(limit, -0.6, text, color="tab:red", fontsize=8, ha="center")
+        ax1.text(limit, len(rec) - 0.45, text, color="tab:red", fontsize=8, ha="center", va="bottom")
     ax1.set_xlabel("peak VRAM, device level (GiB)")
     sizes = sorted({f"{s['height']}x{s['width']}" for r in rec for s in r["sizes"]}, reverse=True)
     width = 0.8 / max(1, len(sizes))
@@ -164,6 +174,7 @@ def update_notebook(path: Path, body: str) -> None:
 
 def write_all(results_path: Path, targets: bool = True) -> str:
     """Regenerate ``<name>.md`` and ``<name>.png`` beside the JSON, and (``targets``) README + notebook 04."""
+    results_path = results_path.resolve()
     results = json.loads(results_path.read_text())
     text = markdown(results)
     results_path.with_suffix(".md").write_text(text)
