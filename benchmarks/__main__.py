@@ -52,7 +52,7 @@ def gpu_slug() -> str:
     return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
-def provenance(checkpoint: str) -> dict[str, Any]:
+def provenance(checkpoint: str, command: str) -> dict[str, Any]:
     driver = "-"
     if torch.cuda.is_available():
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -62,7 +62,7 @@ def provenance(checkpoint: str) -> dict[str, Any]:
         gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only",
         driver=driver, cuda=torch.version.cuda, libraries=library_versions(), python=sys.version.split()[0],
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command="python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command=command,
         checkpoint=checkpoint, stand_in=fluxnb.is_stand_in(checkpoint),
         allocator_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
     )
@@ -102,7 +102,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     checkpoint = resolve(ns.checkpoint)
     path = ns.results or RESULTS / f"{gpu_slug()}.json"
     results = load_results(path)
-    results["provenance"] = provenance(checkpoint)
+    results["provenance"] = provenance(checkpoint, ns.command_line)
     failures = 0
     for name in ns.recipes.split(","):
         recipe = RECIPES[name]
@@ -182,7 +182,7 @@ def cmd_envelope(ns: argparse.Namespace) -> int:
     path = ns.results or RESULTS / f"{gpu_slug()}.json"
     results = load_results(path)
     results.setdefault("envelopes", {})
-    results.setdefault("provenance", provenance(checkpoint))
+    results.setdefault("provenance", provenance(checkpoint, ns.command_line))
     failures = 0
     for name in ns.names.split(","):
         vram_gib, ram_gib, dtype, env = ENVELOPES[name]
@@ -213,7 +213,7 @@ def cmd_envelope(ns: argparse.Namespace) -> int:
             ram_enforced=group is not None, passed=passed, reason=reason, sizes=ns.sizes, env=env,
             vram_device_peak_gib=result["peaks"]["vram_device_gib"] if result else None,
             ram_peak_gib=ram_peak if ram_peak is not None else (result["peaks"]["ram_anon_gib"] if result else None),
-            cgroup_memory_peak_gib=ram_peak, result=result, provenance=provenance(checkpoint))
+            cgroup_memory_peak_gib=ram_peak, result=result, provenance=provenance(checkpoint, ns.command_line))
         save_results(path, results)
         failures += not passed
         print(f"{name}: {'PASS' if passed else 'FAIL'}: {reason}", flush=True)
@@ -282,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report")
     rep.add_argument("--results", type=Path, default=None)
     rep.add_argument("--no-docs", dest="update_docs", action="store_false")
-    ns = parser.parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    ns = parser.parse_args(args)
+    ns.command_line = "python -m benchmarks " + " ".join(shlex.quote(a) for a in args)
     if ns.command == "report":
         path = ns.results or next(iter(sorted(RESULTS.glob("*.json"))), None)
         if path is None:

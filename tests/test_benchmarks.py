@@ -1,0 +1,124 @@
+"""The benchmark's own logic on the CPU with the tiny checkpoint: recipes, result schema, judging an
+envelope, merging runs, and the generated table/chart/markers. (The GPU numbers come from a GPU.)"""
+
+import json
+
+import pytest
+import torch
+
+import fluxnb
+from benchmarks import __main__ as cli
+from benchmarks import report, worker
+from benchmarks.recipes import RECIPES
+
+ISSUE_RECIPES = {"bf16-resident", "staged-nf4", "nf4-model-offload", "staged-int8", "staged-nf4-fp16",
+                 "staged-nf4-compile", "nf4-save-reload"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return str(fluxnb.build_tiny("dev"))
+
+
+def test_every_recipe_the_course_promises_is_there():
+    assert ISSUE_RECIPES <= set(RECIPES)
+    assert RECIPES["staged-nf4-fp16"].compute_dtype == "fp16"
+    assert RECIPES["staged-nf4-expandable"].env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
+def test_sizes_parse_as_height_by_width():
+    assert worker.parse_sizes("1024x1024, 512X768") == [(1024, 1024), (512, 768)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_worker_records_every_field_for_a_staged_recipe(tiny):
+    result = worker.run("staged-nf4", tiny, [(64, 64), (32, 48)], steps=2)
+    assert result["ok"] and result["error"] is None and result["compute_dtype"] == "torch.float32"
+    assert [(s["height"], s["width"]) for s in result["sizes"]] == [(64, 64), (32, 48)]
+    for size in result["sizes"]:
+        assert size["latents_finite"] is True and size["s_per_step"] > 0 and size["warmup_s"] > 0
+    assert [s["stage"] for s in result["stages"]] == [
+        "encode (T5 nf4)", "load transformer (nf4) + VAE", "warm-up 64x64", "denoise 64x64", "warm-up 32x48",
+        "denoise 32x48", "free transformer", "decode 64x64", "decode 32x48"]
+    assert result["peaks"]["vram_device_gib"] is None and result["peaks"]["ram_anon_gib"] > 0
+    assert result["load_s"] > 0 and result["compile_s"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_worker_reports_a_failure_with_its_stage(tiny):
+    result = worker.run("staged-nf4", tiny, [(1000, 64)], steps=2)  # not a multiple of 16
+    assert not result["ok"] and result["failed_stage"] == "warm-up 1000x64"
+    assert "multiple of 16" in result["error"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_run_skips_gpu_recipes_and_writes_results(tmp_path):
+    out = tmp_path / "cpu.json"
+    code = cli.main(["run", "--checkpoint", "tiny", "--recipes", "bf16-resident,nf4-save-reload", "--sizes", "32x32",
+                     "--steps", "1", "--results", str(out), "--no-docs"])
+    data = json.loads(out.read_text())
+    assert code == 0
+    assert data["recipes"]["bf16-resident"]["skipped"] == "needs a GPU"
+    saved = data["recipes"]["nf4-save-reload"]
+    assert saved["ok"] and saved["on_the_fly_s"] > 0 and saved["prequantized_s"] > 0
+    assert data["provenance"]["stand_in"] == "tiny" and data["provenance"]["command"].startswith("python -m benchmarks run")
+    assert out.with_suffix(".png").is_file() and "NOT the real shapes" in out.with_suffix(".md").read_text()
+
+
+def _result(ok=True, device=7.5, ram=1.2, stage="denoise 1024x1024"):
+    stages = [dict(stage="encode", vram_device_gib=5.0), dict(stage=stage, vram_device_gib=device)]
+    return dict(ok=ok, error=None if ok else "OutOfMemoryError: CUDA out of memory", failed_stage=None if ok else stage,
+                stages=stages, peaks=dict(vram_device_gib=device, ram_anon_gib=ram))
+
+
+@pytest.mark.parametrize("kwargs, passed, why", [
+    (dict(result=_result()), True, "inside the envelope"),
+    (dict(result=_result(device=8.3)), False, "device VRAM 8.30 GiB > 8 GiB in stage 'denoise 1024x1024'"),
+    (dict(result=_result(ok=False)), False, "failed in stage 'denoise 1024x1024': OutOfMemoryError"),
+    (dict(result=None, oom_kills=1, output="STAGE encode (T5 nf4)\nSTAGE load transformer\n"), False,
+     "host RAM over 12 GiB: OOM-killed in stage 'load transformer'"),
+    (dict(result=None, code=-9), False, "worker exited -9 in stage 'start-up'"),
+    (dict(result=_result(ram=13.0), ram_peak_gib=None), False, "host RAM 13.00 GiB > 12 GiB"),
+])
+def test_envelope_judgement_names_the_stage_that_broke_it(kwargs, passed, why):
+    args = dict(code=0, output="", vram_gib=8.0, ram_gib=12.0, oom_kills=0, ram_peak_gib=1.0)
+    args.update(kwargs)
+    ok, reason = cli.judge_envelope(**args)
+    assert ok is passed and why in reason
+
+
+def test_merge_keeps_good_measurements_over_failed_attempts(tmp_path):
+    prov = dict(command="python -m benchmarks run", gpu="G", driver="1", date="2026-11-21T00:00:00", cuda="13",
+                libraries=dict(torch="t", diffusers="d", transformers="x", bitsandbytes="b", accelerate="a"))
+    good = dict(recipe="a", ok=True, sizes=[], stages=[], peaks={}, provenance=prov)
+    failed = dict(recipe="a", ok=False, sizes=[], stages=[], peaks={}, error="timeout", failed_stage=None, provenance=prov)
+    newer = dict(recipe="b", ok=True, sizes=[], stages=[], peaks={}, provenance=prov)
+    for name, recipes in (("1.json", {"a": good}), ("2.json", {"a": failed, "b": newer})):
+        (tmp_path / name).write_text(json.dumps(dict(provenance=prov, recipes=recipes, envelopes={})))
+    cli.main(["merge", str(tmp_path / "1.json"), str(tmp_path / "2.json"), "--out", str(tmp_path / "m.json"), "--no-docs"])
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["recipes"]["a"]["ok"] is True and set(merged["recipes"]) == {"a", "b"}
+
+
+def test_committed_results_regenerate_to_the_committed_table():
+    """The README/notebook table is generated from the JSON, not typed: regenerating changes nothing."""
+    results = sorted(cli.RESULTS.glob("*.json"))
+    assert results, "no committed benchmark results"
+    for path in results:
+        data = json.loads(path.read_text())
+        assert path.with_suffix(".md").read_text() == report.markdown(data)
+        for recipe in data["recipes"].values():
+            assert recipe.get("skipped") or {"provenance", "stages", "peaks", "sizes", "ok"} <= set(recipe)
+    readme = (report.ROOT / "README.md").read_text()
+    assert report.markdown(json.loads(results[0].read_text())).strip() in readme
+
+
+def test_markers_are_replaced_and_missing_markers_fail():
+    text = f"before\n{report.START}\nold\n{report.END}\nafter"
+    assert report.replace_marked(text, "new") == f"before\n{report.START}\nnew\n{report.END}\nafter"
+    with pytest.raises(ValueError, match="markers"):
+        report.replace_marked("no markers here", "new")
+
+
+def test_gpu_slug_on_this_machine():
+    assert cli.gpu_slug() == ("cpu" if not torch.cuda.is_available() else cli.gpu_slug())
