@@ -146,7 +146,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax2.barh([k + i * width for k in range(len(rec))], vals, width, label=size)
     ax2.set_yticks([k + width * (len(sizes) - 1) / 2 for k in range(len(rec))], names)
     ax2.set_xlabel("seconds per denoising step")
-    ax2.legend(fontsize="small")
+    if sizes:
+        ax2.legend(fontsize="small")
     fig.suptitle(f"FLUX.1-dev recipes on {results['provenance']['gpu']} (random weights, real shapes)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
