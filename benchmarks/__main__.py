@@ -68,12 +68,6 @@ def provenance(checkpoint: str, command: str) -> dict[str, Any]:
     )
 
 
-def resolve(checkpoint: str) -> str:
-    if checkpoint in ("random-dev", "random-schnell", "tiny"):
-        return str(fluxnb.build_random(checkpoint.split("-")[1]) if checkpoint != "tiny" else fluxnb.build_tiny("dev"))
-    return checkpoint
-
-
 def load_results(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {"recipes": {}, "envelopes": {}}
 
@@ -99,7 +93,7 @@ def run_worker(args: list[str], log: Path, timeout_s: int, preexec: Any = None,
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    checkpoint = resolve(ns.checkpoint)
+    checkpoint = fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev", choice=ns.checkpoint)
     path = ns.results or RESULTS / f"{gpu_slug()}.json"
     results = load_results(path)
     results["provenance"] = provenance(checkpoint, ns.command_line)
@@ -178,7 +172,7 @@ def cmd_envelope(ns: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("The envelope caps a GPU's memory: it needs a GPU.", file=sys.stderr)
         return 2
-    checkpoint = resolve(ns.checkpoint)
+    checkpoint = fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev", choice=ns.checkpoint)
     path = ns.results or RESULTS / f"{gpu_slug()}.json"
     results = load_results(path)
     results.setdefault("envelopes", {})

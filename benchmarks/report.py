@@ -133,7 +133,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     rec = [r for r in results["recipes"].values() if r.get("sizes")]
     names = [r["recipe"] for r in rec]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
     ax1.barh(names, [r["peaks"]["vram_device_gib"] or 0 for r in rec], color="tab:blue")
     for limit, text in ((8.0, "8 GiB card"), (15.0, "T4 15 GiB")):
         ax1.axvline(limit, color="tab:red", ls="--", lw=1)
@@ -149,7 +149,6 @@ def chart(results: dict[str, Any], path: Path) -> None:
     if sizes:
         ax2.legend(fontsize="small")
     fig.suptitle(f"FLUX.1-dev recipes on {results['provenance']['gpu']} (random weights, real shapes)", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -179,7 +178,8 @@ def write_all(results_path: Path, targets: bool = True) -> str:
     results = json.loads(results_path.read_text())
     text = markdown(results)
     results_path.with_suffix(".md").write_text(text)
-    chart(results, results_path.with_suffix(".png"))
+    if any(r.get("sizes") for r in results["recipes"].values()):  # nothing to chart otherwise
+        chart(results, results_path.with_suffix(".png"))
     if targets:
         rel = results_path.with_suffix(".png").relative_to(ROOT).as_posix()
         readme = ROOT / "README.md"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,14 @@ def variant_of(model_id: str) -> str:
     return "schnell" if "schnell" in model_id.lower() else "dev"
 
 
-def resolve_checkpoint(model_id: str) -> str:
+def resolve_checkpoint(model_id: str, choice: str | None = None) -> str:
     """Return what ``from_pretrained`` should load for ``model_id``, honouring ``FLUXNB_CHECKPOINT``.
 
+    ``choice`` overrides the environment variable (the benchmark's ``--checkpoint`` uses it).
     ``tiny`` follows the notebook's variant (dev or schnell); ``random-dev``/``random-schnell`` name
     theirs. Stand-ins are built on first use and reused after.
     """
-    choice = os.environ.get(ENV_VAR, "").strip()
+    choice = (os.environ.get(ENV_VAR, "") if choice is None else choice).strip()
     if not choice:
         return model_id
     if choice == "tiny":
@@ -192,7 +194,7 @@ def _make_part(name: str, variant: str, tiny: bool) -> Any:
 
 def _write_pipeline(folder: Path, variant: str, tiny: bool, device: str, dtype: torch.dtype) -> None:
     """Build and save the components one at a time, so peak memory is one model, not five."""
-    index: dict[str, Any] = {"_class_name": "FluxPipeline", "_diffusers_version": _version("diffusers")}
+    index: dict[str, Any] = {"_class_name": "FluxPipeline", "_diffusers_version": version("diffusers")}
     for seed, name in enumerate(_PARTS):
         torch.manual_seed(seed)  # a component's weights depend on its own seed only
         previous = torch.get_default_dtype()
@@ -260,9 +262,3 @@ Random weights in the diffusers layout of FLUX.1-{variant}, built offline by flu
 and memory/speed measurements run where the real weights cannot be downloaded.
 The tokenizers are real CLIP and T5 tokenizer classes with a small character-level vocabulary.
 """
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)

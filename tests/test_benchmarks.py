@@ -54,13 +54,14 @@ def test_worker_reports_a_failure_with_its_stage(tiny):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
 def test_run_skips_gpu_recipes_and_writes_results(tmp_path):
     out = tmp_path / "cpu.json"
-    code = cli.main(["run", "--checkpoint", "tiny", "--recipes", "bf16-resident,nf4-save-reload", "--sizes", "32x32",
+    code = cli.main(["run", "--checkpoint", "tiny", "--recipes", "bf16-resident,staged-nf4,nf4-save-reload", "--sizes", "32x32",
                      "--steps", "1", "--results", str(out), "--no-docs"])
     data = json.loads(out.read_text())
     assert code == 0
     assert data["recipes"]["bf16-resident"]["skipped"] == "needs a GPU"
     saved = data["recipes"]["nf4-save-reload"]
     assert saved["ok"] and saved["on_the_fly_s"] > 0 and saved["prequantized_s"] > 0
+    assert data["recipes"]["staged-nf4"]["sizes"][0]["latents_finite"] is True
     assert data["provenance"]["stand_in"] == "tiny" and data["provenance"]["command"].startswith("python -m benchmarks run")
     assert out.with_suffix(".png").is_file() and "NOT the real shapes" in out.with_suffix(".md").read_text()
 

@@ -115,3 +115,9 @@ def test_random_build_checks_disk_first(monkeypatch, fresh_cache):
 def test_unknown_variant_is_refused(fresh_cache):
     with pytest.raises(ValueError, match="variant must be 'dev' or 'schnell'"):
         fluxnb.build_tiny("pro")
+
+
+def test_an_explicit_choice_overrides_the_variable(monkeypatch):
+    monkeypatch.setenv("FLUXNB_CHECKPOINT", "tiny")
+    assert fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev", choice="/models/mine") == "/models/mine"
+    assert fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev", choice="") == "black-forest-labs/FLUX.1-dev"
