@@ -30,17 +30,16 @@ import torch
 
 import fluxnb
 from benchmarks import report
-from benchmarks.recipes import RECIPES
+from benchmarks.recipes import DEFAULT_SIZES, RECIPES
 from fluxnb.environment import library_versions
+from fluxnb.memory import GIB
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_SIZES = "1024x1024,512x768"
 ENVELOPES = {  # name: (VRAM GiB incl. CUDA context, host RAM GiB, compute dtype, extra environment)
     "colab-t4": (15.0, 12.0, "fp16", {}),
     "8gb-card": (8.0, 16.0, "auto", {}),
     "8gb-card-expandable": (8.0, 16.0, "auto", {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
 }
-GIB = 1024**3
 
 
 def gpu_slug() -> str:

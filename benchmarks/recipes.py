@@ -20,10 +20,12 @@ import torch
 import fluxnb
 from fluxnb.memory import MemoryTracker, StepTimer
 
+DEFAULT_SIZES = "1024x1024,512x768"  # height x width: the course's size, and a smaller landscape one
+
 
 @dataclass(frozen=True)
 class Recipe:
-    """A way to run FLUX.1; ``run`` does the work and returns per-size results."""
+    """A way to run FLUX.1; ``run`` does the work, recording stages and sizes in the Context."""
 
     name: str
     description: str
@@ -54,6 +56,14 @@ class Context:
         return self.tracker.stage(name)
 
 
+def _record_size(ctx: Context, height: int, width: int, warmup_s: float, timer: StepTimer,
+                 latents: torch.Tensor) -> None:
+    """Keep one size's speed and whether its latents are finite."""
+    ctx.sizes_out.append(dict(height=height, width=width, warmup_s=round(warmup_s, 3),
+                              s_per_step=round(timer.seconds_per_step, 4),
+                              latents_finite=bool(torch.isfinite(latents).all())))
+
+
 def _denoise_all_sizes(ctx: Context, pipe: Any, embeds: dict[str, torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
     """Warm up (one step) then time ``ctx.steps`` steps at each size; return the latents per size."""
     latents = {}
@@ -66,9 +76,7 @@ def _denoise_all_sizes(ctx: Context, pipe: Any, embeds: dict[str, torch.Tensor])
         with ctx.stage(f"denoise {height}x{width}"):
             out = fluxnb.denoise(pipe, embeds, height, width, ctx.steps, ctx.guidance, ctx.seed, step_timer=timer)
         latents[(height, width)] = out
-        ctx.sizes_out.append(dict(height=height, width=width, warmup_s=round(warmup_s, 3),
-                                  s_per_step=round(timer.seconds_per_step, 4),
-                                  latents_finite=bool(torch.isfinite(out).all())))
+        _record_size(ctx, height, width, warmup_s, timer, out)
     return latents
 
 
@@ -167,9 +175,7 @@ def model_offload(ctx: Context) -> None:
         with ctx.stage(f"generate {height}x{width}"):  # encode + denoise, models moving in and out
             latents = pipe(num_inference_steps=ctx.steps, generator=torch.Generator("cpu").manual_seed(ctx.seed),
                            callback_on_step_end=timer, **call).images
-        ctx.sizes_out.append(dict(height=height, width=width, warmup_s=round(warmup_s, 3),
-                                  s_per_step=round(timer.seconds_per_step, 4),
-                                  latents_finite=bool(torch.isfinite(latents).all())))
+        _record_size(ctx, height, width, warmup_s, timer, latents)
         with ctx.stage(f"decode {height}x{width}"):
             pipe.vae.to(fluxnb.execution_device())  # decode() calls vae.decode, which the offload hook does not move
             fluxnb.decode(pipe.vae, latents, height, width)
@@ -207,6 +213,6 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("staged-int8", "the course flow with bitsandbytes LLM.int8 (8-bit) T5 and transformer", staged("int8")),
     Recipe("nf4-save-reload", "load time: NF4 quantized on the fly vs from a saved NF4 checkpoint",
            save_and_reload),
-    Recipe("staged-nf4-compile", "the course flow, transformer wrapped in torch.compile", staged("nf4", True),
+    Recipe("staged-nf4-compile", "the course flow, transformer compiled in place (Module.compile)", staged("nf4", True),
            needs_gpu=True),
 ]}

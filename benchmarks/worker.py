@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import fluxnb
-from benchmarks.recipes import RECIPES, Context
+from benchmarks.recipes import DEFAULT_SIZES, RECIPES, Context
 from fluxnb.memory import GIB, device_used_bytes
 
 PEAK_FIELDS = ("vram_device_gib", "vram_allocated_gib", "vram_reserved_gib", "ram_anon_gib")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", required=True, choices=sorted(RECIPES))
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--sizes", default="1024x1024,512x768", type=parse_sizes)
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, type=parse_sizes)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="override the recipe's compute dtype")
     parser.add_argument("--vram-gib", type=float, help="cap VRAM (context included) to rehearse a smaller card")
