@@ -53,18 +53,36 @@ def recipes_table(results: dict[str, Any]) -> str:
         if r.get("ok") and not r.get("sizes"):
             continue  # a load-only recipe: reported as a sentence below the table
         if not r.get("sizes"):
-            rows.append(f"| {r['recipe']} | {r.get('compute_dtype', '-')} | - | failed in "
-                        f"'{r.get('failed_stage')}': {r.get('error', '')[:120]} | | | | | | |")
+            rows.append(f"| {r['recipe']} | {r.get('compute_dtype', '-')} | - | {_failure(r)} | | | | | | |")
             continue
         for s in r["sizes"]:
             st = _stage(r, "denoise", s["height"], s["width"]) or _stage(r, "generate", s["height"], s["width"])
             vram = " / ".join(_f(st.get(k)) for k in ("vram_device_gib", "vram_reserved_gib", "vram_allocated_gib"))
             rows.append(
                 f"| {r['recipe']} | {r['compute_dtype'].replace('torch.', '')} | {s['height']}x{s['width']} "
-                f"| {_f(s['s_per_step'], 3)} | {vram} | {_f(r['peaks']['vram_device_gib'])} "
+                f"| {_speed(r, s)} | {vram} | {_f(r['peaks']['vram_device_gib'])} "
                 f"| {_f(r['peaks']['ram_anon_gib'])} | {_f(r.get('load_s'), 1)} | {_f(r.get('compile_s'), 1)} "
                 f"| {_f(s['latents_finite'])} |")
+        if not r.get("ok"):  # some sizes measured, then it failed: say where
+            rows.append(f"| {r['recipe']} | {r['compute_dtype'].replace('torch.', '')} | - | {_failure(r)} | | | | | | |")
     return "\n".join(rows)
+
+
+def _failure(recipe: dict[str, Any]) -> str:
+    """"failed in '<stage>': <error>", without repeating a stage the error already names."""
+    error, stage = recipe.get("error") or "", recipe.get("failed_stage")
+    text = error if stage and f"'{stage}'" in error else f"failed in '{stage}': {error}"
+    return text[:160]
+
+
+def _speed(recipe: dict[str, Any], size: dict[str, Any]) -> str:
+    """s/step; with repeated runs, also the range over the processes (the median run is the one shown)."""
+    text = _f(size["s_per_step"], 3)
+    key = f"{size['height']}x{size['width']}"
+    values = [r["s_per_step"][key] for r in recipe.get("repeats", []) if key in r["s_per_step"]]
+    if len(values) > 1:
+        text += f" ({min(values):.3f}-{max(values):.3f}, {len(values)} runs)"
+    return text
 
 
 def envelopes_table(results: dict[str, Any]) -> str:
@@ -92,15 +110,19 @@ def ratios(results: dict[str, Any]) -> str:
         return None
 
     lines = []
-    nf4, bf16, comp = step("staged-nf4"), step("bf16-resident"), step("staged-nf4-compile")
+    nf4, bf16 = step("staged-nf4"), step("bf16-resident")
     if nf4 and bf16:
         lines.append(f"- NF4 vs bf16 at 1024x1024: {nf4:.3f} vs {bf16:.3f} s/step, {nf4 / bf16:.2f}x.")
-    if nf4 and comp:
-        compiled = rec["staged-nf4-compile"]
-        sizes = ", ".join(f"{s['height']}x{s['width']}" for s in compiled["sizes"])
-        lines.append(f"- torch.compile on NF4 at 1024x1024: {comp:.3f} vs {nf4:.3f} s/step eager, {nf4 / comp:.2f}x faster;"
-                     f" compile + warm-up step {compiled.get('compile_s')} s in that process (sizes: {sizes}; an"
-                     " inductor cache left by an earlier process on the same machine shortens it).")
+    for name, how in (("staged-nf4-compile", "regional (`compile_repeated_blocks`)"),
+                      ("staged-nf4-compile-full", "whole model")):
+        comp = step(name)
+        if nf4 and comp:
+            compiled = rec[name]
+            per_size = ", ".join(f"{s['warmup_s']:.0f} s at {s['height']}x{s['width']}" for s in compiled["sizes"])
+            lines.append(f"- torch.compile, {how}, on NF4 at 1024x1024: {comp:.3f} vs {nf4:.3f} s/step eager, "
+                         f"{nf4 / comp:.2f}x faster; compile + warm-up step with empty caches: {per_size}"
+                         + (f"; then **{_failure(compiled)}** (recompiling for the next size)." if not compiled["ok"]
+                            else "."))
     for name in ("staged-nf4", "staged-nf4-expandable"):
         staged = rec.get(name, {}).get("peaks", {}).get("vram_device_gib")
         if staged:
@@ -108,14 +130,16 @@ def ratios(results: dict[str, Any]) -> str:
     loads = rec.get("nf4-save-reload", {})
     if loads.get("ok"):
         lines.append(f"- Loading the NF4 transformer: quantizing the bf16 shards on the fly {loads['on_the_fly_s']:.1f} s, "
-                     f"from a saved NF4 checkpoint {loads['prequantized_s']:.1f} s (local disk, warm page cache).")
+                     f"from a saved NF4 checkpoint {loads['prequantized_s']:.1f} s (local disk; timed after a warm-up stage that "
+                     "pays the first load's one-off costs: imports, CUDA start, bitsandbytes' kernels).")
     return "\n".join(lines)
 
 
 def markdown(results: dict[str, Any]) -> str:
     text = label(results)
     note = ("Each recipe ran in its own process: sizes in the order shown, after a 1-step warm-up; s/step is the "
-            "median of the timed steps. *Device* VRAM includes the CUDA context; for a second size, *reserved* and "
+            "median of the timed steps. Where a recipe ran in several processes (`--repeat`), the row is the run with "
+            "the median 1024x1024 speed and the brackets give the range over all runs; compare speeds between rows made by the same command. *Device* VRAM includes the CUDA context; for a second size, *reserved* and "
             "*device* include what the allocator kept from the first, while *allocated* is that size's own.")
     parts = [text[0].upper() + text[1:] + ".", "", recipes_table(results), "", note, "", ratios(results)]
     env = envelopes_table(results)
@@ -137,15 +161,19 @@ def chart(results: dict[str, Any], path: Path) -> None:
     ax1.barh(names, [r["peaks"]["vram_device_gib"] or 0 for r in rec], color="tab:blue")
     for limit, text in ((8.0, "8 GiB card"), (15.0, "T4 15 GiB")):
         ax1.axvline(limit, color="tab:red", ls="--", lw=1)
-        ax1.text(limit, len(rec) - 0.45, text, color="tab:red", fontsize=8, ha="center", va="bottom")
+        ax1.text(limit, len(rec) - 0.3, text, color="tab:red", fontsize=8, ha="center", va="bottom")
+    ax1.set_ylim(-0.6, len(rec) + 0.1)
     ax1.set_xlabel("peak VRAM, device level (GiB)")
     sizes = sorted({f"{s['height']}x{s['width']}" for r in rec for s in r["sizes"]}, reverse=True)
     width = 0.8 / max(1, len(sizes))
     for i, size in enumerate(sizes):
         vals = [next((s["s_per_step"] for s in r["sizes"] if f"{s['height']}x{s['width']}" == size), 0) for r in rec]
-        ax2.barh([k + i * width for k in range(len(rec))], vals, width, label=size)
+        spread = [[r2["s_per_step"][size] for r2 in r.get("repeats", []) if size in r2["s_per_step"]] or [v]
+                  for r, v in zip(rec, vals)]  # the range over repeated processes, where there was one
+        xerr = [[v - min(sp) for v, sp in zip(vals, spread)], [max(sp) - v for v, sp in zip(vals, spread)]]
+        ax2.barh([k + i * width for k in range(len(rec))], vals, width, xerr=xerr, capsize=2, label=size)
     ax2.set_yticks([k + width * (len(sizes) - 1) / 2 for k in range(len(rec))], names)
-    ax2.set_xlabel("seconds per denoising step")
+    ax2.set_xlabel("seconds per step (whiskers: range over processes)")
     if sizes:
         ax2.legend(fontsize="small")
     fig.suptitle(f"FLUX.1-dev recipes on {results['provenance']['gpu']} (random weights, real shapes)", fontsize=10)

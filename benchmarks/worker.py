@@ -18,7 +18,7 @@ import torch
 
 import fluxnb
 from benchmarks.recipes import DEFAULT_SIZES, RECIPES, Context
-from fluxnb.memory import GIB, device_used_bytes
+from fluxnb.memory import GIB, MemoryTracker, device_used_bytes
 
 PEAK_FIELDS = ("vram_device_gib", "vram_allocated_gib", "vram_reserved_gib", "ram_anon_gib")
 
@@ -52,16 +52,27 @@ def peaks(stages: list[dict[str, Any]]) -> dict[str, float | None]:
 
 
 def run(recipe_name: str, checkpoint: str, sizes: list[tuple[int, int]], steps: int,
-        dtype_name: str | None = None, vram_gib: float | None = None) -> dict[str, Any]:
+        dtype_name: str | None = None, vram_gib: float | None = None,
+        sample_interval_s: float = 0.01, partial_json: Path | None = None) -> dict[str, Any]:
+    """Run one recipe here; with ``partial_json``, what is measured is saved after each size.
+
+    The partial file says ``error: "incomplete ..."`` until the final result replaces it, so a worker
+    killed by the runner's timeout (or the kernel's OOM killer) still leaves the sizes it finished.
+    """
     recipe = RECIPES[recipe_name]
     name = dtype_name or recipe.compute_dtype
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(name) or fluxnb.pick_dtype()
     result: dict[str, Any] = dict(recipe=recipe.name, description=recipe.description, compute_dtype=str(dtype),
-                                  steps=steps, ok=False, error=None, failed_stage=None)
+                                  steps=steps, sample_interval_s=sample_interval_s, ok=False, error=None,
+                                  failed_stage=None)
     if vram_gib is not None:
         result["envelope"] = cap_vram(vram_gib)
     fluxnb.allow_bitsandbytes_on_cpu()
-    ctx = Context(checkpoint=checkpoint, sizes=sizes, steps=steps, dtype=dtype)
+    ctx = Context(checkpoint=checkpoint, sizes=sizes, steps=steps, dtype=dtype,
+                  tracker=MemoryTracker(interval_s=sample_interval_s))
+    if partial_json is not None:
+        ctx.on_size_done = lambda: partial_json.write_text(json.dumps(dict(
+            _measured(result, ctx), error=INCOMPLETE), indent=1) + "\n")
     try:
         recipe.run(ctx)
         result["ok"] = all(s["latents_finite"] for s in ctx.sizes_out)  # True for a load-only recipe
@@ -71,10 +82,17 @@ def run(recipe_name: str, checkpoint: str, sizes: list[tuple[int, int]], steps: 
         result["error"] = f"{type(err).__name__}: {err}"[:2000]
         result["failed_stage"] = ctx.tracker.records[-1].stage if ctx.tracker.records else None
         traceback.print_exc()
+    return _measured(result, ctx)
+
+
+INCOMPLETE = "incomplete: the worker ended before the recipe finished"
+
+
+def _measured(result: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """``result`` with what the context has recorded so far: sizes, stages, peaks, load/compile times."""
     stages = [r.as_dict() for r in ctx.tracker.records]
-    result.update(sizes=ctx.sizes_out, stages=stages, peaks=peaks(stages),
-                  **{k: ctx.extra.get(k) for k in ("load_s", "compile_s", "on_the_fly_s", "prequantized_s")})
-    return result
+    return dict(result, sizes=list(ctx.sizes_out), stages=stages, peaks=peaks(stages),
+                **{k: ctx.extra.get(k) for k in ("load_s", "compile_s", "on_the_fly_s", "prequantized_s")})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="override the recipe's compute dtype")
     parser.add_argument("--vram-gib", type=float, help="cap VRAM (context included) to rehearse a smaller card")
+    parser.add_argument("--sample-interval", type=float, default=0.01,
+                        help="seconds between the memory sampler's readings (it shares the GIL with the run)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
-    result = run(args.recipe, args.checkpoint, args.sizes, args.steps, args.dtype, args.vram_gib)
+    result = run(args.recipe, args.checkpoint, args.sizes, args.steps, args.dtype, args.vram_gib,
+                 args.sample_interval, partial_json=args.json)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0 if result["ok"] else 1
 

@@ -2,6 +2,7 @@
 envelope, merging runs, and the generated table/chart/markers. (The GPU numbers come from a GPU.)"""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,90 @@ def test_markers_are_replaced_and_missing_markers_fail():
 
 def test_gpu_slug_on_this_machine():
     assert cli.gpu_slug() == ("cpu" if not torch.cuda.is_available() else cli.gpu_slug())
+
+
+def test_repeated_runs_keep_the_median_run_and_every_speed():
+    def run(s1024, s512, device=8.0):
+        return dict(ok=True, sizes=[dict(height=1024, width=1024, s_per_step=s1024),
+                                    dict(height=512, width=768, s_per_step=s512)],
+                    peaks=dict(vram_device_gib=device), load_s=4.0)
+
+    chosen = cli.pick_median([run(0.23, 0.15), run(0.19, 0.10, 7.9), run(0.20, 0.14)])
+    assert chosen["sizes"][0]["s_per_step"] == 0.20 and chosen["sizes"][1]["s_per_step"] == 0.14
+    assert [r["s_per_step"]["1024x1024"] for r in chosen["repeats"]] == [0.23, 0.19, 0.20]
+    assert [r["vram_device_gib"] for r in chosen["repeats"]] == [8.0, 7.9, 8.0]
+    cell = report._speed(chosen, chosen["sizes"][0])
+    assert cell == "0.200 (0.190-0.230, 3 runs)"
+    failed = dict(ok=False, sizes=[], error="OOM")
+    assert cli.pick_median([run(0.2, 0.1), failed]) is failed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_run_repeats_each_recipe_in_fresh_processes(tmp_path):
+    out = tmp_path / "cpu.json"
+    assert cli.main(["run", "--checkpoint", "tiny", "--recipes", "staged-nf4", "--sizes", "32x32", "--steps", "2",
+                     "--repeat", "2", "--results", str(out), "--no-docs"]) == 0
+    result = json.loads(out.read_text())["recipes"]["staged-nf4"]
+    assert len(result["repeats"]) == 2 and all(r["s_per_step"]["32x32"] > 0 for r in result["repeats"])
+    assert "2 runs)" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_a_killed_worker_keeps_the_sizes_it_finished(tmp_path, monkeypatch):
+    """A timeout (here: a worker killed after its first size) keeps that size and names the stage."""
+    real_run_worker = cli.run_worker
+
+    def killed_after_first_size(args, log, timeout_s, preexec=None, env=None):
+        code, output = real_run_worker(args, log, timeout_s, preexec, env)
+        out = Path(args[args.index("--json") + 1])
+        first = json.loads(out.read_text())
+        first["sizes"], first["error"] = first["sizes"][:1], worker.INCOMPLETE
+        out.write_text(json.dumps(first))
+        return -1, output.replace("STAGE decode", "STAGE x") + f"\nSTAGE warm-up 32x48\nTIMEOUT after {timeout_s} s"
+
+    monkeypatch.setattr(cli, "run_worker", killed_after_first_size)
+    out = tmp_path / "cpu.json"
+    code = cli.main(["run", "--checkpoint", "tiny", "--recipes", "staged-nf4", "--sizes", "64x64,32x48", "--steps", "1",
+                     "--timeout", "99", "--results", str(out), "--no-docs"])
+    result = json.loads(out.read_text())["recipes"]["staged-nf4"]
+    assert code == 1 and not result["ok"] and [s["height"] for s in result["sizes"]] == [64]
+    assert result["error"] == "TIMEOUT after 99 s in stage 'warm-up 32x48'"
+    assert "| staged-nf4 | float32 | - | TIMEOUT after 99 s in stage 'warm-up 32x48' |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_worker_saves_partial_results_after_each_size(tiny, tmp_path):
+    partial = tmp_path / "partial.json"
+    result = worker.run("staged-nf4", tiny, [(32, 32), (1000, 64)], steps=1, partial_json=partial)
+    saved = json.loads(partial.read_text())  # the bad second size never finished: the partial file stays
+    assert saved["error"] == worker.INCOMPLETE and [s["height"] for s in saved["sizes"]] == [32]
+    assert not result["ok"] and result["failed_stage"] == "warm-up 1000x64"
+
+
+def test_a_timed_out_worker_log_is_text_and_names_its_stage(tmp_path, monkeypatch):
+    """subprocess hands a timed-out child's output over as bytes: the STAGE lines must still be found."""
+    import subprocess
+
+    def timed_out(cmd, **kwargs):
+        raise subprocess.TimeoutExpired(cmd, 5, output=b"STAGE denoise 1024x1024\nSTAGE warm-up 512x768\n",
+                                        stderr=b"compiling...")
+
+    monkeypatch.setattr(subprocess, "run", timed_out)
+    code, output = cli.run_worker(["--recipe", "staged-nf4"], tmp_path / "log.txt", 5)
+    assert code == -1 and output.startswith("STAGE denoise") and output.endswith("TIMEOUT after 5 s")
+    partial = dict(ok=False, error=worker.INCOMPLETE, stages=[dict(stage="denoise 1024x1024")])
+    cli.mark_killed(partial, code, output)
+    assert partial["error"] == "TIMEOUT after 5 s in stage 'warm-up 512x768'"
+    cli.mark_killed(partial, -9, "no stage lines in this log")
+    assert partial["error"] == "worker exited -9 in stage 'after denoise 1024x1024'"
+
+
+@pytest.mark.parametrize("result, total, fits, says", [
+    (dict(ok=True, peaks=dict(vram_device_gib=7.75)), 8.0, True, "0.25 GiB to spare. That is tight"),
+    (dict(ok=True, peaks=dict(vram_device_gib=8.26)), 15.0, True, "peak was 8.26 GiB"),
+    (dict(ok=False, error="OutOfMemoryError: CUDA out of memory", peaks={}), 6.0, False, "does NOT fit"),
+])
+def test_fit_verdict(result, total, fits, says):
+    ok, message = cli.fit_verdict(result, total)
+    assert ok is fits and says in message
+    assert ("tight" in message) is (fits and total - result["peaks"]["vram_device_gib"] < 0.5)
