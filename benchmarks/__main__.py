@@ -291,13 +291,21 @@ def fit_verdict(result: dict[str, Any], total_gib: float, tight_gib: float = 0.5
     return True, message
 
 
+def fit_plan(bf16: bool) -> tuple[str, dict[str, str]]:
+    """What the dry run measures: the course's staged flow exactly as the notebooks run it, in bf16 where
+    the GPU has it, else fp16 (T4), with the allocator setting the notebooks' parameters cell makes."""
+    return ("staged-nf4" if bf16 else "staged-nf4-fp16"), {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
 def cmd_fit(ns: argparse.Namespace) -> int:
     """Run the course flow on this GPU and say whether it fits, before downloading 34 GB."""
     if not torch.cuda.is_available():
         print("No GPU here: the dry run measures a GPU. Use FLUXNB_CHECKPOINT=tiny to learn the steps.", file=sys.stderr)
         return 2
     ns.results = ns.results or Path(tempfile.mkdtemp(prefix="fluxnb-fit-")) / f"{gpu_slug()}.json"
-    ns.recipes = "staged-nf4" if fluxnb.environment.bf16_supported() else "staged-nf4-fp16"
+    ns.recipes, env = fit_plan(fluxnb.environment.bf16_supported())
+    for key, value in env.items():  # the workers inherit it; a value the user set wins
+        os.environ.setdefault(key, value)
     ns.update_docs = False
     code = cmd_run(ns)
     result = load_results(ns.results)["recipes"][ns.recipes]

@@ -211,3 +211,13 @@ def test_fit_verdict(result, total, fits, says):
     ok, message = cli.fit_verdict(result, total)
     assert ok is fits and says in message
     assert ("tight" in message) is (fits and total - result["peaks"]["vram_device_gib"] < 0.5)
+
+
+def test_fit_measures_the_flow_as_the_notebooks_run_it():
+    """The dry run must use the notebooks' allocator setting: without it the 8 GiB flow measures 8.26 GiB."""
+    nb = json.loads((report.ROOT / "notebooks" / "04_memory_profiling.ipynb").read_text())
+    params = next("".join(c["source"]) for c in nb["cells"] if "PYTORCH_CUDA_ALLOC_CONF" in "".join(c["source"]))
+    recipe, env = cli.fit_plan(bf16=True)
+    assert recipe == "staged-nf4" and cli.fit_plan(bf16=False)[0] == "staged-nf4-fp16"
+    for key, value in env.items():
+        assert f'"{key}", "{value}"' in params
