@@ -53,7 +53,7 @@ def recipes_table(results: dict[str, Any]) -> str:
         if r.get("ok") and not r.get("sizes"):
             continue  # a load-only recipe: reported as a sentence below the table
         if not r.get("sizes"):
-            rows.append(f"| {r['recipe']} | {r.get('compute_dtype', '-')} | - | {_failure(r)} | | | | | | |")
+            rows.append(_failure_row(r))
             continue
         for s in r["sizes"]:
             st = _stage(r, "denoise", s["height"], s["width"]) or _stage(r, "generate", s["height"], s["width"])
@@ -64,7 +64,7 @@ def recipes_table(results: dict[str, Any]) -> str:
                 f"| {_f(r['peaks']['ram_anon_gib'])} | {_f(r.get('load_s'), 1)} | {_f(r.get('compile_s'), 1)} "
                 f"| {_f(s['latents_finite'])} |")
         if not r.get("ok"):  # some sizes measured, then it failed: say where
-            rows.append(f"| {r['recipe']} | {r['compute_dtype'].replace('torch.', '')} | - | {_failure(r)} | | | | | | |")
+            rows.append(_failure_row(r))
     return "\n".join(rows)
 
 
@@ -73,6 +73,11 @@ def _failure(recipe: dict[str, Any]) -> str:
     error, stage = recipe.get("error") or "", recipe.get("failed_stage")
     text = error if stage and f"'{stage}'" in error else f"failed in '{stage}': {error}"
     return text[:160]
+
+
+def _failure_row(recipe: dict[str, Any]) -> str:
+    dtype = recipe.get("compute_dtype", "-").replace("torch.", "")
+    return f"| {recipe['recipe']} | {dtype} | - | {_failure(recipe)} | | | | | | |"
 
 
 def _speed(recipe: dict[str, Any], size: dict[str, Any]) -> str:
@@ -121,8 +126,7 @@ def ratios(results: dict[str, Any]) -> str:
             per_size = ", ".join(f"{s['warmup_s']:.0f} s at {s['height']}x{s['width']}" for s in compiled["sizes"])
             lines.append(f"- torch.compile, {how}, on NF4 at 1024x1024: {comp:.3f} vs {nf4:.3f} s/step eager, "
                          f"{nf4 / comp:.2f}x faster; compile + warm-up step with empty caches: {per_size}"
-                         + (f"; then **{_failure(compiled)}** (recompiling for the next size)." if not compiled["ok"]
-                            else "."))
+                         + (f"; then **{_failure(compiled)}**." if not compiled["ok"] else "."))
     for name in ("staged-nf4", "staged-nf4-expandable"):
         staged = rec.get(name, {}).get("peaks", {}).get("vram_device_gib")
         if staged:
