@@ -142,7 +142,7 @@ def pick_median(attempts: list[dict[str, Any]]) -> dict[str, Any]:
     chosen = dict(ordered[(len(ordered) - 1) // 2])
     chosen["repeats"] = [dict(s_per_step={f"{s['height']}x{s['width']}": s["s_per_step"] for s in a.get("sizes", [])},
                               vram_device_gib=a.get("peaks", {}).get("vram_device_gib"),
-                              **{k: a.get(k) for k in ("load_s", "compile_s", "on_the_fly_s", "prequantized_s")
+                              **{k: a.get(k) for k in worker.TIME_FIELDS
                                  if a.get(k) is not None})
                          for a in attempts]
     return chosen
