@@ -3,9 +3,11 @@
     python -m benchmarks run                 # every recipe, each in its own process -> results/<gpu>.json
     python -m benchmarks run --recipes staged-nf4,bf16-resident
     python -m benchmarks envelope            # the Colab T4 (15 GiB VRAM, 12 GiB RAM, fp16) and 8 GiB envelopes
-    python -m benchmarks fit                 # "will it fit?" on your own GPU, before a 34 GB download
     python -m benchmarks merge a.json b.json --out results/h100.json   # runs split over GPU sessions
     python -m benchmarks report              # regenerate table, chart, README and notebook 04 from the JSON
+
+"Will it fit?" on your own GPU, before a 34 GB download, is ``python -m fluxnb.fit`` (in the package,
+so a Colab install has it).
 
 The checkpoint is ``random-dev`` (built on first use, ~34 GB of disk, about a minute on a GPU) unless
 ``--checkpoint`` names another folder. Results carry their provenance: GPU, driver, versions, date,
@@ -32,6 +34,7 @@ import torch
 import fluxnb
 from benchmarks import report, worker
 from benchmarks.recipes import DEFAULT_SIZES, RECIPES
+from fluxnb.course import RamCgroup
 from fluxnb.environment import library_versions
 from fluxnb.memory import GIB
 
@@ -181,25 +184,6 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def make_cgroup(name: str, ram_gib: float) -> Path | None:
-    """A cgroup v2 group with ``memory.max`` = ``ram_gib`` (root only); None where that is impossible."""
-    root = Path("/sys/fs/cgroup")
-    controllers = root / "cgroup.controllers"
-    if os.geteuid() != 0 or not controllers.is_file() or "memory" not in controllers.read_text().split():
-        return None
-    subtree = root / "cgroup.subtree_control"
-    if "memory" not in subtree.read_text().split():
-        subtree.write_text("+memory")
-    group = root / f"fluxnb-{name}"
-    if group.exists():
-        group.rmdir()  # a leftover of ours, empty once its process is gone
-    group.mkdir()
-    (group / "memory.max").write_text(str(int(ram_gib * GIB)))
-    if (group / "memory.swap.max").exists():
-        (group / "memory.swap.max").write_text("0")
-    return group
-
-
 def judge_envelope(result: dict[str, Any] | None, code: int, output: str, vram_gib: float, ram_gib: float,
                    oom_kills: int, ram_peak_gib: float | None) -> tuple[bool, str]:
     """Did the flow stay inside the envelope? Returns (passed, why) naming the stage that broke it."""
@@ -233,11 +217,11 @@ def cmd_envelope(ns: argparse.Namespace) -> int:
     failures = 0
     for name in ns.names.split(","):
         vram_gib, ram_gib, dtype, env = ENVELOPES[name]
-        group = make_cgroup(name, ram_gib)
+        group = RamCgroup.create(f"fluxnb-{name}", ram_gib)
 
-        def join_group(group: Path | None = group) -> None:
+        def join_group(group: RamCgroup | None = group) -> None:
             if group is not None:
-                (group / "cgroup.procs").write_text(str(os.getpid()))
+                (group.path / "cgroup.procs").write_text(str(os.getpid()))
 
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
@@ -250,11 +234,8 @@ def cmd_envelope(ns: argparse.Namespace) -> int:
             result = json.loads(out.read_text()) if out.is_file() else None
         oom_kills, ram_peak = 0, None
         if group is not None:
-            events = dict(line.split() for line in (group / "memory.events").read_text().splitlines())
-            oom_kills = int(events.get("oom_kill", 0))
-            if (group / "memory.peak").exists():
-                ram_peak = round(int((group / "memory.peak").read_text()) / GIB, 3)
-            group.rmdir()
+            oom_kills, ram_peak = group.oom_kills(), group.peak_gib()
+            group.remove()
         passed, reason = judge_envelope(result, code, output, vram_gib, ram_gib, oom_kills, ram_peak)
         results["envelopes"][name] = dict(
             name=name, vram_gib=vram_gib, ram_gib=ram_gib, dtype=result["compute_dtype"] if result else dtype,
@@ -269,49 +250,6 @@ def cmd_envelope(ns: argparse.Namespace) -> int:
             print(output[-3000:], file=sys.stderr)
     print(report.write_all(path, targets=ns.update_docs))
     return 1 if failures else 0
-
-
-def fit_verdict(result: dict[str, Any], total_gib: float, tight_gib: float = 0.5) -> tuple[bool, str]:
-    """Did the flow fit the GPU it ran on, and with how much to spare?
-
-    The dry run runs on the user's own GPU, so finishing is the proof that it fits; the device-level
-    peak (which also counts other processes, such as a desktop) says by how much. Less than
-    ``tight_gib`` to spare is flagged: another program opening on the GPU could push it over.
-    """
-    if not result.get("ok"):
-        return False, (f"The course's staged NF4 flow did not finish on this GPU ({total_gib:.2f} GiB): "
-                       f"{result.get('error')}. It does NOT fit as it is; notebook 04 compares recipes that "
-                       "need less VRAM.")
-    peak = result.get("peaks", {}).get("vram_device_gib") or 0.0
-    spare = total_gib - peak
-    message = (f"The course's staged NF4 flow fits: its peak was {peak:.2f} GiB of VRAM (CUDA context and other "
-               f"processes included) on this {total_gib:.2f} GiB GPU, {spare:.2f} GiB to spare.")
-    if spare < tight_gib:
-        message += " That is tight: close other programs that use the GPU before you run the course."
-    return True, message
-
-
-def fit_plan(bf16: bool) -> tuple[str, dict[str, str]]:
-    """What the dry run measures: the course's staged flow exactly as the notebooks run it, in bf16 where
-    the GPU has it, else fp16 (T4), with the allocator setting the notebooks' parameters cell makes."""
-    return ("staged-nf4" if bf16 else "staged-nf4-fp16"), {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-
-
-def cmd_fit(ns: argparse.Namespace) -> int:
-    """Run the course flow on this GPU and say whether it fits, before downloading 34 GB."""
-    if not torch.cuda.is_available():
-        print("No GPU here: the dry run measures a GPU. Use FLUXNB_CHECKPOINT=tiny to learn the steps.", file=sys.stderr)
-        return 2
-    ns.results = ns.results or Path(tempfile.mkdtemp(prefix="fluxnb-fit-")) / f"{gpu_slug()}.json"
-    ns.recipes, env = fit_plan(fluxnb.environment.bf16_supported())
-    for key, value in env.items():  # the workers inherit it; a value the user set wins
-        os.environ.setdefault(key, value)
-    ns.update_docs = False
-    code = cmd_run(ns)
-    result = load_results(ns.results)["recipes"][ns.recipes]
-    fits, message = fit_verdict(result, torch.cuda.get_device_properties(0).total_memory / GIB)
-    print(f"\n{message} Details: {ns.results}")
-    return code if fits else 1
 
 
 def cmd_merge(ns: argparse.Namespace) -> int:
@@ -337,7 +275,7 @@ def cmd_merge(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "envelope", "fit"):
+    for name in ("run", "envelope"):
         p = sub.add_parser(name)
         p.add_argument("--checkpoint", default="random-dev", help="random-dev (default), tiny, or a folder")
         p.add_argument("--sizes", default=DEFAULT_SIZES if name != "envelope" else "1024x1024")
@@ -368,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("no results JSON in benchmarks/results: run `python -m benchmarks run` on a GPU first")
         print(report.write_all(path, targets=ns.update_docs))
         return 0
-    return {"run": cmd_run, "envelope": cmd_envelope, "fit": cmd_fit, "merge": cmd_merge}[ns.command](ns)
+    return {"run": cmd_run, "envelope": cmd_envelope, "merge": cmd_merge}[ns.command](ns)
 
 
 if __name__ == "__main__":

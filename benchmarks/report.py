@@ -10,6 +10,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- fluxnb:benchmark-table:start -->", "<!-- fluxnb:benchmark-table:end -->"
+COURSE_START, COURSE_END = "<!-- fluxnb:course-table:start -->", "<!-- fluxnb:course-table:end -->"
+COURSE_RESULTS = ROOT / "fluxnb" / "results"  # package data: notebook 00 reads them on Colab too
 
 
 def _f(value: Any, digits: int = 2) -> str:
@@ -185,23 +187,43 @@ def chart(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def replace_marked(text: str, body: str) -> str:
-    """Replace what stands between the benchmark markers (markers kept); error if they are missing."""
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+def replace_marked(text: str, body: str, start: str = START, end: str = END) -> str:
+    """Replace what stands between two markers (markers kept); error if they are missing."""
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise ValueError(f"markers {START} ... {END} not found")
-    return pattern.sub(lambda _: f"{START}\n{body.strip()}\n{END}", text)
+        raise ValueError(f"markers {start} ... {end} not found")
+    return pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text)
 
 
-def update_notebook(path: Path, body: str) -> None:
+def update_notebook(path: Path, body: str, start: str = START, end: str = END) -> None:
     nb = json.loads(path.read_text())
     for cell in nb["cells"]:
         source = "".join(cell["source"])
-        if cell["cell_type"] == "markdown" and START in source:
-            cell["source"] = replace_marked(source, body).splitlines(keepends=True)
+        if cell["cell_type"] == "markdown" and start in source:
+            cell["source"] = replace_marked(source, body, start, end).splitlines(keepends=True)
             path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
             return
-    raise ValueError(f"{path}: no markdown cell with {START}")
+    raise ValueError(f"{path}: no markdown cell with {start}")
+
+
+def course_markdown(folder: Path = COURSE_RESULTS) -> str:
+    """The committed course runs (``fluxnb/results/course-*.json``), one table each, envelopes in order."""
+    from fluxnb.course import results_markdown
+    from fluxnb.envelopes import ENVELOPES
+
+    order = {name: i for i, name in enumerate(ENVELOPES)}
+    runs = [json.loads(p.read_text()) for p in folder.glob("course-*.json")]
+    runs.sort(key=lambda r: order.get((r.get("envelope") or {}).get("name"), len(order)))
+    return "\n".join(results_markdown(r) for r in runs)
+
+
+def write_course_docs(folder: Path = COURSE_RESULTS) -> str:
+    """Put the course tables into README.md and notebook 04, between the course-table markers."""
+    body = course_markdown(folder)
+    readme = ROOT / "README.md"
+    readme.write_text(replace_marked(readme.read_text(), body, COURSE_START, COURSE_END))
+    update_notebook(ROOT / "notebooks" / "04_memory_profiling.ipynb", body, COURSE_START, COURSE_END)
+    return body
 
 
 def write_all(results_path: Path, targets: bool = True) -> str:
@@ -217,4 +239,5 @@ def write_all(results_path: Path, targets: bool = True) -> str:
         readme = ROOT / "README.md"
         readme.write_text(replace_marked(readme.read_text(), f"{text}\n![benchmark chart]({rel})"))
         update_notebook(ROOT / "notebooks" / "04_memory_profiling.ipynb", text)
+        write_course_docs()
     return text

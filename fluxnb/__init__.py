@@ -3,17 +3,23 @@
 Small on purpose: memory measurement (:mod:`fluxnb.memory`), machine checks (:mod:`fluxnb.environment`),
 the checkpoint switch and offline stand-ins (:mod:`fluxnb.checkpoints`), bitsandbytes on CPU for the
 tiny course (:mod:`fluxnb.cpu_bitsandbytes`), and the staged recipe the notebooks teach
-(:mod:`fluxnb.stages`).
+(:mod:`fluxnb.stages`), pre-quantized downloads (:mod:`fluxnb.prequantized`), and the course runner
+with its small-machine envelopes (:mod:`fluxnb.course`, :mod:`fluxnb.envelopes`) and dry run
+(:mod:`fluxnb.fit`).
 """
 
-from fluxnb.checkpoints import build_random, build_tiny, is_stand_in, resolve_checkpoint
+from fluxnb.checkpoints import build_random, build_tiny, generation_settings, is_stand_in, resolve_checkpoint
 from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
+from fluxnb.envelopes import committed_run
 from fluxnb.environment import (
+    available_ram_gib,
     check_checkpoint_access,
     check_free_disk,
     check_generation_request,
     find_hub_token,
+    free_vram_gib,
     machine_info,
+    missing_resources,
     output_dir,
     pick_dtype,
 )
@@ -28,20 +34,31 @@ from fluxnb.stages import (
     execution_device,
     load_denoising_pipeline,
     load_embeddings,
-    load_pipeline_4bit_offload,
     load_pipeline_all_at_once,
     load_text_encoders_4bit,
     load_transformer_4bit,
+    load_transformer_offload,
     save_embeddings,
     save_image,
+    set_compute_dtype,
+)
+from fluxnb.prequantized import (
+    download_gb,
+    download_plan,
+    export_prequantized,
+    prequantized_checkpoint,
+    saved_quantized_dir,
 )
 
 __version__ = "0.1.0"
 __all__ = [
-    "MemoryTracker", "NonFiniteLatentsError", "StepTimer", "embeddings_path", "find_hub_token", "output_dir", "allow_bitsandbytes_on_cpu", "build_random", "build_tiny",
-    "bytes_to_giga_bytes", "check_checkpoint_access", "check_free_disk", "check_generation_request",
-    "decode", "denoise", "encode_and_save", "encode_prompt", "execution_device", "flush", "is_stand_in",
-    "load_denoising_pipeline", "load_embeddings", "load_pipeline_4bit_offload", "load_pipeline_all_at_once",
-    "load_text_encoders_4bit", "load_transformer_4bit",
-    "machine_info", "pick_dtype", "resolve_checkpoint", "save_embeddings", "save_image",
+    "MemoryTracker", "NonFiniteLatentsError", "StepTimer", "allow_bitsandbytes_on_cpu", "available_ram_gib",
+    "build_random", "build_tiny", "bytes_to_giga_bytes", "check_checkpoint_access", "check_free_disk",
+    "check_generation_request", "committed_run", "decode", "denoise", "download_gb", "download_plan",
+    "embeddings_path", "encode_and_save", "encode_prompt", "execution_device", "export_prequantized",
+    "find_hub_token", "flush", "free_vram_gib", "generation_settings", "is_stand_in", "load_denoising_pipeline",
+    "load_embeddings", "load_pipeline_all_at_once", "load_text_encoders_4bit", "load_transformer_4bit",
+    "load_transformer_offload", "machine_info", "missing_resources", "output_dir", "pick_dtype",
+    "prequantized_checkpoint", "resolve_checkpoint", "save_embeddings", "save_image", "saved_quantized_dir",
+    "set_compute_dtype",
 ]

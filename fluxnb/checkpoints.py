@@ -9,7 +9,9 @@ The notebooks always name the real model (``black-forest-labs/FLUX.1-dev``) and 
 * ``random-dev`` / ``random-schnell``: the real FLUX.1-dev / schnell shapes (11.9B-parameter
   transformer, T5-XXL, CLIP-L, VAE) with random weights, about 34 GB on disk. Memory and speed
   depend on shapes, not on values, so this rehearses a run before the 34 GB download. Its images
-  are noise: it says nothing about image quality;
+  are noise: it says nothing about image quality. The transformer and T5 are streamed to disk a
+  shard at a time (:func:`write_streamed`), so building needs about 2 GB of memory, not 24 GB: a free
+  Colab T4 (15 GB of VRAM, 12.7 GB of RAM) can build it;
 * anything else: a Hub id or a local folder, used as given.
 
 Stand-ins are built once, into ``FLUXNB_CACHE`` (default ``~/.cache/fluxnb``), written to a temporary
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zlib
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -84,9 +87,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLUXNB_CACHE", Path.home() / ".cache" / "fluxnb")).expanduser()
 
 
+def stand_in_dir(kind: str, variant: str) -> Path:
+    """The folder that stand-in ``kind`` (``"tiny"`` or ``"random"``) of FLUX.1-``variant`` is built into:
+    ``cache_dir() / "{kind}-flux.1-{variant}"``, e.g. ``~/.cache/fluxnb/random-flux.1-dev``."""
+    return cache_dir() / f"{kind}-flux.1-{variant}"
+
+
 def variant_of(model_id: str) -> str:
     """``"schnell"`` if the model id names FLUX.1-schnell, else ``"dev"``."""
     return "schnell" if "schnell" in model_id.lower() else "dev"
+
+
+def generation_settings(model_id: str) -> dict[str, Any]:
+    """The settings each FLUX.1 variant was trained for: steps, guidance, and T5 tokens.
+
+    FLUX.1-dev is guidance-distilled: about 28-50 steps with ``guidance_scale`` 3.5, prompts up to
+    512 T5 tokens. FLUX.1-schnell is timestep-distilled: 1-4 steps, no guidance input (0), at most
+    256 tokens. The notebooks read them from here, so changing ``MODEL_ID`` changes all three.
+    """
+    if variant_of(model_id) == "schnell":
+        return dict(steps=4, guidance=0.0, max_sequence_length=256)
+    return dict(steps=50, guidance=3.5, max_sequence_length=512)
 
 
 def resolve_checkpoint(model_id: str, choice: str | None = None) -> str:
@@ -159,6 +180,11 @@ def make_t5_tokenizer() -> Any:
 
 
 _PARTS = ("scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "transformer")
+# The full-size build streams these two to disk (11.9B and 4.8B parameters); the others are small
+# (CLIP-L 0.12B, the VAE 0.08B: under 0.3 GB in bf16) and are made whole, as in the tiny build.
+STREAMED_PARTS = ("text_encoder_2", "transformer")
+SHARD_BYTES = 2 * 10**9  # the most bytes of weights a streamed build holds in memory at once
+INIT_STD = 0.02  # normal(0, 0.02) for Linear and Embedding weights: finite through FLUX's 57 blocks
 
 
 def _make_part(name: str, variant: str, tiny: bool) -> Any:
@@ -192,19 +218,121 @@ def _make_part(name: str, variant: str, tiny: bool) -> Any:
     raise ValueError(f"unknown FLUX component {name!r}")
 
 
+# --- streaming a big model to disk --------------------------------------------------------------
+
+
+def init_rule(model: torch.nn.Module, key: str) -> str:
+    """How :func:`write_streamed` fills weight ``key``, from the module that owns it: ``"normal"``
+    (Linear and Embedding weights), ``"zeros"`` (biases) or ``"ones"`` (norm scales). Anything else
+    is refused rather than guessed."""
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf == "bias":
+        return "zeros"
+    if leaf == "weight" and isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        return "normal"
+    if leaf == "weight" and "norm" in type(module).__name__.lower():  # LayerNorm, RMSNorm, T5LayerNorm
+        return "ones"
+    raise ValueError(f"no initialisation rule for {key!r} (a {type(module).__name__}'s {leaf!r})")
+
+
+def random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, rule: str, seed: int,
+                  device: str | torch.device = "cpu") -> torch.Tensor:
+    """One weight, returned on the CPU. Its values depend on ``seed``, ``key`` and ``device`` (the CPU's
+    and CUDA's generators differ) only, not on what was made before it."""
+    if rule == "zeros":
+        return torch.zeros(shape, dtype=dtype)
+    if rule == "ones":
+        return torch.ones(shape, dtype=dtype)
+    if rule != "normal":
+        raise ValueError(f"unknown initialisation rule {rule!r}")
+    # one 32-bit seed per (seed, key): the CPU's Mersenne Twister ignores a seed's upper 32 bits
+    generator = torch.Generator(device).manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
+    values = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, INIT_STD, generator=generator)
+    return values.cpu()
+
+
+def write_streamed(model: Any, folder: str | os.PathLike[str], seed: int, device: str | torch.device = "cpu",
+                   max_shard_bytes: int = SHARD_BYTES) -> None:
+    """Save ``model`` -- a diffusers or transformers model instantiated on the ``meta`` device -- with
+    random weights, in the layout its ``save_pretrained`` writes, so plain ``from_pretrained`` loads it.
+
+    The weights are made one tensor at a time (:func:`random_tensor`, on ``device``: a GPU is faster)
+    and written one safetensors shard at a time, so memory holds at most one shard
+    (``max_shard_bytes``, or one tensor if a tensor is larger). Files: the config
+    (``config.json``), the shards and, if there are several, the index
+    (``diffusion_pytorch_model.safetensors.index.json`` or ``model.safetensors.index.json``).
+    Deterministic: the same ``seed`` and ``device`` give the same files.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    from transformers import PreTrainedModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    buffers = sorted(name for name, _ in model.named_buffers() if name in state)
+    if buffers:  # their values come from the module's code, not from an initialisation rule
+        raise NotImplementedError(f"{type(model).__name__} has persistent buffers {buffers}: save it whole")
+    names = dict(model.named_parameters(remove_duplicate=False))
+    unknown = sorted(set(state) - set(names))
+    if unknown:
+        raise NotImplementedError(f"{type(model).__name__}'s state dict has entries that are not parameters: {unknown}")
+    first_name: dict[int, str] = {}  # tied weights (T5's embeddings): save_pretrained keeps the first name
+    for name, param in names.items():
+        first_name.setdefault(id(param), name)
+    kept = set(first_name.values())
+    state = {key: value for key, value in state.items() if key in kept}
+
+    is_transformers = isinstance(model, PreTrainedModel)
+    if is_transformers:  # what transformers' save_pretrained writes besides the weights
+        for key in model._keys_to_ignore_on_save or ():
+            state.pop(key, None)
+        model.config.dtype = str(model.dtype).split(".")[1]
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(folder)
+        if model.can_generate():
+            model.generation_config.save_pretrained(folder)
+        pattern, index_name = "model{suffix}.safetensors", "model.safetensors.index.json"
+    else:
+        model.save_config(folder)
+        pattern = "diffusion_pytorch_model{suffix}.safetensors"
+        index_name = "diffusion_pytorch_model.safetensors.index.json"
+
+    split = split_torch_state_dict_into_shards(state, filename_pattern=pattern, max_shard_size=max_shard_bytes)
+    for filename, keys in split.filename_to_tensors.items():
+        shard = {key: random_tensor(key, tuple(state[key].shape), state[key].dtype, init_rule(model, key), seed, device)
+                 for key in keys}
+        save_file(shard, folder / filename, metadata={"format": "pt"})
+        del shard
+    if split.is_sharded:
+        metadata = dict(split.metadata)
+        if is_transformers:
+            metadata = {"total_parameters": model.num_parameters(), **metadata}
+        index = {"metadata": metadata, "weight_map": split.tensor_to_filename}
+        (folder / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _write_pipeline(folder: Path, variant: str, tiny: bool, device: str, dtype: torch.dtype) -> None:
-    """Build and save the components one at a time, so peak memory is one model, not five."""
+    """Build and save the components one at a time, so peak memory is one model, not five.
+
+    In the full-size build the transformer and T5 are streamed (:func:`write_streamed`): peak memory
+    is then about one shard, whatever the device.
+    """
     index: dict[str, Any] = {"_class_name": "FluxPipeline", "_diffusers_version": version("diffusers")}
     for seed, name in enumerate(_PARTS):
+        stream = not tiny and name in STREAMED_PARTS
         torch.manual_seed(seed)  # a component's weights depend on its own seed only
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            with torch.device(device):
+            with torch.device("meta" if stream else device):
                 part = _make_part(name, variant, tiny)
         finally:
             torch.set_default_dtype(previous)
-        if name == "scheduler":
+        if stream:
+            write_streamed(part, folder / name, seed=seed, device=device)
+        elif name == "scheduler":
             part.save_config(folder / name)
         else:
             part.save_pretrained(folder / name)
@@ -220,7 +348,7 @@ def _build(kind: str, variant: str, device: str, dtype: torch.dtype, need_gb: fl
     """Build a stand-in once into the cache; return its folder. Reuses a complete earlier build."""
     if variant not in ("dev", "schnell"):
         raise ValueError(f"variant must be 'dev' or 'schnell', not {variant!r}")
-    final = cache_dir() / f"{kind}-flux.1-{variant}"
+    final = stand_in_dir(kind, variant)
     if (final / _DONE).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -248,8 +376,11 @@ def build_tiny(variant: str = "dev") -> Path:
 def build_random(variant: str = "dev", device: str | None = None) -> Path:
     """Build (once) FLUX.1 with the real shapes and random bf16 weights: about 34 GB of disk.
 
-    Built on the GPU when there is one (about a minute, needs ~24 GB of VRAM for the transformer),
-    else on the CPU (slower, needs ~24 GB of RAM).
+    The transformer and T5 are streamed to disk a 2 GB shard at a time, so the build needs about
+    2-3 GB of RAM (and, on a GPU, a few hundred MB of VRAM) whatever the machine: a free Colab T4 can
+    build it. The random numbers are made on the GPU when there is one (about a minute, mostly disk
+    writes), else on the CPU (a few minutes: about 100 million numbers a second per core).
+    The same ``device`` gives the same files; the CPU and a GPU give different random values.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return _build("random", variant, device=device, dtype=torch.bfloat16, need_gb=36.0)

@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from fluxnb.envelopes import active_envelope
+
 GIB = 1024**3
 LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "huggingface_hub")
 
@@ -35,6 +37,7 @@ class MachineInfo:
     ram_gib: float
     free_disk_gib: float
     libraries: dict[str, str] = field(default_factory=dict)
+    envelope: str | None = None  # the small machine being rehearsed (``fluxnb.envelopes``), if any
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -57,28 +60,90 @@ def library_versions() -> dict[str, str]:
 
 
 def machine_info(path: str | os.PathLike[str] = ".") -> MachineInfo:
-    """Describe this machine: GPU, VRAM, compute capability, bf16, host RAM, free disk at ``path``."""
+    """Describe this machine: GPU, VRAM, compute capability, bf16, host RAM, free disk at ``path``.
+
+    Inside an envelope (``python -m fluxnb.course --envelope``) VRAM and host RAM are the target's,
+    so every check a notebook makes from this answers as it would on the small machine.
+    """
     cuda = torch.cuda.is_available()
     props = torch.cuda.get_device_properties(0) if cuda else None
+    envelope = active_envelope()
+    vram = props.total_memory / GIB if props else None
+    ram = psutil.virtual_memory().total / GIB
+    if envelope is not None:
+        vram = min(vram, envelope.vram_gib) if vram is not None else None
+        ram = min(ram, envelope.ram_gib)
     return MachineInfo(
         on_colab=on_colab(),
         python=platform.python_version(),
         gpu_name=props.name if props else None,
         gpu_count=torch.cuda.device_count() if cuda else 0,
-        vram_gib=round(props.total_memory / GIB, 2) if props else None,
+        vram_gib=round(vram, 2) if vram is not None else None,
         compute_capability=f"{props.major}.{props.minor}" if props else None,
         bf16_supported=bf16_supported(),
-        ram_gib=round(psutil.virtual_memory().total / GIB, 2),
+        ram_gib=round(ram, 2),
         free_disk_gib=round(shutil.disk_usage(path).free / GIB, 2),
         libraries=library_versions(),
+        envelope=envelope.name if envelope else None,
     )
 
 
 def bf16_supported() -> bool:
-    """bf16 compute needs compute capability 8.0+ (Ampere). A T4 (7.5) has none; CPUs emulate it."""
+    """bf16 compute needs compute capability 8.0+ (Ampere). A T4 (7.5) has none; CPUs emulate it.
+
+    Inside an envelope whose target has no bf16 (``colab-t4``) the answer is False on any GPU.
+    """
+    envelope = active_envelope()
+    if envelope is not None and not envelope.bf16:
+        return False
     if torch.cuda.is_available():
         return torch.cuda.get_device_capability(0) >= (8, 0)
     return False
+
+
+def free_vram_gib() -> float | None:
+    """VRAM free for this process now, in GiB (``torch.cuda.mem_get_info``); None without a GPU.
+
+    Inside an envelope this is already the target's: the runner holds everything above the cap.
+    """
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.mem_get_info()[0] / GIB
+
+
+def _cgroup_ram_left_bytes() -> int | None:
+    """Bytes this process's cgroup v2 may still take (``memory.max`` - ``memory.current``), if limited."""
+    try:
+        line = next(l for l in Path("/proc/self/cgroup").read_text().splitlines() if l.startswith("0::"))
+        group = Path("/sys/fs/cgroup") / line[3:].strip().lstrip("/")
+        limit = (group / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int((group / "memory.current").read_text())
+    except (OSError, StopIteration, ValueError):
+        return None  # no cgroup v2, or no memory limit: the machine's own RAM is the limit
+
+
+def available_ram_gib() -> float:
+    """Host RAM this process can still take, in GiB: the OS's *available* memory, or less if a
+    cgroup limit (a container, Colab's VM, the course's envelope) leaves less."""
+    available = psutil.virtual_memory().available
+    left = _cgroup_ram_left_bytes()
+    return (available if left is None else min(available, left)) / GIB
+
+
+def missing_resources(vram_gib: float | None = None, ram_gib: float | None = None) -> str | None:
+    """None if this machine has ``vram_gib`` of free VRAM and ``ram_gib`` of available host RAM now,
+    else a sentence saying what is short (for a cell that runs a section only where it fits)."""
+    short = []
+    free = free_vram_gib()
+    if vram_gib is not None and (free is None or free < vram_gib):
+        have = "no GPU" if free is None else f"{free:.1f} GiB free"
+        short.append(f"needs {vram_gib:.1f} GiB of free VRAM, this machine has {have}")
+    ram = available_ram_gib()
+    if ram_gib is not None and ram < ram_gib:
+        short.append(f"needs {ram_gib:.1f} GiB of host RAM, {ram:.1f} GiB is available")
+    return "; ".join(short) or None
 
 
 def pick_dtype() -> torch.dtype:
@@ -153,14 +218,22 @@ def output_dir(name: str = "") -> Path:
 def check_checkpoint_access(checkpoint: str) -> None:
     """Before any download: a gated repo needs a token, and the download needs disk.
 
-    A local folder (the stand-ins, a saved model) passes. For a Hub id, raise ``PermissionError`` if
-    the repo is gated and no token is configured, ``OSError`` if the Hugging Face cache's disk is too
-    small for a download that is not cached yet.
+    A local folder (the stand-ins, a saved model) passes. For a Hub id, raise ``RuntimeError`` on a
+    machine without a GPU (a Colab CPU runtime: the real model would download 34 GB, then crawl),
+    ``PermissionError`` if the repo is gated and no token is configured, ``OSError`` if the Hugging
+    Face cache's disk is too small for a download that is not cached yet.
     """
     if Path(checkpoint).is_dir():
         return
     from huggingface_hub import constants, get_token, try_to_load_from_cache
 
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"No GPU in this runtime, so {checkpoint} would download tens of GB and then run for hours on the CPU. "
+            "On Colab: Runtime -> Change runtime type -> T4 GPU (if the free GPU quota is used up, try again later). "
+            "Or learn the steps without a GPU on the tiny offline stand-in: uncomment "
+            "os.environ[\"FLUXNB_CHECKPOINT\"] = \"tiny\" in the parameters cell and run the notebook again."
+        )
 
     if checkpoint.startswith(GATED_PREFIXES) and not (os.environ.get("HF_TOKEN") or get_token()):
         raise PermissionError(

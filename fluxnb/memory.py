@@ -6,7 +6,8 @@ Three views of GPU memory, because they answer different questions:
 * **reserved**: what PyTorch's caching allocator took from the driver (``max_memory_reserved``) --
   allocated plus cached blocks and fragmentation;
 * **device**: what the GPU itself has in use (``torch.cuda.mem_get_info``, sampled), which adds the
-  CUDA context (~0.3-0.5 GiB) and any other process. This is the number that must fit on an 8 GB card.
+  CUDA context (0.6-0.7 GiB measured on an H100) and any other process. This is the number that must
+  fit on an 8 GB card.
 
 Host RAM is sampled the same way: anonymous memory of this process (``RssAnon``: tensors and Python
 objects, not files the OS can drop), plus ``ru_maxrss``, the kernel's lifetime peak of the process.
@@ -27,6 +28,8 @@ from typing import Any
 
 import psutil
 import torch
+
+from fluxnb.envelopes import others_vram_bytes
 
 GIB = 1024**3
 
@@ -69,11 +72,15 @@ def max_rss_bytes() -> int:
 
 
 def device_used_bytes() -> int | None:
-    """Bytes in use on the current GPU as the device reports it (CUDA context included)."""
+    """Bytes in use on the current GPU as the device reports it (CUDA context included).
+
+    Inside an envelope (:mod:`fluxnb.envelopes`) the memory the runner holds to cap the card is not
+    counted: the number is what this notebook would use on the small card itself.
+    """
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     free, total = torch.cuda.mem_get_info()
-    return int(total - free)
+    return int(total - free) - others_vram_bytes()
 
 
 @dataclass

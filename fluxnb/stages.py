@@ -35,16 +35,40 @@ def execution_device() -> torch.device:
 # --- 01: encode the prompt with a 4-bit T5 ----------------------------------------------------
 
 
+def set_compute_dtype(model: Any, dtype: torch.dtype) -> Any:
+    """Make every 4-bit layer of ``model`` compute in ``dtype``; returns ``model``.
+
+    A model saved in 4 bits loads with the compute dtype it was saved with (the Hub's NF4 FLUX.1-dev:
+    fp16), whatever ``dtype`` ``from_pretrained`` gets: bitsandbytes would cast a bf16 GPU's
+    activations to fp16 (where they can overflow), or compute in bf16 on a T4, which has none.
+    """
+    import bitsandbytes as bnb
+
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.compute_dtype = dtype
+    return model
+
+
 #@save
-def load_text_encoders_4bit(checkpoint: str, dtype: torch.dtype) -> Any:
-    """A FluxPipeline holding only CLIP (half precision) and T5-XXL in NF4: enough to encode prompts."""
+def load_text_encoders_4bit(checkpoint: str, dtype: torch.dtype, prequantized: str | None = None) -> Any:
+    """A FluxPipeline holding only CLIP (half precision) and T5-XXL in NF4: enough to encode prompts.
+
+    ``prequantized``: a folder or Hub repo whose ``text_encoder_2`` was saved in NF4 already (the
+    Hub's: 6.3 GB to download instead of 9.5); without it, T5 is quantized while loading from ``checkpoint``.
+    CLIP and the tokenizers always come from ``checkpoint``.
+    """
     from diffusers import FluxPipeline
     from transformers import BitsAndBytesConfig, CLIPTextModel, T5EncoderModel
 
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    text_encoder_2 = T5EncoderModel.from_pretrained(
-        checkpoint, subfolder="text_encoder_2", quantization_config=nf4, dtype=dtype
-    )  # bitsandbytes places it on the GPU while loading, 4 bits per weight
+    if prequantized:  # 4-bit on disk: loads as saved, no quantization config
+        text_encoder_2 = T5EncoderModel.from_pretrained(prequantized, subfolder="text_encoder_2", dtype=dtype)
+        set_compute_dtype(text_encoder_2, dtype)  # else it computes in the dtype it was saved with
+    else:
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        text_encoder_2 = T5EncoderModel.from_pretrained(
+            checkpoint, subfolder="text_encoder_2", quantization_config=nf4, dtype=dtype
+        )  # bitsandbytes places it on the GPU while loading, 4 bits per weight
     text_encoder = CLIPTextModel.from_pretrained(checkpoint, subfolder="text_encoder", dtype=dtype)
     return FluxPipeline.from_pretrained(
         checkpoint, text_encoder=text_encoder.to(execution_device()), text_encoder_2=text_encoder_2,
@@ -94,19 +118,20 @@ def load_embeddings(path: str | Path, device: torch.device | str | None = None) 
 
 
 def encode_and_save(checkpoint: str, prompt: str, dtype: torch.dtype, folder: str | Path,
-                    max_sequence_length: int = 512) -> Path:
+                    max_sequence_length: int = 512, prequantized: str | None = None) -> Path:
     """All of notebook 01 in one call: load the 4-bit encoders, encode, save, free. Returns the file.
 
-    If embeddings with the same settings were saved before (by notebook 01), nothing is loaded.
+    If embeddings with the same settings (``prequantized``, where T5 came from, included) were saved
+    before (by notebook 01), nothing is loaded.
     """
-    path = embeddings_path(folder, prompt=prompt, checkpoint=checkpoint,
-                           max_sequence_length=max_sequence_length, dtype=str(dtype))
+    settings = dict(prompt=prompt, checkpoint=checkpoint, max_sequence_length=max_sequence_length,
+                    dtype=str(dtype), prequantized=prequantized)
+    path = embeddings_path(folder, **settings)
     if path.exists():
         return path
-    pipe = load_text_encoders_4bit(checkpoint, dtype)
+    pipe = load_text_encoders_4bit(checkpoint, dtype, prequantized)
     embeds = encode_prompt(pipe, prompt, max_sequence_length)
-    path = save_embeddings(embeds, folder, prompt=prompt, checkpoint=checkpoint,
-                           max_sequence_length=max_sequence_length, dtype=str(dtype))
+    path = save_embeddings(embeds, folder, **settings)
     del pipe, embeds
     flush()
     return path
@@ -116,17 +141,20 @@ def encode_and_save(checkpoint: str, prompt: str, dtype: torch.dtype, folder: st
 
 
 #@save
-def load_transformer_4bit(checkpoint: str, dtype: torch.dtype, quant_type: str = "nf4") -> Any:
+def load_transformer_4bit(checkpoint: str, dtype: torch.dtype, quant_type: str = "nf4",
+                          prequantized: str | None = None) -> Any:
     """FLUX's transformer with its Linear layers in 4 bits (NF4 by default), computing in ``dtype``.
 
-    ``checkpoint`` may be the original (bf16 weights, quantized while loading) or a folder written by
-    ``save_pretrained`` from a quantized model (already 4-bit: faster to load, a quarter of the disk).
+    Without ``prequantized``, the original bf16 weights of ``checkpoint`` are quantized while loading.
+    ``prequantized``: a folder or Hub repo whose ``transformer`` was saved in 4 bits already by
+    ``save_pretrained`` (about 6.7 GB to download instead of 23.8, no quantization pass); it loads as
+    saved, so ``checkpoint`` and ``quant_type`` are not used.
     """
     from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
 
-    quantized_on_disk = (Path(checkpoint) / "config.json").is_file()
-    if quantized_on_disk:
-        return FluxTransformer2DModel.from_pretrained(checkpoint, dtype=dtype)
+    if prequantized:  # 4-bit on disk: loads as saved, no quantization config
+        transformer = FluxTransformer2DModel.from_pretrained(prequantized, subfolder="transformer", dtype=dtype)
+        return set_compute_dtype(transformer, dtype)  # else it computes in the dtype it was saved with
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=dtype)
     return FluxTransformer2DModel.from_pretrained(
         checkpoint, subfolder="transformer", quantization_config=config, dtype=dtype
@@ -170,9 +198,10 @@ def denoise(pipe: Any, embeds: dict[str, torch.Tensor], height: int, width: int,
     ).images
     if not torch.isfinite(latents).all():
         raise NonFiniteLatentsError(
-            f"The latents contain NaN/inf after {steps} steps in {pipe.transformer.dtype}. On GPUs without "
-            "bf16 (T4, V100) this is fp16 overflow: keep the 4-bit transformer but try fewer steps or "
-            "guidance to check, and see notebook 04's fp16 notes; on bf16 GPUs use dtype=torch.bfloat16."
+            f"The latents contain NaN/inf after {steps} steps in {pipe.transformer.dtype}. First check the "
+            "embeddings: made in fp16, T5 overflows, so on GPUs without bf16 (T4, V100) encode in float32 "
+            "(TEXT_DTYPE in the notebooks' parameters cell; notebook 03, 'fp16 on a T4', and diffusers' FLUX "
+            "docs, 'Running FP16 inference'). On a bf16 GPU compute in dtype=torch.bfloat16."
         )
     return latents
 
@@ -224,14 +253,13 @@ def load_pipeline_all_at_once(checkpoint: str, dtype: torch.dtype) -> Any:
 
 
 #@save
-def load_pipeline_4bit_offload(checkpoint: str, dtype: torch.dtype) -> Any:
-    """NF4 T5 and NF4 transformer in one pipeline with model CPU offload: each model visits the GPU in turn."""
-    from diffusers import FluxPipeline
+def load_transformer_offload(checkpoint: str, dtype: torch.dtype, prequantized: str | None = None) -> Any:
+    """The NF4 transformer and the VAE in one pipeline with model CPU offload, and no text encoders.
 
-    encoders = load_text_encoders_4bit(checkpoint, dtype)
-    pipe = FluxPipeline.from_pretrained(
-        checkpoint, text_encoder=encoders.text_encoder, text_encoder_2=encoders.text_encoder_2,
-        transformer=load_transformer_4bit(checkpoint, dtype), dtype=dtype,
-    )
+    Each model waits in host RAM and visits the GPU only while it runs. The prompt is encoded before,
+    by the staged 4-bit T5 (notebook 01): T5 offloaded in the same pipeline would wait in host RAM too.
+    """
+    transformer = load_transformer_4bit(checkpoint, dtype, prequantized=prequantized)
+    pipe = load_denoising_pipeline(checkpoint, transformer, dtype)
     pipe.enable_model_cpu_offload()
     return pipe

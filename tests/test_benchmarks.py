@@ -200,24 +200,3 @@ def test_a_timed_out_worker_log_is_text_and_names_its_stage(tmp_path, monkeypatc
     assert partial["error"] == "TIMEOUT after 5 s in stage 'warm-up 512x768'"
     cli.mark_killed(partial, -9, "no stage lines in this log")
     assert partial["error"] == "worker exited -9 in stage 'after denoise 1024x1024'"
-
-
-@pytest.mark.parametrize("result, total, fits, says", [
-    (dict(ok=True, peaks=dict(vram_device_gib=7.75)), 8.0, True, "0.25 GiB to spare. That is tight"),
-    (dict(ok=True, peaks=dict(vram_device_gib=8.26)), 15.0, True, "peak was 8.26 GiB"),
-    (dict(ok=False, error="OutOfMemoryError: CUDA out of memory", peaks={}), 6.0, False, "does NOT fit"),
-])
-def test_fit_verdict(result, total, fits, says):
-    ok, message = cli.fit_verdict(result, total)
-    assert ok is fits and says in message
-    assert ("tight" in message) is (fits and total - result["peaks"]["vram_device_gib"] < 0.5)
-
-
-def test_fit_measures_the_flow_as_the_notebooks_run_it():
-    """The dry run must use the notebooks' allocator setting: without it the 8 GiB flow measures 8.26 GiB."""
-    nb = json.loads((report.ROOT / "notebooks" / "04_memory_profiling.ipynb").read_text())
-    params = next("".join(c["source"]) for c in nb["cells"] if "PYTORCH_CUDA_ALLOC_CONF" in "".join(c["source"]))
-    recipe, env = cli.fit_plan(bf16=True)
-    assert recipe == "staged-nf4" and cli.fit_plan(bf16=False)[0] == "staged-nf4-fp16"
-    for key, value in env.items():
-        assert f'"{key}", "{value}"' in params

@@ -121,3 +121,184 @@ def test_an_explicit_choice_overrides_the_variable(monkeypatch):
     monkeypatch.setenv("FLUXNB_CHECKPOINT", "tiny")
     assert fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev", choice="/models/mine") == "/models/mine"
     assert fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev", choice="") == "black-forest-labs/FLUX.1-dev"
+
+
+# --- the streamed full-size build -----------------------------------------------------------------
+# MEDIUM: the full-size classes with few layers and small widths, cheap on a CPU. Its T5 vocabulary is
+# small so that every tensor fits the tiny shard budget used below (a larger one gets its own shard).
+MEDIUM_TRANSFORMER = dict(checkpoints.FULL_TRANSFORMER, num_layers=2, num_single_layers=2, attention_head_dim=64,
+                          num_attention_heads=2, joint_attention_dim=256, pooled_projection_dim=128,
+                          axes_dims_rope=(16, 24, 24))
+MEDIUM_T5 = dict(checkpoints.FULL_T5, vocab_size=1024, d_model=256, d_kv=64, d_ff=512, num_layers=2, num_heads=4)
+SHARD = 2**20  # 1 MiB: the medium models (2.5 and 3 MiB of weights once tied ones are dropped) need 3-4 shards
+
+
+def _medium(name, device):
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            if name == "transformer":
+                return FluxTransformer2DModel(**MEDIUM_TRANSFORMER)
+            return T5EncoderModel(T5Config(**MEDIUM_T5))
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    """The medium transformer and T5, each streamed twice (determinism) into folders of their own."""
+    root = tmp_path_factory.mktemp("streamed")
+    for name in ("transformer", "t5"):
+        for copy in ("a", "b"):
+            checkpoints.write_streamed(_medium(name, "meta"), root / copy / name, seed=3, max_shard_bytes=SHARD)
+    return root
+
+
+@pytest.mark.parametrize("name, weights", [("transformer", "diffusion_pytorch_model"), ("t5", "model")])
+def test_streamed_files_are_what_save_pretrained_writes(streamed, tmp_path, name, weights):
+    """Byte for byte: the same model, made whole with the streamed weights copied in, saved by its own
+    save_pretrained with the same shard size, gives the same config, index and shards."""
+    from safetensors.torch import load_file
+
+    folder = streamed / "a" / name
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) >= 3 and shards[0] == f"{weights}-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((folder / f"{weights}.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    whole = _medium(name, "cpu")
+    with torch.no_grad():
+        for shard in shards:
+            for key, value in load_file(folder / shard).items():
+                whole.get_parameter(key).copy_(value)
+    whole.save_pretrained(tmp_path / name, max_shard_size=SHARD)
+    assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(p.name for p in folder.iterdir())
+    assert _digest(tmp_path / name) == _digest(folder)
+
+
+def test_streaming_is_deterministic(streamed, tmp_path):
+    for name in ("transformer", "t5"):
+        assert _digest(streamed / "a" / name) == _digest(streamed / "b" / name)
+    checkpoints.write_streamed(_medium("t5", "meta"), tmp_path / "t5", seed=4, max_shard_bytes=SHARD)
+    assert _digest(tmp_path / "t5") != _digest(streamed / "a" / "t5")  # the seed matters
+
+
+def test_streamed_models_load_with_plain_from_pretrained_and_run(streamed):
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5EncoderModel
+
+    transformer, info = FluxTransformer2DModel.from_pretrained(
+        streamed / "a" / "transformer", torch_dtype=torch.bfloat16, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    t5, info = T5EncoderModel.from_pretrained(streamed / "a" / "t5", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert t5.dtype == torch.bfloat16  # from its config's dtype, as save_pretrained writes it
+    for model, name in ((transformer, "transformer"), (t5, "t5")):
+        reference = _medium(name, "meta")
+        assert {k: (v.shape, v.dtype) for k, v in model.state_dict().items()} == \
+            {k: (v.shape, v.dtype) for k, v in reference.state_dict().items()}
+        for key, value in model.state_dict().items():
+            rule = checkpoints.init_rule(model, key)
+            if rule == "normal":
+                assert 0.015 < value.float().std().item() < 0.025 and abs(value.float().mean().item()) < 0.005, key
+            else:
+                assert torch.equal(value, torch.full_like(value, 1.0 if rule == "ones" else 0.0)), key
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight  # the tied embedding came back tied
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.no_grad():
+            out = transformer.to(dtype)(
+                hidden_states=torch.randn(1, 16, 64, generator=generator).to(dtype),
+                encoder_hidden_states=torch.randn(1, 8, 256, generator=generator).to(dtype),
+                pooled_projections=torch.randn(1, 128, generator=generator).to(dtype),
+                timestep=torch.tensor([0.5], dtype=dtype), guidance=torch.tensor([3.5], dtype=dtype),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)[0]
+            hidden = t5.to(dtype)(input_ids=torch.randint(0, 1024, (1, 12), generator=generator)).last_hidden_state
+        for tensor in (out, hidden):
+            assert torch.isfinite(tensor).all() and tensor.float().std() > 0, dtype
+
+
+def test_streaming_holds_one_shard_at_a_time(monkeypatch, tmp_path):
+    """The weights that exist at once never exceed the shard budget, for a model several budgets large."""
+    import weakref
+
+    live, peak, made = [0], [0], [0]
+    real = checkpoints.random_tensor
+
+    def counted(*args, **kwargs):
+        tensor = real(*args, **kwargs)
+        size = tensor.numel() * tensor.element_size()
+        live[0] += size
+        made[0] += size
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(tensor, lambda: live.__setitem__(0, live[0] - size))
+        return tensor
+
+    monkeypatch.setattr(checkpoints, "random_tensor", counted)
+    checkpoints.write_streamed(_medium("transformer", "meta"), tmp_path / "transformer", seed=0, max_shard_bytes=SHARD)
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "transformer").glob("*.safetensors"))
+    assert made[0] >= 2 * SHARD and on_disk >= made[0]
+    assert 0 < peak[0] <= SHARD and live[0] == 0
+
+
+def test_full_size_streams_in_bounded_shards_with_a_rule_for_every_weight():
+    """The real shapes, on the meta device: every weight has an initialisation rule and the shard plan
+    keeps the most bytes held at once (one shard) at SHARD_BYTES, about 2 GB."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    for name, shards in (("transformer", 13), ("text_encoder_2", 5)):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("meta"):
+                model = checkpoints._make_part(name, "dev", tiny=False)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        state = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}  # T5's tied one
+        rules = {checkpoints.init_rule(model, key) for key in state}
+        assert rules == ({"normal", "zeros", "ones"} if name == "transformer" else {"normal", "ones"})
+        split = split_torch_state_dict_into_shards(state, max_shard_size=checkpoints.SHARD_BYTES)
+        sizes = [sum(state[k].numel() * 2 for k in keys) for keys in split.filename_to_tensors.values()]
+        assert len(sizes) == shards and max(sizes) <= checkpoints.SHARD_BYTES <= 2 * 10**9
+
+
+def test_the_full_size_build_streams_the_big_parts(monkeypatch, fresh_cache):
+    """build_random's wiring, without its 34 GB: the transformer and T5 reach write_streamed on the meta
+    device with their own seeds, the small parts are saved whole, the stand-in is complete."""
+    streamed_parts = {}
+
+    def record(model, folder, seed, device="cpu", max_shard_bytes=checkpoints.SHARD_BYTES):
+        assert all(p.device.type == "meta" for p in model.parameters()) and model.dtype == torch.bfloat16
+        streamed_parts[folder.name] = (type(model).__name__, seed, device)
+        folder.mkdir(parents=True)
+
+    monkeypatch.setattr(checkpoints, "write_streamed", record)
+    monkeypatch.setattr(checkpoints, "check_free_disk", lambda path, need_gb, what: None)
+    path = fluxnb.build_random("schnell", device="cpu")
+    assert path == checkpoints.stand_in_dir("random", "schnell") == fresh_cache / "random-flux.1-schnell"
+    assert streamed_parts == {"text_encoder_2": ("T5EncoderModel", 4, "cpu"),
+                              "transformer": ("FluxTransformer2DModel", 6, "cpu")}
+    assert (path / "text_encoder" / "model.safetensors").is_file() and (path / "vae" / "config.json").is_file()
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    assert index["text_encoder_2"] == ["transformers", "T5EncoderModel"]
+    assert fluxnb.is_stand_in(path) == "random"
+
+
+def test_streaming_refuses_what_it_cannot_initialise(tmp_path):
+    class WithBuffer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.register_buffer("table", torch.arange(4.0))
+
+    with torch.device("meta"):
+        model = WithBuffer()
+    with pytest.raises(NotImplementedError, match="persistent buffers"):
+        checkpoints.write_streamed(model, tmp_path / "m", seed=0)
+    model.proj.scale = torch.nn.Parameter(torch.ones(4, device="meta"))
+    with pytest.raises(ValueError, match="no initialisation rule for 'proj.scale'"):
+        checkpoints.init_rule(model, "proj.scale")

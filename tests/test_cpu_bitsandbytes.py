@@ -69,8 +69,8 @@ def test_int8_on_cpu(tiny, unpatched):
 def test_prequantized_nf4_reloads_on_cpu(tiny, unpatched, tmp_path):
     allow_bitsandbytes_on_cpu()
     first = fluxnb.load_transformer_4bit(tiny, torch.float32)
-    first.save_pretrained(tmp_path / "nf4")
-    again = fluxnb.load_transformer_4bit(str(tmp_path / "nf4"), torch.float32)
+    first.save_pretrained(tmp_path / "nf4" / "transformer")  # the layout of a pre-quantized repository
+    again = fluxnb.load_transformer_4bit(tiny, torch.float32, prequantized=str(tmp_path / "nf4"))
     assert isinstance(again.transformer_blocks[0].ff.net[2], bnb.nn.Linear4bit)
     assert torch.equal(_tiny_forward(first), _tiny_forward(again))
 

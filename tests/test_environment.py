@@ -46,14 +46,27 @@ def test_too_little_disk_is_caught_before_a_download(monkeypatch, tmp_path):
         fluxnb.check_free_disk(tmp_path / "not" / "yet", 34, what="Downloading X")
 
 
-def test_gated_model_without_token_is_refused(monkeypatch):
+@pytest.fixture
+def gpu(monkeypatch):
+    """The Hub checks below are about a GPU machine: a CPU-only one stops before them."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+def test_a_cpu_runtime_stops_before_the_real_model_with_what_to_do(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_not_a_real_token")
+    with pytest.raises(RuntimeError, match="No GPU in this runtime.*Change runtime type -> T4 GPU.*FLUXNB_CHECKPOINT"):
+        fluxnb.check_checkpoint_access("black-forest-labs/FLUX.1-schnell")
+
+
+def test_gated_model_without_token_is_refused(monkeypatch, gpu):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     with pytest.raises(PermissionError, match="is gated: accept its licence.*HF_TOKEN.*FLUX.1-schnell"):
         fluxnb.check_checkpoint_access("black-forest-labs/FLUX.1-dev")
 
 
-def test_open_model_needs_no_token_but_needs_disk(monkeypatch):
+def test_open_model_needs_no_token_but_needs_disk(monkeypatch, gpu):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(100e9, 95e9, 5e9))
@@ -61,7 +74,7 @@ def test_open_model_needs_no_token_but_needs_disk(monkeypatch):
         fluxnb.check_checkpoint_access("black-forest-labs/FLUX.1-schnell")
 
 
-def test_gated_model_with_token_and_disk_passes(monkeypatch):
+def test_gated_model_with_token_and_disk_passes(monkeypatch, gpu):
     monkeypatch.setenv("HF_TOKEN", "hf_test_not_a_real_token")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(500e9, 100e9, 400e9))
     fluxnb.check_checkpoint_access("black-forest-labs/FLUX.1-dev")

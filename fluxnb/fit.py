@@ -1,0 +1,379 @@
+"""Will the course fit this GPU? A dry run of its staged flow, before the 34 GB download.
+
+    python -m fluxnb.fit                                   # FLUX.1-dev's real shapes on this GPU
+    python -m fluxnb.fit --height 768 --width 768          # another image size
+    python -m fluxnb.fit --checkpoint tiny --height 64 --width 64 --steps 2   # the mechanics, on a CPU
+
+It runs the course's staged flow as the notebooks run it (the functions of :mod:`fluxnb.stages`, the
+dtype of :func:`fluxnb.pick_dtype` -- fp16 on a GPU without bf16, such as a T4, with the text encoders
+in fp32 there, as notebook 01 explains -- and the notebooks' ``PYTORCH_CUDA_ALLOC_CONF=
+expandable_segments:True``). It quantizes T5 and the transformer while loading them from the
+stand-in, where the notebooks load a pre-quantized copy of the same NF4 weights (no 10 GB export
+needed for a dry run). One
+:class:`fluxnb.MemoryTracker` stage per step: encode with the NF4 T5 and free it, load the NF4
+transformer and the VAE, denoise, free the transformer, decode.
+
+The default checkpoint, ``random-dev``, has FLUX.1-dev's shapes and random weights. Memory and speed
+depend on shapes, not on values, so the verdict holds for the real model (its images are noise). It
+is built once, on first use (:func:`fluxnb.build_random`: ~34 GB of disk, about a minute on a big GPU).
+
+The flow runs in a child process: an out-of-memory kill or a CUDA crash is then reported instead of
+ending the dry run, and the measured process holds nothing but the flow. This process never touches
+the GPU, because its CUDA context would be counted in the device-level peak. The child saves what it
+has measured at every stage boundary, so a killed child still leaves its finished stages.
+
+Exit code: 0 it fits (on a CPU: the mechanics work), 1 it does not fit or the run failed, 2 it cannot
+run here (no GPU, no disk to build the stand-in, a size FLUX cannot make).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluxnb.checkpoints import build_random, cache_dir, is_stand_in, resolve_checkpoint, stand_in_dir
+from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
+from fluxnb.environment import check_generation_request, machine_info, pick_dtype
+from fluxnb.memory import MemoryTracker, StepTimer, flush, records_to_markdown
+from fluxnb.stages import (
+    decode,
+    denoise,
+    encode_prompt,
+    load_denoising_pipeline,
+    load_text_encoders_4bit,
+    load_transformer_4bit,
+)
+
+MODEL_ID = "black-forest-labs/FLUX.1-dev"
+PROMPT, GUIDANCE, SEED = "A cat holding a sign that says hello world", 3.5, 0  # notebook 04's parameters
+NOTEBOOK_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # every notebook's parameters cell
+TIGHT_GIB = 0.5  # less to spare than this: another program opening on the GPU could push the flow over
+PEAK_FIELDS = ("vram_device_gib", "vram_reserved_gib", "vram_allocated_gib", "ram_anon_gib")
+NO_GPU = ("No GPU here: the dry run measures a GPU. `--checkpoint tiny` runs the same path on the CPU to "
+          "check the mechanics (it measures no VRAM).")
+
+
+# --- the child: run the flow, measure, save ------------------------------------------------------
+
+
+def run_flow(checkpoint: str, height: int, width: int, steps: int, json_path: Path) -> dict[str, Any]:
+    """The child's work: the staged flow as notebook 04 runs it, one tracker stage per step.
+
+    The result is saved to ``json_path`` when each stage starts and ends, so a killed process still
+    leaves the stages it finished and the one it was in (``stage_in_progress``). An exception is
+    recorded with its stage and its traceback printed: the parent reports it, nothing is swallowed.
+    """
+    dtype = pick_dtype()
+    text_dtype = torch.float32 if dtype == torch.float16 else dtype  # the notebooks' TEXT_DTYPE (notebook 01)
+    allow_bitsandbytes_on_cpu()  # as every notebook's parameters cell: a no-op on a GPU
+    machine = machine_info()
+    result: dict[str, Any] = dict(
+        ok=False, error=None, error_type=None, failed_stage=None, stage_in_progress="start-up",
+        checkpoint=checkpoint, stand_in=is_stand_in(checkpoint), height=height, width=width, steps=steps,
+        compute_dtype=str(dtype), text_encoder_dtype=str(text_dtype), gpu=machine.gpu_name, vram_total_gib=machine.vram_gib,
+        allocator_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), stages=[], peaks={},
+        s_per_step=None, step_s=[],
+    )
+    tracker = MemoryTracker()
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        print(f"STAGE {name}", flush=True)
+        result["stage_in_progress"] = name
+        _save(json_path, result)
+        with tracker.stage(name):
+            yield
+        _record(result, tracker)
+        _save(json_path, result)
+
+    _save(json_path, result)
+    try:
+        with stage("encode (NF4 T5 + CLIP)"):
+            pipe = load_text_encoders_4bit(checkpoint, text_dtype)
+            embeds = {k: v.detach() for k, v in encode_prompt(pipe, PROMPT).items()}
+            del pipe
+            flush()
+        with stage("load NF4 transformer + VAE"):
+            pipe = load_denoising_pipeline(checkpoint, load_transformer_4bit(checkpoint, dtype), dtype)
+        timer = StepTimer()
+        with stage(f"denoise {height}x{width}"):
+            latents = denoise(pipe, embeds, height, width, steps, GUIDANCE, SEED, step_timer=timer)
+        result.update(s_per_step=round(timer.seconds_per_step, 4), step_s=[round(s, 4) for s in timer.step_seconds])
+        with stage("free transformer (keep VAE)"):
+            vae = pipe.vae
+            del pipe
+            flush()
+        with stage("decode (VAE)"):
+            image = decode(vae, latents, height, width)
+        result.update(ok=True, stage_in_progress=None, image_size=list(image.size))
+    except Exception as err:  # recorded with its stage, reported by the parent and the exit code
+        result.update(error=f"{type(err).__name__}: {err}"[:2000], error_type=type(err).__name__,
+                      failed_stage=result["stage_in_progress"])
+        traceback.print_exc()
+    _record(result, tracker)
+    _save(json_path, result)
+    return result
+
+
+def _record(result: dict[str, Any], tracker: MemoryTracker) -> None:
+    """Copy the tracker's stages (a failed stage's record included) and their peaks into ``result``."""
+    result["stages"] = [r.as_dict() for r in tracker.records]
+    result["peaks"] = {f: max((s[f] for s in result["stages"] if s.get(f) is not None), default=None)
+                       for f in PEAK_FIELDS}
+
+
+def _save(path: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` whole or not at all: a process killed mid-write must not leave half a JSON file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+# --- the random stand-in, built in a process of its own ------------------------------------------
+
+
+def build_device() -> str:
+    """Where :func:`fluxnb.build_random` makes its random numbers: the GPU if there is one, else the CPU.
+    Either way it streams the weights to disk a shard at a time (about 2 GB of memory), so any GPU or
+    host RAM will do, a free Colab T4 with its 12.7 GB VM included."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_stand_in(choice: str) -> int:
+    """The ``--build`` child: build ``random-dev``/``random-schnell`` and print its folder (exit 0),
+    or say why it cannot be built here (exit 2). Its CUDA context ends with it, not in the dry run."""
+    variant = choice.removeprefix("random-")
+    device = build_device()
+    print(f"Building on the {device.upper()}.", file=sys.stderr, flush=True)
+    try:
+        folder = build_random(variant, device=device)
+    except OSError as err:  # check_free_disk's "needs about 36 GB of disk ...", or the disk filled up
+        print(f"Could not build {choice}: {err}", file=sys.stderr)
+        return 2
+    print(folder)
+    return 0
+
+
+def prepare_checkpoint(choice: str) -> str | None:
+    """The folder the child loads for ``--checkpoint``; None (after saying why) if it cannot be built.
+
+    ``tiny`` is built here (CPU only, a second). ``random-*`` is built by a child process, because
+    building on the GPU would leave a CUDA context in this process, counted in every later peak.
+    Anything else is used as given.
+    """
+    if choice not in ("random-dev", "random-schnell"):
+        return resolve_checkpoint(MODEL_ID, choice=choice)
+    folder = stand_in_dir("random", choice.removeprefix("random-"))
+    if is_stand_in(folder) == "random":
+        return str(folder)
+    print(f"Building the {choice} stand-in once (FLUX.1's real shapes, random weights): ~34 GB of disk in "
+          f"{cache_dir()} (FLUXNB_CACHE), about a minute on a big GPU, longer on the CPU. Later runs reuse it.",
+          flush=True)
+    proc = subprocess.run([sys.executable, "-m", "fluxnb.fit", "--build", "--checkpoint", choice],
+                          stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        how = f"was killed by {signal_name(proc.returncode)}" if proc.returncode < 0 else "stopped"
+        print(f"The {choice} build {how}; nothing was measured. The reason is above.", file=sys.stderr)
+        return None
+    return proc.stdout.strip().splitlines()[-1]
+
+
+# --- the parent: run the child, judge ------------------------------------------------------------
+
+
+def child_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The child's environment: ``environ`` plus the allocator setting the notebooks make with
+    ``os.environ.setdefault`` -- so, as in the notebooks, a value the user set wins."""
+    return {**NOTEBOOK_ENV, **environ}
+
+
+def child_command(worker_args: list[str]) -> list[str]:
+    """The command line of the measured child (the tests replace it with one that dies)."""
+    return [sys.executable, "-m", "fluxnb.fit", "--worker", *worker_args]
+
+
+def signal_name(returncode: int) -> str:
+    """``-9`` -> ``"SIGKILL"``: the signal that ended a child, from subprocess's negative return code."""
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:  # a real-time signal has no name in the enum
+        return f"signal {-returncode}"
+
+
+def run_child(checkpoint: str, height: int, width: int, steps: int, timeout_s: int, out: Path) -> dict[str, Any]:
+    """Run the flow in a child process and return its result, completed with how the child ended.
+
+    The child's output goes straight to ours (its ``STAGE`` lines show progress). After ``timeout_s``
+    the child is killed: the dry run never hangs.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)  # an old result must never pass for this run's
+    cmd = child_command(["--checkpoint", checkpoint, "--height", str(height), "--width", str(width),
+                         "--steps", str(steps), "--json", str(out)])
+    try:
+        code: int | None = subprocess.run(cmd, env=child_env(os.environ), timeout=timeout_s, check=False).returncode
+    except subprocess.TimeoutExpired:  # subprocess.run has killed the child already
+        code = None
+    result = json.loads(out.read_text()) if out.is_file() else dict(
+        ok=False, error=None, failed_stage=None, stage_in_progress="start-up", stages=[], peaks={})
+    stage = result.get("stage_in_progress") or "start-up"
+    if code is None:
+        result.update(ok=False, failed_stage=stage, timed_out_s=timeout_s,
+                      error=f"timed out after {timeout_s} s in stage '{stage}'")
+    elif code < 0:
+        name = signal_name(code)
+        result.update(ok=False, failed_stage=stage, signal=name, error=f"killed by {name} in stage '{stage}'")
+    elif (code != 0 or not result.get("ok")) and not result.get("error"):
+        result.update(ok=False, failed_stage=stage,
+                      error=f"its process exited with code {code} in stage '{stage}' without recording an error")
+    _save(out, result)
+    return result
+
+
+def _is_vram_oom(result: dict[str, Any]) -> bool:
+    error = result.get("error") or ""
+    return "OutOfMemoryError" in error or "out of memory" in error.lower()
+
+
+def _next_step(result: dict[str, Any]) -> str:
+    """What to do about a run that did not finish, by how it ended."""
+    if result.get("signal") == "SIGKILL":
+        return ("SIGKILL is what the kernel's out-of-memory killer sends: probably host RAM ran out. The course "
+                "does NOT fit this machine's RAM as it is: close other programs, or use a machine with more RAM "
+                "(the RAM columns show what each finished stage used).")
+    if result.get("signal"):
+        return (f"{result['signal']} is a crash (CUDA, driver or a library), not a measurement: the output above "
+                "shows where. Update the GPU driver or the libraries and run again.")
+    if result.get("timed_out_s"):
+        return "Loading from a slow disk can take long: run again with a larger --timeout."
+    if _is_vram_oom(result):
+        return ("It does NOT fit as it is; notebook 04 compares recipes that need less VRAM "
+                "(a smaller --height/--width needs less too).")
+    return "That is not a memory verdict: the error and the output above say what went wrong; fix it and run again."
+
+
+def fit_verdict(result: dict[str, Any], total_gib: float | None, tight_gib: float = TIGHT_GIB) -> tuple[bool, str]:
+    """Did the flow fit the GPU it ran on, and with how much to spare? ``total_gib`` None: no GPU.
+
+    The dry run runs on the user's own GPU, so finishing is the proof that it fits; the device-level
+    peak (CUDA context and other processes, such as a desktop, included) says by how much. Less than
+    ``tight_gib`` to spare is flagged: another program opening on the GPU could push it over. On a
+    CPU, or with the tiny stand-in, only the mechanics were checked, and the message says so.
+    """
+    where = f"this {total_gib:.2f} GiB GPU" if total_gib is not None else "this machine"
+    if not result.get("ok"):
+        return False, (f"The course's staged NF4 flow did not finish on {where}: {result.get('error')}. "
+                       + _next_step(result))
+    if total_gib is None:
+        return True, ("The course's staged flow ran end to end on the CPU: this checked the mechanics only and "
+                      "measured no VRAM. On a GPU, `python -m fluxnb.fit` (random-dev: FLUX.1-dev's real shapes) "
+                      "says whether the course fits it.")
+    if result.get("stand_in") == "tiny":
+        return True, (f"The course's staged flow ran end to end on {where} with the tiny stand-in: this checked the "
+                      "mechanics only, and its VRAM says nothing about FLUX.1-dev. Run `python -m fluxnb.fit` "
+                      "(random-dev) for the verdict.")
+    peak = result.get("peaks", {}).get("vram_device_gib") or 0.0
+    spare = total_gib - peak
+    message = (f"The course's staged NF4 flow fits: its peak was {peak:.2f} GiB of VRAM (CUDA context and other "
+               f"processes included) on this {total_gib:.2f} GiB GPU, {spare:.2f} GiB to spare.")
+    if spare < tight_gib:
+        message += " That is tight: close other programs that use the GPU before you run the course."
+    else:
+        message += " Next: notebook 00 checks your token and disk for the real download."
+    return True, message
+
+
+def report(result: dict[str, Any], verdict: str) -> str:
+    """What the dry run prints at the end: the per-stage table, s/step, the machine, the verdict."""
+    lines = [""]
+    if result.get("stages"):
+        lines += [records_to_markdown(result["stages"]), ""]
+    if result.get("s_per_step") is not None:
+        steps = result["steps"]
+        which = ("one step, one-off costs included" if steps == 1 else
+                 f"{'step 2' if steps == 2 else f'median of steps 2-{steps}'}: the first carries one-off costs")
+        lines.append(f"{result['height']}x{result['width']}: {result['s_per_step']:.3f} s/step ({which})")
+    if result.get("gpu"):
+        lines.append(f"GPU: {result['gpu']}, {result['vram_total_gib']:.2f} GiB, computing in {result['compute_dtype']}, "
+                     f"PYTORCH_CUDA_ALLOC_CONF={result['allocator_conf'] or '(unset)'}")
+    elif result.get("compute_dtype"):
+        lines.append(f"CPU only, computing in {result['compute_dtype']}: no VRAM was measured.")
+    lines += ["", verdict]
+    return "\n".join(lines)
+
+
+def dry_run(checkpoint_choice: str, height: int, width: int, steps: int, timeout_s: int,
+            json_path: Path | None) -> int:
+    """Check what can be checked here, build the stand-in if needed, run the child, print the verdict."""
+    is_tiny = checkpoint_choice == "tiny" or is_stand_in(checkpoint_choice) == "tiny"
+    if not torch.cuda.is_available() and not is_tiny:  # this process must not start CUDA: only ask
+        print(NO_GPU, file=sys.stderr)
+        return 2
+    checkpoint = prepare_checkpoint(checkpoint_choice)
+    if checkpoint is None:
+        return 2
+    print(f"Dry run: the course's staged NF4 flow at {height}x{width}, {steps} steps, on {checkpoint} "
+          f"(in a child process, at most {timeout_s} s).", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fluxnb-fit-") as tmp:
+        out = json_path or Path(tmp) / "fit.json"
+        result = run_child(checkpoint, height, width, steps, timeout_s, out)
+        fits, verdict = fit_verdict(result, result.get("vram_total_gib"))
+        result.update(fits=fits, verdict=verdict)
+        _save(out, result)
+    print(report(result, verdict) + (f"\nDetails: {json_path}" if json_path else ""), flush=True)
+    return 0 if fits else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fluxnb.fit", description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="random-dev",
+                        help="random-dev (default: FLUX.1-dev's real shapes, random weights; built once, ~34 GB of "
+                             "disk), random-schnell, tiny (checks the mechanics, on a CPU too), or a FLUX.1 "
+                             "pipeline folder")
+    parser.add_argument("--height", type=int, default=1024, help="image height, a multiple of 16 (default 1024)")
+    parser.add_argument("--width", type=int, default=1024, help="image width, a multiple of 16 (default 1024)")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="denoising steps (default 4); memory does not grow with steps, s/step is their median")
+    parser.add_argument("--timeout", type=int, default=900,
+                        help="seconds the measured run may take before it is stopped (default 900); building "
+                             "random-dev the first time is not counted")
+    parser.add_argument("--json", type=Path, help="also write the full result (every stage, peaks, verdict) here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the measured child
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)  # the stand-in's builder
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.build:
+        return build_stand_in(ns.checkpoint)
+    if ns.worker:
+        if ns.json is None:
+            parser.error("--worker needs --json")
+        return 0 if run_flow(ns.checkpoint, ns.height, ns.width, ns.steps, ns.json)["ok"] else 1
+    try:
+        check_generation_request(ns.height, ns.width, ns.steps)  # a second here, not after loading 34 GB
+    except ValueError as err:
+        parser.error(str(err))
+    if ns.timeout < 1:
+        parser.error(f"--timeout={ns.timeout} must be at least 1 second")
+    return dry_run(ns.checkpoint, ns.height, ns.width, ns.steps, ns.timeout, ns.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

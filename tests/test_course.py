@@ -1,0 +1,181 @@
+"""The course runner on a CPU: a dead kernel ends its notebook within seconds, SIGTERM stops the run and
+its kernels, a failing cell is named, and the envelope's pieces (cgroup, kernel launcher, what the
+kernels see) do what they say. The real envelope needs a GPU and root: it ran on the GPU machine."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+import fluxnb
+from fluxnb import course, envelopes, environment, kernel, memory
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _notebook(path: Path, *sources: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    nbformat.write(nb, path)
+    return path
+
+
+def _runner(out: Path, *notebooks: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fluxnb.course", str(out), *map(str, notebooks)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_a_kernel_that_dies_ends_its_notebook_within_seconds_and_the_run_fails(tmp_path):
+    dies = _notebook(tmp_path / "01_dies.ipynb", "print('before')",
+                     "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "print('never')")
+    fine = _notebook(tmp_path / "02_fine.ipynb", "print('still runs')")
+    start = time.perf_counter()
+    proc = _runner(tmp_path / "out", dies, fine)
+    output, _ = proc.communicate(timeout=60)
+    assert time.perf_counter() - start < 30, output
+    assert proc.returncode == 1, output
+    assert "01_dies.ipynb: FAILED in cell 1" in output and "kernel died: killed by SIGKILL" in output
+    results = json.loads((tmp_path / "out" / course.RESULTS_NAME).read_text())
+    first, second = results["notebooks"]
+    assert first["passed"] is False and first["failed_cell"] == 1 and first["cause"] == "kernel died: killed by SIGKILL"
+    assert second["passed"] is True  # each notebook stands alone: one death does not hide the rest
+    kept = nbformat.read(tmp_path / "out" / "01_dies.ipynb", as_version=4)  # the partly executed copy
+    assert kept.cells[0].outputs[0]["text"] == "before\n" and kept.cells[2].outputs == []
+
+
+def test_sigterm_stops_the_run_and_kills_its_kernel_and_the_kernels_children(tmp_path):
+    pids = tmp_path / "pids"
+    sleeps = _notebook(tmp_path / "01_sleeps.ipynb",
+                       "import os, subprocess, time\n"
+                       "child = subprocess.Popen(['sleep', '300'])\n"
+                       f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+                       "time.sleep(300)")
+    never = _notebook(tmp_path / "02_never.ipynb", "print('must not run')")
+    proc = _runner(tmp_path / "out", sleeps, never)
+    deadline = time.time() + 60
+    while not (pids.exists() and pids.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert pids.exists(), "the notebook never started"
+    start = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)
+    assert time.perf_counter() - start < 10, output
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM" in output and "02_never" not in output
+    time.sleep(0.5)
+    for pid in map(int, pids.read_text().split()):
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
+
+
+def test_a_failing_cell_is_named_with_its_error(tmp_path):
+    bad = _notebook(tmp_path / "01_bad.ipynb", "x = 1", "1 / 0")
+    results = course.run_course(tmp_path / "out", [bad], timeout_s=60, command="test")
+    (row,) = results["notebooks"]
+    assert results["passed"] is False and row["failed_cell"] == 1 and row["failed_source"] == "1 / 0"
+    assert row["cause"].startswith("ZeroDivisionError")
+    table = course.results_markdown(results)
+    assert "| 01_bad.ipynb | **FAIL** in cell 1: ZeroDivisionError" in table and "no envelope" in table
+
+
+def test_the_envelope_needs_a_gpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path")
+    assert course.main([str(tmp_path), "--envelope", "colab-t4"]) == 2
+    assert "run it on a machine with a GPU" in capsys.readouterr().err
+
+
+def test_ram_cgroup_is_made_with_memory_max_and_no_swap(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    (tmp_path / "cgroup.controllers").write_text("cpu io memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("cpu\n")
+    group = course.RamCgroup.create("fluxnb-colab-t4-03", 12.0, root=tmp_path)
+    assert group is not None and (tmp_path / "cgroup.subtree_control").read_text() == "+memory"
+    assert int((group.path / "memory.max").read_text()) == 12 * 2**30
+    (group.path / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    (group.path / "memory.peak").write_text(str(12 * 2**30))
+    assert group.oom_kills() == 1 and group.peak_gib() == 12.0
+    state = course._Execution()
+    assert course._cause(state, -9, 1, group) == "kernel died: killed by SIGKILL (cgroup oom_kill=1: host RAM over 12 GiB)"
+
+
+def test_no_cgroup_without_root_or_memory_controller(tmp_path, monkeypatch):
+    (tmp_path / "cgroup.controllers").write_text("cpu pids\n")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert course.RamCgroup.create("x", 1.0, root=tmp_path) is None  # then the results say "RAM not enforced"
+    (tmp_path / "cgroup.controllers").write_text("memory\n")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert course.RamCgroup.create("x", 1.0, root=tmp_path) is None
+
+
+def test_the_kernel_joins_its_cgroup_before_it_starts(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(os, "execv", lambda exe, args: started.append(args))
+    kernel.main(["--cgroup", str(tmp_path), "-f", "conn.json"])
+    assert (tmp_path / "cgroup.procs").read_text() == str(os.getpid())
+    assert started == [[sys.executable, "-m", "ipykernel_launcher", "-f", "conn.json"]]
+
+
+def test_kernels_in_the_colab_envelope_compute_in_fp16_and_see_the_t4s_vram(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fluxnb.pick_dtype() is torch.bfloat16  # an H100 on its own
+    monkeypatch.setenv(envelopes.ENV_VAR, "colab-t4")
+    assert fluxnb.pick_dtype() is torch.float16  # the same H100 rehearsing a T4
+    monkeypatch.setenv(envelopes.ENV_VAR, "8gb-card")
+    assert fluxnb.pick_dtype() is torch.bfloat16
+    monkeypatch.setenv(envelopes.ENV_VAR, "colab-k80")
+    with pytest.raises(ValueError, match="not an envelope fluxnb knows: use one of colab-t4, 8gb-card"):
+        fluxnb.pick_dtype()
+
+
+def test_machine_info_reports_the_envelopes_ram_and_vram(monkeypatch):
+    monkeypatch.setenv(envelopes.ENV_VAR, "colab-t4")
+    info = fluxnb.machine_info()
+    assert info.envelope == "colab-t4" and info.ram_gib <= 12.0 and info.bf16_supported is False
+
+
+def test_device_memory_of_the_envelopes_holder_is_not_counted(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
+    assert memory.device_used_bytes() == 70 * 2**30
+    monkeypatch.setenv(envelopes.OTHERS_VAR, str(65 * 2**30))
+    assert memory.device_used_bytes() == 5 * 2**30
+
+
+def test_missing_resources_names_what_is_short(monkeypatch):
+    monkeypatch.setattr(environment, "free_vram_gib", lambda: 3.0)
+    monkeypatch.setattr(environment, "available_ram_gib", lambda: 10.0)
+    assert environment.missing_resources(vram_gib=2.0, ram_gib=8.0) is None
+    assert environment.missing_resources(vram_gib=40.0) == "needs 40.0 GiB of free VRAM, this machine has 3.0 GiB free"
+    assert environment.missing_resources(ram_gib=11.0) == "needs 11.0 GiB of host RAM, 10.0 GiB is available"
+    monkeypatch.setattr(environment, "free_vram_gib", lambda: None)
+    assert "no GPU" in environment.missing_resources(vram_gib=1.0)
+
+
+def test_available_ram_follows_a_cgroup_limit(monkeypatch):
+    monkeypatch.setattr(environment, "_cgroup_ram_left_bytes", lambda: 2**30)
+    assert environment.available_ram_gib() == pytest.approx(1.0)
+    monkeypatch.setattr(environment, "_cgroup_ram_left_bytes", lambda: None)
+    assert environment.available_ram_gib() > 0
+
+
+def test_committed_course_runs_are_what_readme_and_notebook_04_show():
+    """The course tables are generated from fluxnb/results/course-*.json: regenerating changes nothing."""
+    from benchmarks import report
+
+    body = report.course_markdown().strip()
+    assert body.count("| notebook | result |") == len(list(envelopes.RESULTS.glob("course-*.json"))) >= 2
+    assert body in (ROOT / "README.md").read_text()
+    nb = json.loads((ROOT / "notebooks" / "04_memory_profiling.ipynb").read_text())
+    assert any(body in "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    for name in ("colab-t4", "8gb-card"):
+        run = fluxnb.committed_run(name)
+        assert run["envelope"]["name"] == name and run["ram_enforced"] is True and run["provenance"]["gpu"]
