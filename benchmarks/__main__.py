@@ -17,12 +17,10 @@ and the command that made them.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,9 +32,8 @@ import torch
 import fluxnb
 from benchmarks import report, worker
 from benchmarks.recipes import DEFAULT_SIZES, RECIPES
+from fluxnb import course
 from fluxnb.course import RamCgroup
-from fluxnb.environment import library_versions
-from fluxnb.memory import GIB
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ENVELOPES = {  # name: (VRAM GiB incl. CUDA context, host RAM GiB, compute dtype, extra environment)
@@ -56,19 +53,10 @@ def gpu_slug() -> str:
 
 
 def provenance(checkpoint: str, command: str) -> dict[str, Any]:
-    driver = "-"
-    if torch.cuda.is_available() and shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=False)
-        driver = out.stdout.strip() or "-"
-    return dict(
-        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only",
-        driver=driver, cuda=torch.version.cuda, libraries=library_versions(), python=sys.version.split()[0],
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=command,
-        checkpoint=checkpoint, stand_in=fluxnb.is_stand_in(checkpoint),
-        allocator_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-    )
+    """The course runner's provenance (GPU, driver, versions, date, command), plus what a recipe ran on."""
+    p = course.provenance(command)
+    return dict(p, gpu=p["gpu"] or "CPU only", driver=p["driver"] or "-", checkpoint=checkpoint,
+                stand_in=fluxnb.is_stand_in(checkpoint), allocator_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
 
 
 def load_results(path: Path) -> dict[str, Any]:

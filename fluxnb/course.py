@@ -44,6 +44,7 @@ from typing import Any
 import psutil
 
 from fluxnb.envelopes import ENV_VAR, ENVELOPES, OTHERS_VAR, Envelope
+from fluxnb.memory import anon_ram_bytes
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 GIB = 1024**3
@@ -136,18 +137,12 @@ class VramHolder:
                 self.blocks.append(torch.empty(chunk, dtype=torch.uint8, device="cuda"))
         self.free_gib = round(torch.cuda.mem_get_info()[0] / GIB, 3)
 
-    def others_bytes(self) -> int:
-        """Device memory in use now, outside the kernel that is about to start (held + contexts)."""
+    def used_bytes(self) -> int:
+        """Device memory in use now, by every process (the held part and the contexts included)."""
         import torch
 
         free, total = torch.cuda.mem_get_info()
         return int(total - free)
-
-    def used_by_kernel_bytes(self, others: int) -> int:
-        import torch
-
-        free, total = torch.cuda.mem_get_info()
-        return int(total - free) - others
 
 
 # --- one notebook ---------------------------------------------------------------------------------
@@ -211,16 +206,16 @@ def _execute(nb: Any, state: _Execution, cwd: Path, env: dict[str, str], timeout
         state.done.set()
 
 
-def _signal_name(returncode: int | None) -> str:
-    if returncode is None:
-        return "still running"
-    if returncode < 0:
-        return f"killed by {signal.Signals(-returncode).name}"
-    return f"exited with code {returncode}"
+def signal_name(returncode: int) -> str:
+    """``-9`` -> ``"SIGKILL"``: the signal that ended a child, from subprocess's negative return code."""
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:  # a real-time signal has no name in the enum
+        return f"signal {-returncode}"
 
 
-def _anon_ram_bytes(pid: int) -> int:
-    """RssAnon of a process and its children (0 once they are gone)."""
+def _process_tree_anon_bytes(pid: int) -> int:
+    """Anonymous RAM of a process and its children (0 once they are gone)."""
     total = 0
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
@@ -228,9 +223,8 @@ def _anon_ram_bytes(pid: int) -> int:
         return 0
     for proc in procs:
         try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                total += next((int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:")), 0)
-        except (OSError, StopIteration):
+            total += anon_ram_bytes(proc.pid)
+        except psutil.Error:  # it ended between the listing and the reading
             continue
     return total
 
@@ -263,7 +257,7 @@ def run_notebook(path: Path, output: Path, env: dict[str, str], timeout_s: int, 
 
     nb = nbformat.read(path, as_version=4)
     state = _Execution()
-    others = vram.others_bytes() if vram else 0
+    others = vram.used_bytes() if vram else 0  # everything on the device before the kernel starts
     kernel_env = {**env, **({OTHERS_VAR: str(others)} if vram else {})}
     thread = threading.Thread(target=_execute, args=(nb, state, path.parent, kernel_env, timeout_s, cgroup),
                               name=f"nbclient {path.name}", daemon=True)
@@ -280,9 +274,9 @@ def run_notebook(path: Path, output: Path, env: dict[str, str], timeout_s: int, 
         if pgid is None:
             pgid = proc.pid
             _RUNNING.add(pgid)
-        ram_peak = max(ram_peak, _anon_ram_bytes(proc.pid))
+        ram_peak = max(ram_peak, _process_tree_anon_bytes(proc.pid))
         if vram:
-            vram_peak = max(vram_peak, vram.used_by_kernel_bytes(others))
+            vram_peak = max(vram_peak, vram.used_bytes() - others)
         if died_at is None and not state.shutting_down and proc.poll() is not None:
             died_at, returncode = time.perf_counter(), proc.returncode
         if died_at is not None and time.perf_counter() - died_at > grace_s:
@@ -306,7 +300,8 @@ def run_notebook(path: Path, output: Path, env: dict[str, str], timeout_s: int, 
     if not result.passed:
         result.failed_cell = state.cell
         if state.cell is not None:
-            result.failed_source = "".join(nb.cells[state.cell].source).strip().splitlines()[0][:120] if nb.cells[state.cell].source.strip() else ""
+            lines = "".join(nb.cells[state.cell].source).strip().splitlines()
+            result.failed_source = lines[0][:120] if lines else ""
         result.cause = _cause(state, returncode, result.oom_kills, cgroup)
     return result
 
@@ -320,7 +315,8 @@ def _cause(state: _Execution, returncode: int | None, oom_kills: int | None, cgr
     if ename:  # the cell raised; the kernel was fine
         return f"{ename}: {evalue}"[:400]
     if returncode is not None:  # the kernel died
-        why = f"kernel died: {_signal_name(returncode)}"
+        why = "kernel died: " + (f"killed by {signal_name(returncode)}" if returncode < 0
+                                 else f"exited with code {returncode}")
         if oom_kills:
             limit = int((cgroup.path / "memory.max").read_text()) / GIB if cgroup else None
             why += f" (cgroup oom_kill={oom_kills}: host RAM over {limit:g} GiB)"

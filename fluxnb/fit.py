@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from typing import Any
 import torch
 
 from fluxnb.checkpoints import build_random, cache_dir, is_stand_in, resolve_checkpoint, stand_in_dir
+from fluxnb.course import signal_name
 from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
 from fluxnb.environment import check_generation_request, machine_info, pick_dtype
 from fluxnb.memory import MemoryTracker, StepTimer, flush, records_to_markdown
@@ -202,14 +202,6 @@ def child_env(environ: Mapping[str, str]) -> dict[str, str]:
 def child_command(worker_args: list[str]) -> list[str]:
     """The command line of the measured child (the tests replace it with one that dies)."""
     return [sys.executable, "-m", "fluxnb.fit", "--worker", *worker_args]
-
-
-def signal_name(returncode: int) -> str:
-    """``-9`` -> ``"SIGKILL"``: the signal that ended a child, from subprocess's negative return code."""
-    try:
-        return signal.Signals(-returncode).name
-    except ValueError:  # a real-time signal has no name in the enum
-        return f"signal {-returncode}"
 
 
 def run_child(checkpoint: str, height: int, width: int, steps: int, timeout_s: int, out: Path) -> dict[str, Any]:

@@ -53,16 +53,17 @@ def flush() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def anon_ram_bytes() -> int:
-    """Anonymous resident memory of this process (Linux ``RssAnon``); plain RSS elsewhere."""
+def anon_ram_bytes(pid: int | None = None) -> int:
+    """Anonymous resident memory of process ``pid``, this one by default (Linux ``RssAnon``); plain RSS
+    elsewhere. A process that is gone raises ``psutil.NoSuchProcess``."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid or 'self'}/status") as f:
             for line in f:
                 if line.startswith("RssAnon:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return int(psutil.Process().memory_info().rss)
+    return int(psutil.Process(pid).memory_info().rss)
 
 
 def max_rss_bytes() -> int:
