@@ -289,10 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(args)
     ns.command_line = "python -m benchmarks " + " ".join(shlex.quote(a) for a in args)
     if ns.command == "report":
-        path = ns.results or next(iter(sorted(RESULTS.glob("*.json"))), None)
+        path = ns.results or next(iter(sorted(p for p in RESULTS.glob("*.json") if not p.stem.endswith("-offload"))), None)
         if path is None:
             parser.error("no results JSON in benchmarks/results: run `python -m benchmarks run` on a GPU first")
         print(report.write_all(path, targets=ns.update_docs))
+        for offload in sorted(RESULTS.glob("*-offload.json")) if ns.update_docs else []:  # notebook 08's table
+            print(report.write_offload_docs(offload))
         return 0
     return {"run": cmd_run, "envelope": cmd_envelope, "merge": cmd_merge}[ns.command](ns)
 

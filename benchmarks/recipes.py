@@ -268,3 +268,210 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("staged-nf4-compile-full", "the course flow, whole transformer compiled (Module.compile, fullgraph)",
            staged("nf4", compile_how="full"), needs_gpu=True),
 ]}
+
+
+# --- issue 9: offloading, and the streamed NF4 transformer (notebook 08) --------------------------
+
+EMBEDDINGS_ENV = "FLUXNB_BENCH_EMBEDDINGS"  # saved embeddings: offload rows measure the transformer, not T5
+REFERENCE_ENV = "FLUXNB_BENCH_REFERENCE"  # folder for resident NF4's latents, which the streamed rows match
+EXPANDABLE = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # the notebooks' setting
+
+
+def _embeddings(ctx: Context) -> dict[str, torch.Tensor]:
+    """The prompt's embeddings: from ``$FLUXNB_BENCH_EMBEDDINGS`` if set (made once by the NF4 T5), else encoded."""
+    import os
+
+    path = os.environ.get(EMBEDDINGS_ENV)
+    if not path:
+        return _encode(ctx, "nf4")
+    with ctx.stage("load saved embeddings"):
+        embeds, _ = fluxnb.load_embeddings(path)
+    return embeds
+
+
+def _prequantized(ctx: Context) -> str:
+    """The NF4 package of the checkpoint (for a stand-in: fluxnb's export, made once, before the timed rows)."""
+    from fluxnb.checkpoints import is_stand_in
+
+    kind = is_stand_in(ctx.checkpoint)  # "tiny", "random" or None
+    choice = {"tiny": "tiny", "random": "random-dev"}.get(kind or "", ctx.checkpoint)
+    return fluxnb.prequantized_checkpoint("black-forest-labs/FLUX.1-dev", ctx.dtype, choice=choice)
+
+
+def _compare_with_reference(ctx: Context, latents: dict[tuple[int, int], torch.Tensor], save: bool = False) -> None:
+    """Save (resident NF4) or compare (every other row) the latents per size, same seed and embeddings."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    folder = os.environ.get(REFERENCE_ENV)
+    if not folder:
+        return
+    path = Path(folder) / f"nf4-resident-latents-{ctx.steps}-steps-{str(ctx.dtype).split('.')[-1]}.safetensors"
+    tensors = {f"{h}x{w}": lat.float().cpu().contiguous() for (h, w), lat in latents.items()}
+    if save:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path))
+        return
+    if not path.is_file():
+        return
+    reference = load_file(str(path))
+    info = ctx.extra.setdefault("info", {})
+    for key, lat in tensors.items():
+        if key in reference:
+            ref = reference[key]
+            info[f"latents_vs_resident_nf4_{key}"] = dict(
+                max_abs_diff=float((lat - ref).abs().max()), rel_l2=float((lat - ref).norm() / ref.norm()))
+
+
+def _denoise_transformer(ctx: Context, load: Callable[[], Any], what: str, save_reference: bool = False,
+                         tiled_decode: bool = False) -> Any:
+    """Embeddings, then ``load()`` a transformer, the denoising pipeline, every size, decode: one row."""
+    embeds = _embeddings(ctx)
+    start = time.perf_counter()
+    with ctx.stage(f"load {what} + VAE"):
+        transformer = load()
+        pipe = fluxnb.load_denoising_pipeline(ctx.checkpoint, transformer, ctx.dtype)
+    ctx.extra["load_s"] = round(time.perf_counter() - start, 3)
+    latents = _denoise_all_sizes(ctx, pipe, embeds)
+    _compare_with_reference(ctx, latents, save=save_reference)
+    if tiled_decode:  # 512-pixel tiles: FLUX's VAE tiles only images larger than its 1024-pixel sample size
+        pipe.vae.enable_tiling()
+        pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = 512, 64
+    _decode_all_sizes(ctx, pipe.vae, latents)
+    return pipe
+
+
+def nf4_resident(ctx: Context) -> None:
+    """The NF4 transformer loaded from its saved 4-bit package, resident on the GPU: the reference."""
+    _denoise_transformer(ctx, lambda: fluxnb.load_transformer_4bit(ctx.checkpoint, ctx.dtype,
+                                                                   prequantized=_prequantized(ctx)),
+                         "NF4 transformer (resident)", save_reference=True)
+
+
+def streamed(resident_blocks: int | str) -> Callable[[Context], None]:
+    """The NF4 transformer streamed block by block (``fluxnb.streaming``) from pinned host RAM.
+
+    ``resident_blocks``: how many of the 57 blocks stay on the GPU, or ``"8gb"``: as many as fit a
+    7.6 GiB card next to the VAE and a 1024x1024 step (what notebook 03 does on such a card).
+    """
+
+    def run(ctx: Context) -> None:
+        from fluxnb.stages import load_transformer_streamed
+        from fluxnb.streaming import resident_blocks_that_fit
+
+        def load() -> Any:
+            keep = resident_blocks
+            if keep == "8gb":  # as notebooks 03-04 do on a 7.6 GiB card: load resident, stream what must go
+                from fluxnb.memory import device_used_bytes
+                from fluxnb.streaming import blocks_to_keep
+
+                transformer = fluxnb.load_transformer_4bit(ctx.checkpoint, ctx.dtype, prequantized=_prequantized(ctx))
+                free = int(7.6 * 2**30) - device_used_bytes() - int(0.16 * 2**30)  # the VAE loads next (bf16)
+                height, width = max(ctx.sizes, key=lambda hw: hw[0] * hw[1])
+                keep = blocks_to_keep(transformer, height, width, free_bytes=free)
+                keep = 57 if keep is None else keep
+                fluxnb.enable_block_streaming(transformer, "cuda", resident_blocks=keep)
+            else:
+                transformer = load_transformer_streamed(ctx.checkpoint, ctx.dtype, _prequantized(ctx), int(keep))
+            streamer = transformer._fluxnb_streamer
+            streamer.profile = True
+            ctx.extra.setdefault("info", {}).update(resident_blocks=int(keep), host_gib=round(streamer.host_bytes / 2**30, 3),
+                                                    slots_gib=round(streamer.device_bytes / 2**30, 3))
+            return transformer
+
+        pipe = _denoise_transformer(ctx, load, f"NF4 transformer (streamed, {resident_blocks} resident)",
+                                    tiled_decode=resident_blocks == 0)
+        ctx.extra["info"]["per_block"] = pipe.transformer._fluxnb_streamer.timings().summary()
+
+    return run
+
+
+def blocks_budget_bytes(card_gib: float) -> int:
+    """VRAM left for transformer blocks on a ``card_gib`` card: minus the CUDA context, the VAE, the
+    non-block layers and a 1024x1024 step's activations, as measured by ``python -m fluxnb.fit``."""
+    reserve_gib = 0.55 + 0.16 + 0.12 + 0.75  # context, VAE (bf16), embedders/norms/proj, denoise activations
+    return int((card_gib - reserve_gib) * 2**30)
+
+
+def group_offload(quant: str, offload_type: str, use_stream: bool, from_cpu: bool = False) -> Callable[[Context], None]:
+    """diffusers' group offload (``enable_group_offload``) on the transformer, in bf16 or NF4.
+
+    NF4 ``from_cpu``: the 4-bit package loaded into host RAM first (``device_map="cpu"``), so the
+    quant states are on the CPU when offloading starts; otherwise the model is quantized on the GPU
+    and its quant states are there.
+    """
+
+    def run(ctx: Context) -> None:
+        from diffusers import FluxTransformer2DModel
+
+        def load() -> Any:
+            if quant == "bf16":
+                transformer = FluxTransformer2DModel.from_pretrained(ctx.checkpoint, subfolder="transformer",
+                                                                     dtype=ctx.dtype)
+            elif from_cpu:
+                transformer = FluxTransformer2DModel.from_pretrained(_prequantized(ctx), subfolder="transformer",
+                                                                     dtype=ctx.dtype, device_map="cpu")
+                fluxnb.set_compute_dtype(transformer, ctx.dtype)
+            else:
+                transformer = fluxnb.load_transformer_4bit(ctx.checkpoint, ctx.dtype)
+            kwargs = dict(num_blocks_per_group=1) if offload_type == "block_level" else {}
+            transformer.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                             offload_type=offload_type, use_stream=use_stream, **kwargs)
+            return transformer
+
+        _denoise_transformer(ctx, load, f"{quant} transformer (group offload, {offload_type}, stream={use_stream})")
+
+    return run
+
+
+def transformer_model_offload(ctx: Context) -> None:
+    """The course's model offload (``fluxnb.load_transformer_offload``): the NF4 transformer and VAE."""
+    embeds = _embeddings(ctx)
+    start = time.perf_counter()
+    with ctx.stage("load NF4 transformer + VAE (model offload)"):
+        pipe = fluxnb.load_transformer_offload(ctx.checkpoint, ctx.dtype, prequantized=_prequantized(ctx))
+    ctx.extra["load_s"] = round(time.perf_counter() - start, 3)
+    latents = _denoise_all_sizes(ctx, pipe, embeds)
+    _compare_with_reference(ctx, latents)
+
+
+def vae_tiling(ctx: Context) -> None:
+    """Decode a large image (each size) from random latents with the VAE plain, sliced+tiled."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(ctx.checkpoint, subfolder="vae", dtype=ctx.dtype).to("cuda")
+    for height, width in ctx.sizes:
+        latents = torch.randn(1, (height // 16) * (width // 16), 64, generator=torch.Generator().manual_seed(0))
+        latents = latents.to("cuda", ctx.dtype)
+        vae.disable_tiling()
+        for mode in ("plain", "512-pixel tiles"):
+            if mode != "plain":  # FLUX's VAE tiles only above its 1024-pixel sample size unless told smaller tiles
+                vae.enable_tiling()
+                vae.tile_sample_min_size, vae.tile_latent_min_size = 512, 64
+            fluxnb.flush()
+            with ctx.stage(f"decode {height}x{width} ({mode})"):
+                fluxnb.decode(vae, latents, height, width)
+
+
+RECIPES.update({r.name: r for r in [
+    Recipe("nf4-resident", "NF4 transformer from the saved 4-bit package, resident (the reference)", nf4_resident,
+           needs_gpu=True, env=EXPANDABLE),
+    Recipe("nf4-streamed", "NF4 transformer, all 57 blocks streamed from pinned host RAM (fluxnb.streaming)",
+           streamed(0), needs_gpu=True, env=EXPANDABLE),
+    Recipe("nf4-streamed-8gb", "NF4 transformer, as many blocks resident as fit a 7.6 GiB card, the rest streamed",
+           streamed("8gb"), needs_gpu=True, env=EXPANDABLE),
+    Recipe("nf4-model-offload-transformer", "the course's model offload: NF4 transformer + VAE, enable_model_cpu_offload",
+           transformer_model_offload, needs_gpu=True, env=EXPANDABLE),
+    Recipe("bf16-group-offload-block", "bf16 transformer, diffusers group offload, block level, with streams",
+           group_offload("bf16", "block_level", True), needs_gpu=True, env=EXPANDABLE),
+    Recipe("nf4-group-offload-block", "NF4 transformer (quantized on the GPU), group offload, block level, streams",
+           group_offload("nf4", "block_level", True), needs_gpu=True, env=EXPANDABLE),
+    Recipe("nf4-group-offload-block-cpu", "NF4 package loaded to host RAM, group offload, block level, streams",
+           group_offload("nf4", "block_level", True, from_cpu=True), needs_gpu=True, env=EXPANDABLE),
+    Recipe("nf4-group-offload-leaf", "NF4 transformer (quantized on the GPU), group offload, leaf level, streams",
+           group_offload("nf4", "leaf_level", True), needs_gpu=True, env=EXPANDABLE),
+    Recipe("vae-tiling", "VAE decode, whole image vs enable_tiling() with 512-pixel tiles", vae_tiling,
+           needs_gpu=True, env=EXPANDABLE),
+]})

@@ -241,3 +241,65 @@ def write_all(results_path: Path, targets: bool = True) -> str:
         update_notebook(ROOT / "notebooks" / "04_memory_profiling.ipynb", text)
         write_course_docs()
     return text
+
+
+# --- notebook 08: the offloading rows (benchmarks/gpu_offload.sh) ---------------------------------
+
+OFFLOAD_START, OFFLOAD_END = "<!-- fluxnb:offload-table:start -->", "<!-- fluxnb:offload-table:end -->"
+OFFLOAD_REFERENCE = "nf4-resident"
+
+
+def _peak(recipe: dict[str, Any], field: str) -> float | None:
+    values = [s[field] for s in recipe.get("stages", []) if s.get(field) is not None]
+    return max(values) if values else None
+
+
+def offload_markdown(results: dict[str, Any]) -> str:
+    """Notebook 08's table: each offloading recipe's s/step (and vs resident NF4), VRAM, host RAM, latents."""
+    recipes = results["recipes"]
+    ref = recipes.get(OFFLOAD_REFERENCE, {})
+    ref_speed = {f"{s['height']}x{s['width']}": s["s_per_step"] for s in ref.get("sizes", [])}
+    head = ("| recipe | size | s/step | vs resident NF4 | denoise VRAM device (GiB) | flow peak VRAM device (GiB) "
+            "| host RAM peak, max RSS (GiB) | latents vs resident NF4 (max abs diff) |")
+    rows = [head, "|" + "---|" * 8]
+    notes = []
+    for name, r in recipes.items():
+        if not r.get("sizes"):
+            if not r.get("ok"):
+                text = _failure(r).replace("\n", " ").replace("|", "/")
+                rows.append(f"| {name} | - | **{text}** | | | | | |")
+            continue
+        info = r.get("info") or {}
+        for s in r["sizes"]:
+            size = f"{s['height']}x{s['width']}"
+            denoise = _stage(r, "denoise", s["height"], s["width"])
+            ratio = s["s_per_step"] / ref_speed[size] if size in ref_speed and ref_speed[size] else None
+            diff = (info.get(f"latents_vs_resident_nf4_{size}") or {}).get("max_abs_diff")
+            rows.append(f"| {name} | {size} | {_f(s['s_per_step'], 3)} | {_f(ratio) + 'x' if ratio else '-'} "
+                        f"| {_f(denoise.get('vram_device_gib'))} | {_f(_peak(r, 'vram_device_gib'))} "
+                        f"| {_f(_peak(r, 'ram_maxrss_gib'))} | {'reference' if name == OFFLOAD_REFERENCE else _f(diff, 3)} |")
+        if info.get("per_block"):
+            b = info["per_block"]
+            notes.append(f"- `{name}`: {info.get('resident_blocks')} of 57 blocks resident; {info.get('host_gib')} GiB "
+                         f"of blocks in pinned host RAM, {info.get('slots_gib')} GiB of GPU slots; per streamed block, "
+                         f"copy {b['copy_ms_mean']} ms ({b['copy_gb_per_s']} GB/s), compute {b['compute_ms_mean']} ms "
+                         f"(means over {b['copies']} copies, both sizes).")
+    for name, r in recipes.items():
+        tiles = [s for s in r.get("stages", []) if s["stage"].startswith("decode ") and "(" in s["stage"]]
+        if tiles:
+            notes.append(f"- `{name}`: " + "; ".join(f"{s['stage']}: {_f(s['vram_device_gib'])} GiB device"
+                                                     for s in tiles) + ".")
+    descriptions = "\n".join(f"- `{n}`: {r.get('description', '')}" for n, r in recipes.items())
+    return (f"{label(results)}\n\n{chr(10).join(rows)}\n\n{chr(10).join(notes)}\n\nWhat each row ran:\n{descriptions}\n\n"
+            "s/step is the median of the timed steps after a 1-step warm-up; rows of a size are comparable (one "
+            "command, one machine). A latents difference is shown only against the resident run with the same "
+            "steps and dtype. Random weights: these numbers are memory and speed, not image quality.")
+
+
+def write_offload_docs(results_path: Path) -> str:
+    """Regenerate ``<name>.md`` beside the offload results JSON and the table in notebook 08."""
+    results = json.loads(results_path.read_text())
+    body = offload_markdown(results)
+    results_path.with_suffix(".md").write_text(body + "\n")
+    update_notebook(ROOT / "notebooks" / "08_offloading.ipynb", body, OFFLOAD_START, OFFLOAD_END)
+    return body

@@ -93,7 +93,7 @@ def _measured(result: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """``result`` with what the context has recorded so far: sizes, stages, peaks, load/compile times."""
     stages = [r.as_dict() for r in ctx.tracker.records]
     return dict(result, sizes=list(ctx.sizes_out), stages=stages, peaks=peaks(stages),
-                **{k: ctx.extra.get(k) for k in TIME_FIELDS})
+                **{k: ctx.extra.get(k) for k in TIME_FIELDS}, info=ctx.extra.get("info"))
 
 
 def main(argv: list[str] | None = None) -> int:

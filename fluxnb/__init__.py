@@ -23,6 +23,7 @@ from fluxnb.environment import (
     output_dir,
     pick_dtype,
 )
+from fluxnb.streaming import blocks_to_keep, enable_block_streaming, resident_blocks_that_fit
 from fluxnb.memory import MemoryTracker, StepTimer, bytes_to_giga_bytes, flush
 from fluxnb.stages import (
     NonFiniteLatentsError,
@@ -38,6 +39,7 @@ from fluxnb.stages import (
     load_text_encoders_4bit,
     load_transformer_4bit,
     load_transformer_offload,
+    load_transformer_streamed,
     save_embeddings,
     save_image,
     set_compute_dtype,
@@ -54,11 +56,11 @@ __version__ = "0.1.0"
 __all__ = [
     "MemoryTracker", "NonFiniteLatentsError", "StepTimer", "allow_bitsandbytes_on_cpu", "available_ram_gib",
     "build_random", "build_tiny", "bytes_to_giga_bytes", "check_checkpoint_access", "check_free_disk",
-    "check_generation_request", "committed_run", "decode", "denoise", "download_gb", "download_plan",
+    "blocks_to_keep", "check_generation_request", "committed_run", "decode", "denoise", "download_gb", "download_plan",
     "embeddings_path", "encode_and_save", "encode_prompt", "execution_device", "export_prequantized",
     "find_hub_token", "flush", "free_vram_gib", "generation_settings", "is_stand_in", "load_denoising_pipeline",
     "load_embeddings", "load_pipeline_all_at_once", "load_text_encoders_4bit", "load_transformer_4bit",
-    "load_transformer_offload", "machine_info", "missing_resources", "output_dir", "pick_dtype",
-    "prequantized_checkpoint", "resolve_checkpoint", "save_embeddings", "save_image", "saved_quantized_dir",
+    "load_transformer_offload", "load_transformer_streamed", "machine_info", "missing_resources", "output_dir", "pick_dtype",
+    "prequantized_checkpoint", "resident_blocks_that_fit", "resolve_checkpoint", "save_embeddings", "save_image", "saved_quantized_dir",
     "set_compute_dtype",
 ]

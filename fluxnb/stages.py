@@ -263,3 +263,30 @@ def load_transformer_offload(checkpoint: str, dtype: torch.dtype, prequantized: 
     pipe = load_denoising_pipeline(checkpoint, transformer, dtype)
     pipe.enable_model_cpu_offload()
     return pipe
+
+
+# --- 08: the smallest GPU: stream the NF4 transformer's blocks ------------------------------------
+
+
+#@save
+def load_transformer_streamed(checkpoint: str, dtype: torch.dtype, prequantized: str | None = None,
+                              resident_blocks: int = 0) -> Any:
+    """The NF4 transformer with its blocks in pinned host RAM, each copied to the GPU just before it runs.
+
+    ``resident_blocks`` of the 57 blocks stay on the GPU (0: stream them all; 57: no streaming).
+    From a ``prequantized`` folder or repo the weights load straight into host RAM, so the GPU never
+    holds the whole model; quantizing while loading runs on the GPU (that is where bitsandbytes
+    quantizes), so that load peaks at the whole NF4 model before the blocks leave.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    from fluxnb.streaming import enable_block_streaming
+
+    if prequantized:
+        transformer = FluxTransformer2DModel.from_pretrained(
+            prequantized, subfolder="transformer", dtype=dtype, device_map="cpu")
+        set_compute_dtype(transformer, dtype)
+    else:
+        transformer = load_transformer_4bit(checkpoint, dtype)
+    enable_block_streaming(transformer, execution_device(), resident_blocks=resident_blocks)
+    return transformer

@@ -1,0 +1,428 @@
+"""Stream a transformer's blocks from pinned host memory to the GPU, each one just before it runs.
+
+Why this exists (notebook 08 tells the whole story):
+
+* FLUX's NF4 transformer is about 5.5 GiB of 4-bit weights in 57 blocks. A card that cannot hold it,
+  or can hold it only with no room for activations, can still run it if each block visits the GPU
+  only while it computes. 4-bit weights make that cheap: a step moves 5.5 GiB over PCIe, while the
+  GPU spends ~7.4e13 FLOP on a 1024x1024 step, so the copy of block k+1 can hide behind block k.
+* diffusers' group offload does this for bf16 weights (57.8 GiB of pinned host RAM for FLUX), and
+  bitsandbytes' 4-bit weights break it: with ``use_stream=True`` it moves each ``Params4bit``'s
+  ``.data`` but not its ``quant_state`` (``absmax``, ``code`` and the nested statistics of double
+  quantization), which is a plain Python object beside the tensor, not a parameter or a buffer. The
+  4-bit kernels then read statistics from wherever they were when offloading started.
+  ``enable_sequential_cpu_offload`` fails with 4-bit weights too (bitsandbytes #1525, diffusers #10800).
+
+How it works, with public PyTorch only (forward hooks, CUDA streams and events):
+
+* every streamed block's tensors -- weights, biases, norms, and each 4-bit weight's ``quant_state``
+  tensors -- are packed once into **one pinned host buffer per block**, so a block moves in one copy at
+  the link's full speed;
+* the GPU holds ``slots`` buffers (default 2) the size of the largest streamed block. Before block k
+  runs, block k+1 is copied into the other slot on a side stream. CUDA events order each copy after
+  the compute that last read its slot, and each block's compute after its copy: the CPU never waits,
+  and the streamed blocks never take more than ``slots`` buffers of VRAM;
+* ``resident_blocks`` blocks stay on the GPU for good. Single-stream blocks (the smaller ones) are
+  streamed first, spread evenly, so each copy hides behind the resident blocks between.
+
+The same code runs with ``device="cpu"`` (no pinning, no streams): the tiny course and the tests use
+that to check the logic. It changes where tensors live, never their values.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ALIGN = 256  # bytes: every tensor in a packed buffer starts on a boundary the GPU kernels like
+QUANT_STATE_TENSORS = ("absmax", "code", "offset")  # bitsandbytes QuantState fields that are tensors
+NESTED_STATE_TENSORS = ("absmax", "code")  # the same for its nested state (double quantization)
+
+
+def _unregister(pointer: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(pointer)
+
+
+@dataclass
+class _Entry:
+    """One tensor of a block: where it lives in the packed buffer, and who points at it."""
+
+    owner: Any  # a Parameter or buffer (repointed through ``.data``) or a QuantState (through setattr)
+    attr: str | None  # None: ``owner.data``; else the attribute of ``owner`` that holds the tensor
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+    def point_to(self, buffer: torch.Tensor) -> None:
+        view = buffer[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+        if self.attr is None:
+            self.owner.data = view
+        else:
+            setattr(self.owner, self.attr, view)
+
+
+def _block_tensors(block: torch.nn.Module) -> list[tuple[Any, str | None, torch.Tensor]]:
+    """Every tensor ``block`` computes with: parameters, buffers, and 4-bit weights' quant states."""
+    found: list[tuple[Any, str | None, torch.Tensor]] = []
+    seen: set[tuple[int, str | None]] = set()
+
+    def add(owner: Any, attr: str | None, tensor: Any) -> None:
+        if isinstance(tensor, torch.Tensor) and (id(owner), attr) not in seen:
+            seen.add((id(owner), attr))
+            found.append((owner, attr, tensor.data if attr is None else tensor))
+
+    for module in block.modules():
+        for param in module.parameters(recurse=False):
+            add(param, None, param)
+            state = getattr(param, "quant_state", None)  # bitsandbytes Params4bit
+            if state is not None:
+                for name in QUANT_STATE_TENSORS:
+                    add(state, name, getattr(state, name, None))
+                nested = getattr(state, "state2", None)
+                if nested is not None:
+                    for name in NESTED_STATE_TENSORS:
+                        add(nested, name, getattr(nested, name, None))
+        for buffer in module.buffers(recurse=False):
+            add(buffer, None, buffer)
+    return found
+
+
+def _packed_size(tensors: list[tuple[Any, str | None, torch.Tensor]]) -> int:
+    return sum(math.ceil(t.numel() * t.element_size() / ALIGN) * ALIGN for _, _, t in tensors)
+
+
+def block_bytes(block: torch.nn.Module) -> int:
+    """Bytes one block takes packed for streaming (weights, 4-bit statistics, alignment)."""
+    return _packed_size(_block_tensors(block))
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """FLUX's blocks in the order they run: 19 double-stream, then 38 single-stream."""
+    return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+
+
+def choose_streamed(n_double: int, n_single: int, resident_blocks: int) -> list[int]:
+    """Indices (in run order) of the blocks to stream when ``resident_blocks`` stay on the GPU.
+
+    Single-stream blocks go first (they are smaller, so the slots are smaller), spread evenly so that
+    resident blocks sit between streamed ones and hide their copies; then double-stream blocks.
+    """
+    total = n_double + n_single
+    if not 0 <= resident_blocks <= total:
+        raise ValueError(f"resident_blocks must be between 0 and {total} (the number of blocks), not {resident_blocks}")
+    n_streamed = total - resident_blocks
+
+    def spread(count: int, among: list[int]) -> list[int]:
+        if count >= len(among):
+            return list(among)
+        return [among[int(i * len(among) / count)] for i in range(count)]
+
+    singles = list(range(n_double, total))
+    doubles = list(range(n_double))
+    chosen = spread(min(n_streamed, n_single), singles) + spread(max(0, n_streamed - n_single), doubles)
+    return sorted(chosen)
+
+
+@dataclass
+class _Streamed:
+    block: torch.nn.Module
+    entries: list[_Entry]
+    host: torch.Tensor  # the packed buffer, pinned on a GPU machine
+    nbytes: int
+    slot: int | None = None  # which GPU slot holds it now, if any
+
+
+@dataclass
+class StreamStats:
+    """What streaming costs, per streamed block, from CUDA events (``profile=True``)."""
+
+    copy_ms: list[float] = field(default_factory=list)
+    compute_ms: list[float] = field(default_factory=list)
+    copy_bytes: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float | None]:
+        """Means per streamed block (None before anything was timed), and the copies' GB/s."""
+        def mean(values: list[float]) -> float | None:
+            return round(sum(values) / len(values), 3) if values else None
+
+        copy_s = sum(self.copy_ms) / 1e3
+        return dict(copies=len(self.copy_ms), copy_ms_mean=mean(self.copy_ms), compute_ms_mean=mean(self.compute_ms),
+                    copy_gb_per_s=round(sum(self.copy_bytes) / 1e9 / copy_s, 2) if copy_s else None)
+
+
+class BlockStreamer:
+    """Keeps some of a model's blocks in (pinned) host memory and streams them to ``device`` on use.
+
+    Build it with :func:`enable_block_streaming`; ``remove()`` puts the streamed blocks back on the
+    GPU (if they fit) and takes the hooks off.
+    """
+
+    def __init__(self, blocks: list[torch.nn.Module], streamed: list[int], device: torch.device | str,
+                 slots: int = 2, profile: bool = False) -> None:
+        if slots < 2 and streamed:
+            raise ValueError("slots must be at least 2: one block computes while the next one is copied")
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.streamed_indices = list(streamed)
+        self.n_slots = slots
+        self.profile = profile  # timed with CUDA events: on a GPU only
+        self.stats = StreamStats()
+        self._pending: list[tuple[Any, Any, Any, Any, int]] = []  # profiled events, read lazily
+        self._blocks: list[_Streamed] = []
+        self._order: dict[int, int] = {}  # id(block) -> position among streamed blocks
+        self._handles: list[Any] = []
+        self._loads = 0
+        packed = []
+        for index in streamed:
+            self._order[id(blocks[index])] = len(packed)
+            packed.append((blocks[index], _block_tensors(blocks[index])))
+        sizes = [_packed_size(tensors) for _, tensors in packed]
+        # One host buffer for all streamed blocks, page-locked with cudaHostRegister (what torch's own
+        # checkpoint stager does): pin_memory=True would round each allocation up to a power of two,
+        # up to 1.7x the host RAM for FLUX's block sizes.
+        self._host = torch.empty(sum(sizes), dtype=torch.uint8)
+        if self.cuda and self._host.numel():
+            code = int(torch.cuda.cudart().cudaHostRegister(self._host.data_ptr(), self._host.numel(), 1))
+            if code != 0:
+                raise RuntimeError(f"could not page-lock {self._host.numel() / 2**30:.2f} GiB of host memory for "
+                                   f"streaming (cudaError {code}): free host RAM, or keep more blocks resident")
+            weakref.finalize(self._host, _unregister, self._host.data_ptr())
+        offset = 0
+        for (block, tensors), size in zip(packed, sizes):
+            self._blocks.append(self._pack(block, tensors, self._host[offset:offset + size]))
+            offset += size
+        del packed
+        for index, block in enumerate(blocks):
+            if id(block) not in self._order:
+                block.to(self.device)  # resident: bitsandbytes' Params4bit.to moves its quant_state too
+        slot_bytes = max((s.nbytes for s in self._blocks), default=0)
+        self.slot_bytes = slot_bytes
+        self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(slots)] if streamed else []
+        self._holder: list[_Streamed | None] = [None] * len(self._slots)
+        if self.cuda:
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._ready = [torch.cuda.Event() for _ in self._slots]  # copy into the slot done
+            self._free = [torch.cuda.Event() for _ in self._slots]  # compute reading the slot done
+            self._free_recorded = [False] * len(self._slots)
+        for item in self._blocks:
+            self._handles.append(item.block.register_forward_pre_hook(self._before))
+            self._handles.append(item.block.register_forward_hook(self._after))
+
+    # -- packing ------------------------------------------------------------------------------------
+    def _pack(self, block: torch.nn.Module, tensors: list[tuple[Any, str | None, torch.Tensor]],
+              host: torch.Tensor) -> _Streamed:
+        """Copy ``block``'s tensors into ``host`` and point the block at them (the originals are freed)."""
+        if not self.cuda:  # bitsandbytes repacks 4-bit weights in place on some CPUs; keep one layout
+            for module in block.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
+        entries, offset = [], 0
+        for owner, attr, tensor in tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes:
+                host[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+            entries.append(_Entry(owner, attr, offset, nbytes, tensor.dtype, tensor.shape))
+            offset += math.ceil(nbytes / ALIGN) * ALIGN
+        tensors.clear()
+        for entry in entries:
+            entry.point_to(host)
+        return _Streamed(block, entries, host, host.numel())
+
+    @property
+    def active(self) -> bool:
+        """True until :meth:`remove`."""
+        return bool(self._handles)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the streamed blocks take (pinned on a GPU machine)."""
+        return sum(s.nbytes for s in self._blocks)
+
+    @property
+    def device_bytes(self) -> int:
+        """GPU memory the slots take: what streaming costs on the card, whatever the model's size."""
+        return self.slot_bytes * len(self._slots)
+
+    # -- moving -------------------------------------------------------------------------------------
+    def _load(self, item: _Streamed) -> None:
+        """Start copying ``item`` into the next slot (round robin: the least recently used one)."""
+        slot = self._loads % self.n_slots
+        self._loads += 1
+        previous = self._holder[slot]
+        if previous is not None and previous is not item:
+            previous.slot = None  # a block never in use is the only kind that can be displaced
+        self._holder[slot] = item
+        item.slot = slot
+        target = self._slots[slot][:item.nbytes]
+        if not self.cuda:
+            target.copy_(item.host)
+            return
+        start = end = None
+        if self._free_recorded[slot]:
+            self._copy_stream.wait_event(self._free[slot])  # the compute that read this slot is done
+        with torch.cuda.stream(self._copy_stream):
+            if self.profile:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            target.copy_(item.host, non_blocking=True)
+            if self.profile:
+                end.record()
+                self._pending.append(("copy", start, end, item.nbytes, 0))
+            self._ready[slot].record()
+
+    def _before(self, module: torch.nn.Module, args: Any) -> None:
+        position = self._order[id(module)]
+        item = self._blocks[position]
+        if item.slot is None:  # not prefetched: the first block of a run
+            self._load(item)
+        slot = item.slot
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
+        for entry in item.entries:
+            entry.point_to(self._slots[slot])
+        following = position
+        for _ in range(self.n_slots - 1):  # the next blocks' copies overlap with this block's compute
+            following = (following + 1) % len(self._blocks)
+            if self._blocks[following] is item:
+                break
+            if self._blocks[following].slot is None:
+                self._load(self._blocks[following])
+        if self.profile and self.cuda:
+            self._compute_start = torch.cuda.Event(enable_timing=True)
+            self._compute_start.record()
+
+    def _after(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        item = self._blocks[self._order[id(module)]]
+        slot = item.slot
+        if self.cuda:
+            self._free[slot].record(torch.cuda.current_stream(self.device))
+            self._free_recorded[slot] = True
+            if self.profile:  # inside `if self.cuda`
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._pending.append(("compute", self._compute_start, end, 0, 0))
+        for entry in item.entries:
+            entry.point_to(item.host)
+        item.slot = None
+        self._holder[slot] = None
+
+    def timings(self) -> StreamStats:
+        """Copy and compute time per streamed block so far (synchronizes; needs ``profile=True``)."""
+        if self._pending:
+            torch.cuda.synchronize(self.device)
+            for kind, start, end, nbytes, _ in self._pending:
+                ms = start.elapsed_time(end)
+                if kind == "copy":
+                    self.stats.copy_ms.append(ms)
+                    self.stats.copy_bytes.append(nbytes)
+                else:
+                    self.stats.compute_ms.append(ms)
+            self._pending.clear()
+        return self.stats
+
+    def remove(self) -> None:
+        """Take the hooks off and put every streamed block back on ``device`` as ordinary tensors."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for item in self._blocks:
+            for entry in item.entries:
+                view = item.host[entry.offset:entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape)
+                moved = view.to(self.device, copy=True)
+                if entry.attr is None:
+                    entry.owner.data = moved
+                else:
+                    setattr(entry.owner, entry.attr, moved)
+            item.slot = None
+        self._blocks.clear()
+        self._slots.clear()
+
+
+def enable_block_streaming(transformer: torch.nn.Module, device: torch.device | str | None = None,
+                           resident_blocks: int = 0, slots: int = 2, profile: bool = False) -> BlockStreamer:
+    """Stream FLUX's transformer blocks from host memory; keep ``resident_blocks`` of them on the GPU.
+
+    Everything that is not a block (embedders, final norm and projection: about 0.1 GiB in NF4) moves
+    to ``device``. The streamed blocks' tensors move to one pinned host buffer each; the GPU gets
+    ``slots`` buffers the size of the largest streamed block. Works for bitsandbytes 4-bit and 8-bit
+    weights alike, and for plain bf16/fp16 ones. Returns the :class:`BlockStreamer` (``remove()``
+    undoes it; ``host_bytes`` and ``device_bytes`` say what it costs; ``timings()`` with ``profile``).
+    """
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    existing = getattr(transformer, "_fluxnb_streamer", None)
+    if existing is not None and existing.active:
+        raise RuntimeError("this transformer streams its blocks already: call .remove() on the streamer first")
+    blocks = transformer_blocks(transformer)
+    streamed = choose_streamed(len(transformer.transformer_blocks), len(transformer.single_transformer_blocks),
+                               resident_blocks)
+    block_ids = {id(b) for b in blocks}
+    for name, child in transformer.named_children():
+        if name not in ("transformer_blocks", "single_transformer_blocks") and id(child) not in block_ids:
+            child.to(device)
+    for param in transformer.parameters(recurse=False):
+        param.data = param.data.to(device)
+    streamer = BlockStreamer(blocks, streamed, device, slots=slots, profile=profile)
+    transformer._fluxnb_streamer = streamer  # the one way back to it from the model
+    return streamer
+
+
+def resident_blocks_that_fit(transformer: torch.nn.Module, budget_bytes: int, slots: int = 2) -> int:
+    """The most blocks that can stay resident when the blocks may use ``budget_bytes`` of VRAM.
+
+    Counts what :func:`enable_block_streaming` would do: the resident blocks' bytes plus ``slots``
+    buffers the size of the largest streamed block. 0 if even full streaming does not fit (then the
+    caller's budget is too small for the slots alone, and it says so).
+    """
+    blocks = transformer_blocks(transformer)
+    sizes = [block_bytes(b) for b in blocks]
+    n_double, n_single = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
+    for resident in range(len(blocks), -1, -1):
+        streamed = set(choose_streamed(n_double, n_single, resident))
+        need = sum(s for i, s in enumerate(sizes) if i not in streamed)
+        need += slots * max((sizes[i] for i in streamed), default=0)
+        if need <= budget_bytes:
+            return resident
+    return 0
+
+
+# What a denoising step needs beyond the weights, fitted to `python -m benchmarks run --recipes
+# nf4-resident` (H100, random-dev, bf16, expandable segments, 2026-11-22: benchmarks/results/h100.json):
+# allocated memory grew by 0.495 GiB at 1024x1024 (4096 image + 512 text tokens) and 0.287 GiB at
+# 512x768 (1536 + 512), linear in tokens; the device saw 0.23 GiB more than allocated (allocator slack).
+_STEP_GIB_FIXED, _STEP_GIB_PER_1000_TOKENS, _SLACK_GIB = 0.12, 0.0813, 0.25
+
+
+def denoise_headroom_bytes(height: int, width: int, text_tokens: int = 512) -> int:
+    """VRAM a FLUX denoising step needs on top of the loaded weights (activations, attention, slack)."""
+    tokens = (height // 16) * (width // 16) + text_tokens
+    return int((_STEP_GIB_FIXED + _STEP_GIB_PER_1000_TOKENS * tokens / 1000 + _SLACK_GIB) * 2**30)
+
+
+def blocks_to_keep(transformer: torch.nn.Module, height: int, width: int, free_bytes: int | None = None,
+                   text_tokens: int = 512) -> int | None:
+    """How many blocks may stay resident so a ``height`` x ``width`` step fits; None if all of them may.
+
+    For a transformer whose blocks are all on the GPU (as notebooks 02-04 load it). ``free_bytes``:
+    the VRAM free now (default: :func:`fluxnb.free_vram_gib`, which honours the course's envelopes).
+    On a machine without a GPU there is nothing to decide: None.
+    """
+    if free_bytes is None:
+        from fluxnb.environment import free_vram_gib
+
+        free_gib = free_vram_gib()
+        if free_gib is None:
+            return None
+        free_bytes = int(free_gib * 2**30)
+    shortfall = denoise_headroom_bytes(height, width, text_tokens) - free_bytes
+    if shortfall <= 0:
+        return None
+    on_gpu = sum(block_bytes(b) for b in transformer_blocks(transformer))
+    return resident_blocks_that_fit(transformer, on_gpu - shortfall)

@@ -1,0 +1,135 @@
+"""Block streaming (fluxnb.streaming): its logic, on the CPU, with plain and bitsandbytes NF4 weights.
+
+On a CPU the "device" is the CPU too (slots are separate host buffers, copies are synchronous), so
+these tests check what the GPU run relies on: which blocks stream, that every tensor a block computes
+with -- 4-bit statistics included -- sits in a slot while the block runs and in the packed host copy
+otherwise, that outputs are unchanged, and what it costs. The GPU check (latents equal to resident
+NF4's within a tolerance, overlap, VRAM) is benchmarks/gpu_offload.sh.
+"""
+
+import pytest
+import torch
+
+import fluxnb
+from fluxnb.checkpoints import TINY_TRANSFORMER
+from fluxnb.streaming import (
+    _block_tensors,
+    block_bytes,
+    choose_streamed,
+    enable_block_streaming,
+    resident_blocks_that_fit,
+    transformer_blocks,
+)
+
+
+def _inputs(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_img, n_txt = 16, 8
+    return dict(hidden_states=torch.randn(1, n_img, cfg.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(1, n_txt, cfg.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([0.5]), img_ids=torch.zeros(n_img, 3), txt_ids=torch.zeros(n_txt, 3),
+                guidance=torch.tensor([3.5]) if cfg.guidance_embeds else None)
+
+
+def _run(transformer, inputs):
+    with torch.no_grad():
+        return transformer(**inputs).sample
+
+
+@pytest.fixture
+def plain():
+    """A small FLUX transformer with 3 double- and 5 single-stream blocks, fp32."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(**dict(TINY_TRANSFORMER, num_layers=3, num_single_layers=5)).eval()
+
+
+@pytest.fixture(scope="module")
+def nf4_checkpoint():
+    fluxnb.allow_bitsandbytes_on_cpu()
+    return str(fluxnb.build_tiny("dev"))
+
+
+def test_choose_streamed_streams_single_blocks_first_spread_evenly():
+    assert choose_streamed(3, 5, resident_blocks=8) == []
+    assert choose_streamed(3, 5, resident_blocks=0) == list(range(8))
+    assert choose_streamed(3, 5, resident_blocks=6) == [3, 5]  # two of the singles (3..7), spread
+    assert choose_streamed(19, 38, resident_blocks=57 - 38) == list(range(19, 57))
+    assert choose_streamed(19, 38, resident_blocks=57 - 40) == [0, 9] + list(range(19, 57))
+    with pytest.raises(ValueError, match="between 0 and 8"):
+        choose_streamed(3, 5, resident_blocks=9)
+
+
+@pytest.mark.parametrize("resident", [0, 2, 7])
+def test_streamed_outputs_equal_resident_ones(plain, resident):
+    inputs = _inputs(plain.config)
+    reference = _run(plain, inputs)
+    streamer = enable_block_streaming(plain, "cpu", resident_blocks=resident)
+    assert torch.equal(_run(plain, inputs), reference)
+    assert torch.equal(_run(plain, inputs), reference)  # the second run reuses the prefetched block
+    streamer.remove()
+    assert torch.equal(_run(plain, inputs), reference)
+
+
+def test_each_block_computes_from_a_slot_and_waits_in_the_host_buffer(nf4_checkpoint):
+    transformer = fluxnb.load_transformer_4bit(nf4_checkpoint, torch.float32)
+    blocks = transformer_blocks(transformer)
+    states = [p.quant_state for p in blocks[0].parameters() if getattr(p, "quant_state", None) is not None]
+    assert states, "the tiny NF4 transformer should have 4-bit weights in its blocks"
+    reference = _run(transformer, _inputs(transformer.config))
+    streamer = enable_block_streaming(transformer, "cpu", resident_blocks=0)
+
+    def inside(tensor, buffer):
+        start = buffer.data_ptr()
+        return start <= tensor.data_ptr() < start + buffer.numel()
+
+    seen = []
+
+    def check(module, args):  # runs after the streamer's own pre-hook
+        tensors = [t for _, _, t in _block_tensors(module)]
+        assert any(t is s.absmax for s in states for t in tensors) or module is not blocks[0]
+        seen.append(sorted({i for t in tensors for i, slot in enumerate(streamer._slots) if inside(t, slot)}))
+        assert all(any(inside(t, slot) for slot in streamer._slots) for t in tensors if t.numel())
+
+    handles = [b.register_forward_pre_hook(check) for b in blocks]
+    assert torch.equal(_run(transformer, _inputs(transformer.config)), reference)
+    for h in handles:
+        h.remove()
+    assert seen == [[0], [1]]  # one slot per block, alternating
+    for block in blocks:  # between runs: every tensor back in the packed host buffer
+        assert all(inside(t, streamer._host) for _, _, t in _block_tensors(block) if t.numel())
+    assert streamer.host_bytes == sum(block_bytes(b) for b in blocks)
+    assert streamer.device_bytes == 2 * max(block_bytes(b) for b in blocks)
+
+
+def test_more_slots_prefetch_further_and_stay_within_their_buffers(plain):
+    inputs = _inputs(plain.config)
+    reference = _run(plain, inputs)
+    streamer = enable_block_streaming(plain, "cpu", resident_blocks=0, slots=3)
+    assert torch.equal(_run(plain, inputs), reference)
+    assert len(streamer._slots) == 3
+    with pytest.raises(ValueError, match="at least 2"):
+        streamer.remove()
+        enable_block_streaming(plain, "cpu", resident_blocks=0, slots=1)
+
+
+def test_streaming_twice_is_refused_until_removed(plain):
+    streamer = enable_block_streaming(plain, "cpu", resident_blocks=4)
+    with pytest.raises(RuntimeError, match="streams its blocks already"):
+        enable_block_streaming(plain, "cpu")
+    streamer.remove()
+    enable_block_streaming(plain, "cpu").remove()
+
+
+def test_resident_blocks_that_fit_counts_the_slots(plain):
+    sizes = [block_bytes(b) for b in transformer_blocks(plain)]
+    assert resident_blocks_that_fit(plain, sum(sizes)) == len(sizes)
+    assert resident_blocks_that_fit(plain, 0) == 0
+    budget = sum(sizes) - 1  # one byte short of all resident: streaming must start, and slots cost
+    resident = resident_blocks_that_fit(plain, budget)
+    streamed = set(choose_streamed(3, 5, resident))
+    assert sum(s for i, s in enumerate(sizes) if i not in streamed) + 2 * max(sizes[i] for i in streamed) <= budget
+    bigger = set(choose_streamed(3, 5, resident + 1))
+    assert sum(s for i, s in enumerate(sizes) if i not in bigger) + 2 * max(sizes[i] for i in bigger) > budget
