@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The course in a small machine's envelope, on the lent GPU machine (what issue 7's results came from):
 #   bash benchmarks/gpu_course.sh colab-t4 8gb-card      # FIT=1 also runs `python -m fluxnb.fit`
+#   NOTEBOOKS="notebooks/08_offloading.ipynb" bash benchmarks/gpu_course.sh colab-t4   # some notebooks only
 # Installs the wheels carried in .whl/ (../shared/device/wheels.sh makes them), builds the random-dev
 # stand-in with fluxnb's own code, then runs `python -m fluxnb.course --envelope` for each name.
 # Results (course-results.json, log, any failed notebook) go to $OUT/<envelope>/.
@@ -18,7 +19,7 @@ for envelope in "$@"; do
   rm -rf /tmp/course-* "$FLUXNB_CACHE"/*-nf4-*  # each envelope starts as a fresh VM would: no earlier outputs or exports
   mkdir -p "$OUT/$envelope"
   FLUXNB_CHECKPOINT=random-dev timeout -k 10 "${COURSE_TIMEOUT:-560}" python3 -m fluxnb.course "/tmp/course-$envelope" \
-    --envelope "$envelope" --timeout 400 2>&1 | grep -v "Kernel is running over TCP" | tee "$OUT/$envelope/log.txt"
+    --envelope "$envelope" --timeout 400 ${NOTEBOOKS:-} 2>&1 | grep -v "Kernel is running over TCP" | tee "$OUT/$envelope/log.txt"
   code=$(( code | ${PIPESTATUS[0]} ))
   cp "/tmp/course-$envelope/course-results.json" "$OUT/$envelope/" 2>/dev/null
   python3 - "$envelope" <<'PY'
