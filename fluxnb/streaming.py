@@ -371,6 +371,8 @@ def enable_block_streaming(transformer: torch.nn.Module, device: torch.device | 
         param.data = param.data.to(device)
     streamer = BlockStreamer(blocks, streamed, device, slots=slots, profile=profile)
     transformer._fluxnb_streamer = streamer  # the one way back to it from the model
+    if streamer.cuda:
+        torch.cuda.empty_cache()  # give the streamed blocks' old GPU memory back to the device
     return streamer
 
 
