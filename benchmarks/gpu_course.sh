@@ -18,8 +18,8 @@ code=0
 for envelope in "$@"; do
   rm -rf /tmp/course-* "$FLUXNB_CACHE"/*-nf4-*  # each envelope starts as a fresh VM would: no earlier outputs or exports
   mkdir -p "$OUT/$envelope"
-  FLUXNB_CHECKPOINT=random-dev timeout -k 10 "${COURSE_TIMEOUT:-560}" python3 -m fluxnb.course "/tmp/course-$envelope" \
-    --envelope "$envelope" --timeout 400 ${NOTEBOOKS:-} 2>&1 | grep -v "Kernel is running over TCP" | tee "$OUT/$envelope/log.txt"
+  FLUXNB_CHECKPOINT=random-dev timeout -k 10 "${COURSE_TIMEOUT:-560}" python3 -m fluxnb.course "/tmp/course-$envelope" ${NOTEBOOKS:-} \
+    --envelope "$envelope" --timeout 400 2>&1 | grep -v "Kernel is running over TCP" | tee "$OUT/$envelope/log.txt"
   code=$(( code | ${PIPESTATUS[0]} ))
   cp "/tmp/course-$envelope/course-results.json" "$OUT/$envelope/" 2>/dev/null
   python3 - "$envelope" <<'PY'
