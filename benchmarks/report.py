@@ -240,4 +240,77 @@ def write_all(results_path: Path, targets: bool = True) -> str:
         readme.write_text(replace_marked(readme.read_text(), f"{text}\n![benchmark chart]({rel})"))
         update_notebook(ROOT / "notebooks" / "04_memory_profiling.ipynb", text)
         write_course_docs()
+        write_recipes_json()
     return text
+
+
+RECIPES_JSON = ROOT / "fluxnb" / "results" / "recipes.json"  # package data: fluxnb.planner reads it, on Colab too
+APPROXIMATE = ("cache",)  # recipes whose name holds one of these change the model's outputs (step caching)
+
+
+def _size_peak(recipe: dict[str, Any], field: str, size: str, sizes: list[str]) -> float | None:
+    """The largest ``field`` over the stages that belong to ``size`` or to no size (load, encode, free).
+
+    For a recipe's second size the allocator still holds blocks from the first, so this is an upper
+    bound there; for the first size it is that size's own peak.
+    """
+    others = [s for s in sizes if s != size]
+    values = [st.get(field) for st in recipe.get("stages", []) if not any(o in st["stage"] for o in others)]
+    values = [v for v in values if v is not None]
+    return round(max(values), 3) if values else None
+
+
+def recipe_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One compact row per finished recipe and size: what the planner needs to choose, and nothing else."""
+    rows = []
+    for r in results.get("recipes", {}).values():
+        if not r.get("ok") or not r.get("sizes"):
+            continue  # failed, skipped, or load-only: nothing to recommend
+        p = r.get("provenance") or results["provenance"]
+        sizes = [f"{s['height']}x{s['width']}" for s in r["sizes"]]
+        for s, size in zip(r["sizes"], sizes):
+            per_gpu = r.get("per_gpu_peaks_gib")  # multi-GPU recipes: {"cuda:0": GiB, ...} over the whole flow
+            rows.append(dict(
+                recipe=r["recipe"], description=r["description"], size=size,
+                compute=r["compute_dtype"].replace("torch.", ""), gpus=r.get("gpus") or 1,
+                images_at_once=r.get("images_at_once") or 1, s_per_step=s["s_per_step"],
+                vram_peak_gib=max(per_gpu.values()) if per_gpu else _size_peak(r, "vram_device_gib", size, sizes),
+                ram_peak_gib=_size_peak(r, "ram_anon_gib", size, sizes), compile_s=r.get("compile_s"),
+                warmup_s=s["warmup_s"], exact=not any(word in r["recipe"] for word in APPROXIMATE),
+                gpu=p["gpu"], date=p["date"][:10], command=p["command"],
+                upper_bound=size != sizes[0] and not per_gpu))
+    return rows
+
+
+def course_rows(folder: Path = COURSE_RESULTS) -> list[dict[str, Any]]:
+    """The committed whole-course runs inside an envelope, one line each."""
+    rows = []
+    for path in sorted(folder.glob("course-*.json")):
+        run = json.loads(path.read_text())
+        nbs, env, p = run["notebooks"], run.get("envelope") or {}, run["provenance"]
+        rows.append(dict(envelope=env.get("name"), vram_gib=env.get("vram_gib"), ram_gib=env.get("ram_gib"),
+                         bf16=env.get("bf16"), passed=sum(n["passed"] for n in nbs), notebooks=len(nbs),
+                         failed=[n["notebook"] for n in nbs if not n["passed"]],
+                         vram_peak_gib=max((n["vram_device_peak_gib"] or 0) for n in nbs if n["passed"]),
+                         gpu=p["gpu"], date=p["date"][:10], command=p["command"]))
+    return rows
+
+
+def recipes_json(paths: list[Path], course_folder: Path = COURSE_RESULTS) -> dict[str, Any]:
+    """What ``fluxnb/results/recipes.json`` holds: every finished recipe row of ``paths``, and the course runs."""
+    rows = [row for path in paths for row in recipe_rows(json.loads(path.read_text()))]
+    return dict(generated_by="python -m benchmarks report",
+                sources=[path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+                         for path in paths],
+                note="random weights of the real FLUX.1-dev shapes: memory and speed are real, image quality "
+                     "is not measured; vram_peak_gib is the device-level peak (CUDA context included), per GPU "
+                     "for multi-GPU recipes; ram_peak_gib is anonymous host memory",
+                recipes=rows, course=course_rows(course_folder))
+
+
+def write_recipes_json(folder: Path | None = None, out: Path = RECIPES_JSON) -> dict[str, Any]:
+    """Regenerate ``fluxnb/results/recipes.json`` from every ``benchmarks/results/*.json``."""
+    folder = folder or ROOT / "benchmarks" / "results"
+    data = recipes_json(sorted(folder.glob("*.json")))
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    return data
