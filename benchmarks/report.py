@@ -245,7 +245,6 @@ def write_all(results_path: Path, targets: bool = True) -> str:
 
 
 RECIPES_JSON = ROOT / "fluxnb" / "results" / "recipes.json"  # package data: fluxnb.planner reads it, on Colab too
-APPROXIMATE = ("cache",)  # recipes whose name holds one of these change the model's outputs (step caching)
 
 
 def _size_peak(recipe: dict[str, Any], field: str, size: str, sizes: list[str]) -> float | None:
@@ -276,7 +275,7 @@ def recipe_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 images_at_once=r.get("images_at_once") or 1, s_per_step=s["s_per_step"],
                 vram_peak_gib=max(per_gpu.values()) if per_gpu else _size_peak(r, "vram_device_gib", size, sizes),
                 ram_peak_gib=_size_peak(r, "ram_anon_gib", size, sizes), compile_s=r.get("compile_s"),
-                warmup_s=s["warmup_s"], exact=not any(word in r["recipe"] for word in APPROXIMATE),
+                warmup_s=s["warmup_s"], exact=r.get("exact", True),  # False: a step cache changes the outputs
                 gpu=p["gpu"], date=p["date"][:10], command=p["command"],
                 upper_bound=size != sizes[0] and not per_gpu))
     return rows
