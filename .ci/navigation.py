@@ -25,6 +25,8 @@ COURSE = [  # (file, title): the course, in order
     ("02_load_transformer_vae_4bit.ipynb", "02 · Load the transformer in 4 bits, and the VAE"),
     ("03_generate.ipynb", "03 · Generate"),
     ("04_memory_profiling.ipynb", "04 · Memory profiling"),
+    ("09_faster.ipynb", "09 · Faster: torch.compile and step caching"),
+    ("10_multi_gpu.ipynb", "10 · Two GPUs: split, context parallel, two pipelines"),
 ]
 START, END = "<!-- fluxnb:nav:start -->", "<!-- fluxnb:nav:end -->"
 FOOTER = "<!-- fluxnb:footer -->"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -120,6 +121,17 @@ def max_memory_for(vram_gib: float, headroom_gib: float, gpus: int = 2) -> dict[
     return {i: f"{budget:.2f}GiB" for i in range(gpus)}
 
 
+class _DropMessage(logging.Filter):
+    """A logging filter that drops records containing ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def _empty_transformer(tiny: bool) -> Any:
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
@@ -150,8 +162,14 @@ def planned_device_map(max_memory: dict[int | str, str | int], dtype: torch.dtyp
 
     model = _empty_transformer(tiny)
     no_split = model._no_split_modules  # a block never straddles two GPUs
-    balanced = get_balanced_memory(model, max_memory=dict(max_memory), dtype=dtype, no_split_module_classes=no_split)
-    return infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype)
+    quiet = logging.getLogger("accelerate.utils.modeling")  # planning for GPUs this machine lacks is the point:
+    absent = _DropMessage("is not available, available devices are")  # drop accelerate's warning about it
+    quiet.addFilter(absent)
+    try:
+        balanced = get_balanced_memory(model, max_memory=dict(max_memory), dtype=dtype, no_split_module_classes=no_split)
+        return infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype)
+    finally:
+        quiet.removeFilter(absent)
 
 
 def blocks_per_device(device_map: dict[str, Any], transformer_config: dict[str, Any] | None = None) -> dict[str, int]:
