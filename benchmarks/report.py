@@ -60,9 +60,11 @@ def recipes_table(results: dict[str, Any]) -> str:
         for s in r["sizes"]:
             st = _stage(r, "denoise", s["height"], s["width"]) or _stage(r, "generate", s["height"], s["width"])
             vram = " / ".join(_f(st.get(k)) for k in ("vram_device_gib", "vram_reserved_gib", "vram_allocated_gib"))
+            per_gpu = r.get("per_gpu_peaks_gib")  # multi-GPU: each GPU's peak instead of the runner's own view
+            flow = " / ".join(_f(v) for v in per_gpu.values()) + " (per GPU)" if per_gpu else _f(r["peaks"]["vram_device_gib"])
             rows.append(
                 f"| {r['recipe']} | {r['compute_dtype'].replace('torch.', '')} | {s['height']}x{s['width']} "
-                f"| {_speed(r, s)} | {vram} | {_f(r['peaks']['vram_device_gib'])} "
+                f"| {_speed(r, s)} | {vram} | {flow} "
                 f"| {_f(r['peaks']['ram_anon_gib'])} | {_f(r.get('load_s'), 1)} | {_f(r.get('compile_s'), 1)} "
                 f"| {_f(s['latents_finite'])} |")
         if not r.get("ok"):  # some sizes measured, then it failed: say where
@@ -133,6 +135,26 @@ def ratios(results: dict[str, Any]) -> str:
         staged = rec.get(name, {}).get("peaks", {}).get("vram_device_gib")
         if staged:
             lines.append(f"- `{name}` flow, device-level VRAM peak (CUDA context included): {staged:.2f} GiB.")
+    base = step("staged-nf4-steps")
+    for name, r in rec.items():
+        if name.startswith("staged-nf4-cache-") and r.get("ok") and base:
+            full = ", ".join(f"{v} of {r['steps']} steps at {k}" for k, v in (r.get("computed_steps") or {}).items())
+            lines.append(f"- step cache `{r['cache']}`: {step(name):.3f} vs {base:.3f} s/step (mean over the steps, "
+                         f"same command), {base / step(name):.2f}x; computed in full: {full}.")
+    one, two = step("cp-bf16-1gpu"), step("cp-bf16-2gpu")
+    if one and two:
+        lines.append(f"- context parallel (Ulysses) on 2 GPUs, bf16, 1024x1024: {two:.3f} vs {one:.3f} s/step on 1 GPU, "
+                     f"{one / two:.2f}x (target 1.6x).")
+    for name in ("split-bf16-2gpu", "split-fp16-kaggle"):
+        r = rec.get(name, {})
+        if r.get("ok") and r.get("per_gpu_peaks_gib"):
+            lines.append(f"- `{name}`: per-GPU peaks " + ", ".join(f"{k} {v:.2f} GiB" for k, v in r["per_gpu_peaks_gib"].items())
+                         + f"; blocks per GPU {r.get('blocks_per_gpu')}; {step(name):.3f} s/step.")
+    pair = rec.get("two-pipelines-nf4", {})
+    if pair.get("ok") and step("two-pipelines-nf4"):
+        per_min = pair["images_at_once"] * 60 / (50 * step("two-pipelines-nf4"))
+        lines.append(f"- two NF4 pipelines on 2 GPUs: {step('two-pipelines-nf4'):.3f} s/step each, {per_min:.2f} images/minute "
+                     "at 50 steps (denoising only).")
     loads = rec.get("nf4-save-reload", {})
     if loads.get("ok"):
         lines.append(f"- Loading the NF4 transformer: quantizing the bf16 shards on the fly {loads['on_the_fly_s']:.1f} s, "

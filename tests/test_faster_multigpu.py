@@ -77,3 +77,33 @@ def test_the_torchrun_worker_refuses_to_start_without_torchrun(monkeypatch, caps
     with pytest.raises(SystemExit):
         multigpu.main(["cp", "--checkpoint", "x", "--json", "out.json"])
     assert "start it with torchrun" in capsys.readouterr().err
+
+
+def test_the_report_states_the_two_gpu_and_cache_results_it_is_given():
+    import json
+    from pathlib import Path
+
+    results = json.loads((Path(report.ROOT) / "benchmarks" / "results" / "h100.json").read_text())
+    base = results["recipes"]["staged-nf4"]
+
+    def row(name, s_per_step, **extra):
+        return dict(base, recipe=name, sizes=[dict(base["sizes"][0], s_per_step=s_per_step)], **extra)
+
+    results["recipes"] = {
+        "staged-nf4-steps": row("staged-nf4-steps", 0.2),
+        "staged-nf4-cache-pab": row("staged-nf4-cache-pab", 0.16, cache="pab", exact=False, computed_steps={"1024x1024": 15}, steps=28),
+        "cp-bf16-1gpu": row("cp-bf16-1gpu", 0.18, per_gpu_peaks_gib={"cuda:0": 30.0}),
+        "cp-bf16-2gpu": row("cp-bf16-2gpu", 0.10, gpus=2, per_gpu_peaks_gib={"cuda:0": 30.0, "cuda:1": 29.5}),
+        "split-bf16-2gpu": row("split-bf16-2gpu", 0.25, gpus=2, per_gpu_peaks_gib={"cuda:0": 13.9, "cuda:1": 15.1},
+                               blocks_per_gpu={"cuda:0": 17, "cuda:1": 40}),
+        "two-pipelines-nf4": row("two-pipelines-nf4", 0.2, gpus=2, images_at_once=2,
+                                 per_gpu_peaks_gib={"cuda:0": 8.3, "cuda:1": 8.3}),
+    }
+    text = report.markdown(results)
+    assert "context parallel (Ulysses) on 2 GPUs, bf16, 1024x1024: 0.100 vs 0.180 s/step on 1 GPU, 1.80x" in text
+    assert "step cache `pab`: 0.160 vs 0.200 s/step" in text and "15 of 28 steps" in text
+    assert "`split-bf16-2gpu`: per-GPU peaks cuda:0 13.90 GiB, cuda:1 15.10 GiB" in text
+    assert "30.00 / 29.50 (per GPU)" in text
+    assert f"{2 * 60 / (50 * 0.2):.2f} images/minute" in text
+    rows = {r["recipe"]: r for r in report.recipe_rows(results)}
+    assert rows["split-bf16-2gpu"]["vram_peak_gib"] == 15.1 and rows["two-pipelines-nf4"]["images_at_once"] == 2
