@@ -289,6 +289,9 @@ def worker(mode: str, checkpoint: str, dtype: torch.dtype, quant: str, height: i
     import torch.distributed as dist
 
     rank, world, device = _init_distributed()
+    torch.zeros(1, device=device)  # this process's CUDA context exists now: measure it once
+    free, total = torch.cuda.mem_get_info(device)
+    context_gib = (total - free) / GIB
     text_dtype = torch.float32 if dtype == torch.float16 else dtype
     start = time.perf_counter()
     encoders = fluxnb.load_text_encoders_4bit(checkpoint, text_dtype)
@@ -306,16 +309,15 @@ def worker(mode: str, checkpoint: str, dtype: torch.dtype, quant: str, height: i
     fluxnb.denoise(pipe, embeds, height, width, 1, 3.5, image_seed)
     warmup_s = time.perf_counter() - warm
     dist.barrier()
-    torch.cuda.reset_peak_memory_stats()
     timer = StepTimer()
     wall = time.perf_counter()
     latents = fluxnb.denoise(pipe, embeds, height, width, steps, 3.5, image_seed, step_timer=timer)
     dist.barrier()
     wall_s = time.perf_counter() - wall
-    free, total = torch.cuda.mem_get_info(device)
     mine = dict(rank=rank, device=str(device), s_per_step=timer.seconds_per_step, step_s=timer.step_seconds,
                 wall_s=wall_s, warmup_s=warmup_s, load_s=load_s, latents_finite=bool(torch.isfinite(latents).all()),
-                vram_device_gib=round((total - free) / GIB, 3),
+                # the whole run's peak on this GPU: its CUDA context plus the most the allocator ever reserved
+                vram_device_gib=round(context_gib + torch.cuda.max_memory_reserved(device) / GIB, 3),
                 vram_allocated_gib=round(torch.cuda.max_memory_allocated(device) / GIB, 3))
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, mine)
