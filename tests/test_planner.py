@@ -119,3 +119,12 @@ def test_recipe_rows_skip_failures_and_take_per_gpu_peaks():
                  per_gpu_peaks_gib={"cuda:0": 9.5, "cuda:1": 12.25})
     row = report.recipe_rows(dict(results, recipes={"x": multi}))[0]
     assert row["gpus"] == 2 and row["vram_peak_gib"] == 12.25
+
+
+def test_the_command_line_answers_for_a_t4_and_asks_about_bf16(capsys):
+    assert planner.main(["--vram", "14.74", "--ram", "12", "--no-bf16", "--gpu-name", "Tesla T4"]) == 0
+    assert "staged-nf4-fp16" in capsys.readouterr().out
+    assert planner.main(["--vram", "6", "--ram", "16", "--bf16"]) == 1  # nothing fits: exit 1
+    with pytest.raises(SystemExit):
+        planner.main(["--vram", "14.74", "--ram", "12"])
+    assert "--no-bf16" in capsys.readouterr().err
