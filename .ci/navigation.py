@@ -26,6 +26,8 @@ COURSE = [  # (file, title): the course, in order
     ("03_generate.ipynb", "03 · Generate"),
     ("04_memory_profiling.ipynb", "04 · Memory profiling"),
     ("08_offloading.ipynb", "08 · The smallest GPU: offloading, and a streamed 4-bit transformer"),
+    ("09_faster.ipynb", "09 · Faster: torch.compile and step caching"),
+    ("10_multi_gpu.ipynb", "10 · Two GPUs: split the model, share one image, or make two"),
 ]
 START, END = "<!-- fluxnb:nav:start -->", "<!-- fluxnb:nav:end -->"
 FOOTER = "<!-- fluxnb:footer -->"

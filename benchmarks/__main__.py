@@ -151,6 +151,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
             results["recipes"][name] = dict(recipe=name, description=recipe.description, skipped="needs a GPU")
             print(f"{name}: skipped (needs a GPU)", flush=True)
             continue
+        if recipe.gpus > 1 and torch.cuda.device_count() < recipe.gpus:
+            results["recipes"][name] = dict(recipe=name, description=recipe.description,
+                                            skipped=f"needs {recipe.gpus} GPUs")
+            print(f"{name}: skipped (needs {recipe.gpus} GPUs, this machine has {torch.cuda.device_count()})", flush=True)
+            continue
         attempts = []
         for _ in range(ns.repeat):
             result, code, output = run_recipe(name, checkpoint, ns)

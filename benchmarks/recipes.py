@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 import fluxnb
+from fluxnb import faster
 from fluxnb.memory import MemoryTracker, StepTimer
 
 DEFAULT_SIZES = "1024x1024,512x768"  # height x width: the course's size, and a smaller landscape one
@@ -33,6 +34,7 @@ class Recipe:
     needs_gpu: bool = False
     compute_dtype: str = "auto"  # "auto": fluxnb.pick_dtype(); "fp16": as on a T4
     env: dict[str, str] = field(default_factory=dict)  # set for the recipe's process before torch starts
+    gpus: int = 1  # GPUs it needs; with fewer the runner records it as skipped
 
 
 @dataclass
@@ -251,6 +253,95 @@ def save_and_reload(ctx: Context) -> None:
         ctx.extra["prequantized_s"] = round(time.perf_counter() - start, 3)
 
 
+def staged_cached(cache: str | None) -> Callable[[Context], None]:
+    """The course flow with one of diffusers' step caches on the transformer (``fluxnb.faster``), or none.
+
+    s/step here is the *mean* over the timed steps, not the median: a cache makes some steps cheap and
+    leaves others full, and the mean is what a whole image costs. ``computed_steps`` counts the steps
+    whose last attention really ran. Run these rows with as many steps as an image takes (``--steps 28``):
+    the schedules start skipping only after the first steps.
+    """
+
+    def run(ctx: Context) -> None:
+        embeds = _encode(ctx, "nf4")
+        start = time.perf_counter()
+        with ctx.stage("load transformer (nf4) + VAE"):
+            pipe = fluxnb.load_denoising_pipeline(ctx.checkpoint, _load_transformer(ctx, "nf4"), ctx.dtype)
+        ctx.extra["load_s"] = round(time.perf_counter() - start, 3)
+        ctx.extra.update(exact=cache is None, cache=cache or "none", computed_steps={})
+        if cache:
+            pipe.transformer.enable_cache(faster.cache_config(cache, pipe, ctx.steps))
+        latents = {}
+        for height, width in ctx.sizes:
+            start = time.perf_counter()
+            with ctx.stage(f"warm-up {height}x{width}"):
+                fluxnb.denoise(pipe, embeds, height, width, 1, ctx.guidance, ctx.seed)
+            warmup_s = time.perf_counter() - start
+            timer = StepTimer()
+            with ctx.stage(f"denoise {height}x{width}"), faster.count_attention_runs(pipe.transformer) as runs:
+                out = fluxnb.denoise(pipe, embeds, height, width, ctx.steps, ctx.guidance, ctx.seed, step_timer=timer)
+            ctx.extra["computed_steps"][f"{height}x{width}"] = runs[0]
+            ctx.sizes_out.append(dict(height=height, width=width, warmup_s=round(warmup_s, 3),
+                                      s_per_step=round(sum(timer.step_seconds) / len(timer.step_seconds), 4),
+                                      step_s=[round(t, 4) for t in timer.step_seconds],
+                                      latents_finite=bool(torch.isfinite(out).all())))
+            latents[(height, width)] = out
+            if ctx.on_size_done is not None:
+                ctx.on_size_done()
+        vae = pipe.vae
+        with ctx.stage("free transformer"):
+            del pipe
+            fluxnb.flush()
+        _decode_all_sizes(ctx, vae, latents)
+
+    return run
+
+
+def split_two_gpus(vram_gib: float, nf4_text: bool) -> Callable[[Context], None]:
+    """Notebook 10's split (``fluxnb.multigpu.run_split``) on every GPU capped at ``vram_gib``, first size only."""
+    from fluxnb import multigpu
+
+    def run(ctx: Context) -> None:
+        height, width = ctx.sizes[0]
+        tracker = multigpu.GpuTracker()
+        start = time.perf_counter()
+        with ctx.stage(f"split flow {height}x{width}"):
+            out = multigpu.run_split(ctx.checkpoint, ctx.dtype, vram_gib, height, width, ctx.steps, ctx.prompt,
+                                     ctx.seed, ctx.guidance, nf4_text=nf4_text, tracker=tracker)
+        load = next(r for r in out["stages"] if r["stage"].startswith("load"))
+        ctx.extra.update(load_s=load["seconds"], gpus=torch.cuda.device_count(), per_gpu_stages=out["stages"],
+                         per_gpu_peaks_gib=out["per_gpu_peaks_gib"], blocks_per_gpu=out["blocks_per_gpu"])
+        warmup = next(r for r in out["stages"] if r["stage"] == "warm-up")
+        ctx.sizes_out.append(dict(height=height, width=width, warmup_s=warmup["seconds"],
+                                  s_per_step=round(out["s_per_step"], 4), step_s=[round(t, 4) for t in out["step_s"]],
+                                  latents_finite=out["latents_finite"]))
+        print(f"split at {vram_gib} GiB per GPU: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in out["per_gpu_peaks_gib"].items()))
+
+    return run
+
+
+def torchrun(mode: str, nproc: int, quant: str) -> Callable[[Context], None]:
+    """``fluxnb.multigpu``'s torchrun worker on ``nproc`` GPUs (context parallel or independent pipelines)."""
+    import tempfile
+
+    from fluxnb import multigpu
+
+    def run(ctx: Context) -> None:
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[ctx.dtype]
+        for height, width in ctx.sizes[:1]:  # each size would be another launch: the first is the comparison
+            with tempfile.TemporaryDirectory() as tmp, ctx.stage(f"torchrun {mode} x{nproc} {height}x{width}"):
+                out = multigpu.launch(mode, nproc, ctx.checkpoint, f"{tmp}/out.json", dtype, quant, height, width,
+                                      ctx.steps, ctx.seed)
+            rank0 = out["ranks"][0]
+            ctx.extra.update(load_s=round(rank0["load_s"], 3), gpus=nproc, images_at_once=out["images_at_once"],
+                             per_gpu_peaks_gib=out["per_gpu_peaks_gib"], ranks=out["ranks"])
+            ctx.sizes_out.append(dict(height=height, width=width, warmup_s=round(rank0["warmup_s"], 3),
+                                      s_per_step=round(out["s_per_step"], 4),
+                                      step_s=[round(t, 4) for t in rank0["step_s"]], latents_finite=out["latents_finite"]))
+
+    return run
+
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("bf16-resident", "all components in bf16, resident on the GPU", all_resident, needs_gpu=True),
     Recipe("staged-nf4", "course flow: NF4 T5 encode, free, NF4 transformer denoise, free, VAE decode", staged("nf4")),
@@ -267,6 +358,24 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            staged("nf4", compile_how="regional"), needs_gpu=True),
     Recipe("staged-nf4-compile-full", "the course flow, whole transformer compiled (Module.compile, fullgraph)",
            staged("nf4", compile_how="full"), needs_gpu=True),
+    # notebook 09: step caching (run with --steps 28 --sizes 1024x1024; s/step is the mean over the steps)
+    Recipe("staged-nf4-steps", "the course flow, s/step as the mean over all timed steps (the caches' baseline)",
+           staged_cached(None), needs_gpu=True),
+    *[Recipe(f"staged-nf4-cache-{name}", f"the course flow with diffusers' {name} step cache ({how})",
+             staged_cached(name), needs_gpu=True) for name, (_, how) in faster.CACHES.items()],
+    # notebook 10: two GPUs (nvidia-h200-x2)
+    Recipe("split-bf16-2gpu", "encoders balanced, bf16 transformer device_map='auto' over 2 GPUs capped at 16 GiB each, "
+           "VAE alone", split_two_gpus(16.0, nf4_text=False), needs_gpu=True, compute_dtype="bf16", gpus=2),
+    Recipe("split-fp16-kaggle", "Kaggle's 2x T4 shape: NF4 T5 (fp32), fp16 transformer device_map='auto' over 2 GPUs "
+           "capped at 14.74 GiB each, VAE alone", split_two_gpus(14.74, nf4_text=True), needs_gpu=True,
+           compute_dtype="fp16", gpus=2),
+    Recipe("cp-bf16-1gpu", "bf16 transformer resident, torchrun on 1 GPU (context parallel's baseline)",
+           torchrun("cp", 1, "none"), needs_gpu=True, compute_dtype="bf16"),
+    Recipe("cp-bf16-2gpu", "bf16 transformer on each of 2 GPUs, one image: context parallel "
+           "(ContextParallelConfig(ulysses_degree=2))", torchrun("cp", 2, "none"), needs_gpu=True,
+           compute_dtype="bf16", gpus=2),
+    Recipe("two-pipelines-nf4", "the course's NF4 flow on each of 2 GPUs, two images at once (torchrun)",
+           torchrun("replicas", 2, "nf4"), needs_gpu=True, compute_dtype="bf16", gpus=2),
 ]}
 
 

@@ -60,9 +60,11 @@ def recipes_table(results: dict[str, Any]) -> str:
         for s in r["sizes"]:
             st = _stage(r, "denoise", s["height"], s["width"]) or _stage(r, "generate", s["height"], s["width"])
             vram = " / ".join(_f(st.get(k)) for k in ("vram_device_gib", "vram_reserved_gib", "vram_allocated_gib"))
+            per_gpu = r.get("per_gpu_peaks_gib")  # multi-GPU: each GPU's peak instead of the runner's own view
+            flow = " / ".join(_f(v) for v in per_gpu.values()) + " (per GPU)" if per_gpu else _f(r["peaks"]["vram_device_gib"])
             rows.append(
                 f"| {r['recipe']} | {r['compute_dtype'].replace('torch.', '')} | {s['height']}x{s['width']} "
-                f"| {_speed(r, s)} | {vram} | {_f(r['peaks']['vram_device_gib'])} "
+                f"| {_speed(r, s)} | {vram} | {flow} "
                 f"| {_f(r['peaks']['ram_anon_gib'])} | {_f(r.get('load_s'), 1)} | {_f(r.get('compile_s'), 1)} "
                 f"| {_f(s['latents_finite'])} |")
         if not r.get("ok"):  # some sizes measured, then it failed: say where
@@ -133,6 +135,26 @@ def ratios(results: dict[str, Any]) -> str:
         staged = rec.get(name, {}).get("peaks", {}).get("vram_device_gib")
         if staged:
             lines.append(f"- `{name}` flow, device-level VRAM peak (CUDA context included): {staged:.2f} GiB.")
+    base = step("staged-nf4-steps")
+    for name, r in rec.items():
+        if name.startswith("staged-nf4-cache-") and r.get("ok") and base:
+            full = ", ".join(f"{v} of {r['steps']} steps at {k}" for k, v in (r.get("computed_steps") or {}).items())
+            lines.append(f"- step cache `{r['cache']}`: {step(name):.3f} vs {base:.3f} s/step (mean over the steps, "
+                         f"same command), {base / step(name):.2f}x; computed in full: {full}.")
+    one, two = step("cp-bf16-1gpu"), step("cp-bf16-2gpu")
+    if one and two:
+        lines.append(f"- context parallel (Ulysses) on 2 GPUs, bf16, 1024x1024: {two:.3f} vs {one:.3f} s/step on 1 GPU, "
+                     f"{one / two:.2f}x (target 1.6x).")
+    for name in ("split-bf16-2gpu", "split-fp16-kaggle"):
+        r = rec.get(name, {})
+        if r.get("ok") and r.get("per_gpu_peaks_gib"):
+            lines.append(f"- `{name}`: per-GPU peaks " + ", ".join(f"{k} {v:.2f} GiB" for k, v in r["per_gpu_peaks_gib"].items())
+                         + f"; blocks per GPU {r.get('blocks_per_gpu')}; {step(name):.3f} s/step.")
+    pair = rec.get("two-pipelines-nf4", {})
+    if pair.get("ok") and step("two-pipelines-nf4"):
+        per_min = pair["images_at_once"] * 60 / (50 * step("two-pipelines-nf4"))
+        lines.append(f"- two NF4 pipelines on 2 GPUs: {step('two-pipelines-nf4'):.3f} s/step each, {per_min:.2f} images/minute "
+                     "at 50 steps (denoising only).")
     loads = rec.get("nf4-save-reload", {})
     if loads.get("ok"):
         lines.append(f"- Loading the NF4 transformer: quantizing the bf16 shards on the fly {loads['on_the_fly_s']:.1f} s, "
@@ -240,6 +262,7 @@ def write_all(results_path: Path, targets: bool = True) -> str:
         readme.write_text(replace_marked(readme.read_text(), f"{text}\n![benchmark chart]({rel})"))
         update_notebook(ROOT / "notebooks" / "04_memory_profiling.ipynb", text)
         write_course_docs()
+        write_recipes_json()
     return text
 
 
@@ -303,3 +326,73 @@ def write_offload_docs(results_path: Path) -> str:
     results_path.with_suffix(".md").write_text(body + "\n")
     update_notebook(ROOT / "notebooks" / "08_offloading.ipynb", body, OFFLOAD_START, OFFLOAD_END)
     return body
+
+RECIPES_JSON = ROOT / "fluxnb" / "results" / "recipes.json"  # package data: fluxnb.planner reads it, on Colab too
+
+
+def _size_peak(recipe: dict[str, Any], field: str, size: str, sizes: list[str]) -> float | None:
+    """The largest ``field`` over the stages that belong to ``size`` or to no size (load, encode, free).
+
+    For a recipe's second size the allocator still holds blocks from the first, so this is an upper
+    bound there; for the first size it is that size's own peak.
+    """
+    others = [s for s in sizes if s != size]
+    values = [st.get(field) for st in recipe.get("stages", []) if not any(o in st["stage"] for o in others)]
+    values = [v for v in values if v is not None]
+    return round(max(values), 3) if values else None
+
+
+def recipe_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One compact row per finished recipe and size: what the planner needs to choose, and nothing else."""
+    rows = []
+    for r in results.get("recipes", {}).values():
+        if not r.get("ok") or not r.get("sizes"):
+            continue  # failed, skipped, or load-only: nothing to recommend
+        p = r.get("provenance") or results["provenance"]
+        sizes = [f"{s['height']}x{s['width']}" for s in r["sizes"]]
+        for s, size in zip(r["sizes"], sizes):
+            per_gpu = r.get("per_gpu_peaks_gib")  # multi-GPU recipes: {"cuda:0": GiB, ...} over the whole flow
+            rows.append(dict(
+                recipe=r["recipe"], description=r["description"], size=size,
+                compute=r["compute_dtype"].replace("torch.", ""), gpus=r.get("gpus") or 1,
+                images_at_once=r.get("images_at_once") or 1, s_per_step=s["s_per_step"],
+                vram_peak_gib=max(per_gpu.values()) if per_gpu else _size_peak(r, "vram_device_gib", size, sizes),
+                ram_peak_gib=_size_peak(r, "ram_anon_gib", size, sizes), compile_s=r.get("compile_s"),
+                warmup_s=s["warmup_s"], exact=r.get("exact", True),  # False: a step cache changes the outputs
+                gpu=p["gpu"], date=p["date"][:10], command=p["command"],
+                upper_bound=size != sizes[0] and not per_gpu))
+    return rows
+
+
+def course_rows(folder: Path = COURSE_RESULTS) -> list[dict[str, Any]]:
+    """The committed whole-course runs inside an envelope, one line each."""
+    rows = []
+    for path in sorted(folder.glob("course-*.json")):
+        run = json.loads(path.read_text())
+        nbs, env, p = run["notebooks"], run.get("envelope") or {}, run["provenance"]
+        rows.append(dict(envelope=env.get("name"), vram_gib=env.get("vram_gib"), ram_gib=env.get("ram_gib"),
+                         bf16=env.get("bf16"), passed=sum(n["passed"] for n in nbs), notebooks=len(nbs),
+                         failed=[n["notebook"] for n in nbs if not n["passed"]],
+                         vram_peak_gib=max((n["vram_device_peak_gib"] or 0) for n in nbs if n["passed"]),
+                         gpu=p["gpu"], date=p["date"][:10], command=p["command"]))
+    return rows
+
+
+def recipes_json(paths: list[Path], course_folder: Path = COURSE_RESULTS) -> dict[str, Any]:
+    """What ``fluxnb/results/recipes.json`` holds: every finished recipe row of ``paths``, and the course runs."""
+    rows = [row for path in paths for row in recipe_rows(json.loads(path.read_text()))]
+    return dict(generated_by="python -m benchmarks report",
+                sources=[path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+                         for path in paths],
+                note="random weights of the real FLUX.1-dev shapes: memory and speed are real, image quality "
+                     "is not measured; vram_peak_gib is the device-level peak (CUDA context included), per GPU "
+                     "for multi-GPU recipes; ram_peak_gib is anonymous host memory",
+                recipes=rows, course=course_rows(course_folder))
+
+
+def write_recipes_json(folder: Path | None = None, out: Path = RECIPES_JSON) -> dict[str, Any]:
+    """Regenerate ``fluxnb/results/recipes.json`` from every ``benchmarks/results/*.json``."""
+    folder = folder or ROOT / "benchmarks" / "results"
+    data = recipes_json(sorted(folder.glob("*.json")))
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    return data

@@ -22,6 +22,9 @@ from fluxnb.memory import GIB, MemoryTracker, device_used_bytes
 
 PEAK_FIELDS = ("vram_device_gib", "vram_allocated_gib", "vram_reserved_gib", "ram_anon_gib")
 TIME_FIELDS = ("load_s", "compile_s", "on_the_fly_s", "prequantized_s")  # what recipes put in Context.extra
+# what multi-GPU and step-caching recipes add (kept only where a recipe set them)
+EXTRA_FIELDS = ("gpus", "images_at_once", "per_gpu_peaks_gib", "per_gpu_stages", "blocks_per_gpu", "exact",
+                "cache", "computed_steps", "ranks")
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -93,7 +96,8 @@ def _measured(result: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """``result`` with what the context has recorded so far: sizes, stages, peaks, load/compile times."""
     stages = [r.as_dict() for r in ctx.tracker.records]
     return dict(result, sizes=list(ctx.sizes_out), stages=stages, peaks=peaks(stages),
-                **{k: ctx.extra.get(k) for k in TIME_FIELDS}, info=ctx.extra.get("info"))
+                **{k: ctx.extra.get(k) for k in TIME_FIELDS}, info=ctx.extra.get("info"),
+                **{k: ctx.extra[k] for k in EXTRA_FIELDS if k in ctx.extra})
 
 
 def main(argv: list[str] | None = None) -> int:

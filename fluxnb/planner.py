@@ -1,0 +1,217 @@
+"""Which recipe should *this* machine run? The fastest measured one that fits, from committed results.
+
+    python -m fluxnb.planner                      # this machine
+    python -m fluxnb.planner --vram 14.74 --ram 12 --no-bf16     # a free Colab T4
+    python -m fluxnb.planner --vram 7.6 --ram 16                  # an 8 GB card with a desktop
+
+The answer is read from ``fluxnb/results/recipes.json`` (shipped with fluxnb, so a Colab install has
+it), which ``python -m benchmarks report`` generates from the benchmark's results: every recipe ran on
+the real FLUX.1-dev shapes with random weights, so its memory and speed are real, its image quality
+unknown. A recipe fits when its measured device-level VRAM peak (CUDA context included; per GPU for a
+multi-GPU recipe) plus a 0.2 GiB margin is at most this card's VRAM, its host RAM peak at most this machine's RAM, it needs
+no more GPUs than there are, and it computed in a dtype this GPU has (no bf16 on a T4: fp16 rows only).
+Speeds were measured on the GPU each row names; on another GPU they are scaled by a rough ratio of
+peak tensor FLOPS, and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECIPES_JSON = Path(__file__).resolve().parent / "results" / "recipes.json"
+MARGIN_GIB = 0.2  # VRAM a recipe must leave free: peaks move by a few hundred MiB between runs and drivers
+
+# Dense fp16/bf16 tensor-core TFLOPS (fp32 accumulate) from the vendors' datasheets: a rough guide to
+# how much slower a step is than where it was measured, nothing more. FLUX's NF4 steps also depend on
+# memory bandwidth and bitsandbytes' kernels, so a real step is usually slower than this ratio says.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "T4": 65.0,
+               "V100": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "A10": 125.0}
+
+
+def load_recipes(path: str | Path | None = None) -> dict[str, Any]:
+    """The measured recipes and course runs (``fluxnb/results/recipes.json`` unless ``path``)."""
+    path = Path(path) if path is not None else RECIPES_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `python -m benchmarks report` to generate it from "
+                                "benchmarks/results/*.json, or reinstall fluxnb.")
+    return json.loads(path.read_text())
+
+
+def peak_tflops(gpu_name: str | None) -> float | None:
+    """The datasheet figure for a GPU named like ``NVIDIA H100 80GB HBM3`` or ``Tesla T4``; None if unknown."""
+    if not gpu_name:
+        return None
+    words = gpu_name.upper().replace("-", " ").split()  # "NVIDIA A100-SXM4-40GB" -> [..., "A100", "SXM4", ...]
+    text = " ".join(words)
+    for key, tflops in PEAK_TFLOPS.items():
+        if (key in words) or (" " in key and f" {key} " in f" {text} "):
+            return tflops
+    return None
+
+
+@dataclass
+class Plan:
+    """The planner's answer: the recipe (a row of recipes.json) or None, and the sentences that explain it."""
+
+    machine: dict[str, Any]
+    recipe: dict[str, Any] | None
+    fitting: list[dict[str, Any]] = field(default_factory=list)  # every row that fits, fastest first
+    smallest: dict[str, Any] | None = None  # when nothing fits: the row needing the least VRAM
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.recipe is not None
+
+    def __str__(self) -> str:
+        return "\n".join(self.notes)
+
+
+def _per_image_step(row: dict[str, Any]) -> float:
+    """Seconds per step per image: two pipelines making two images at once halve it."""
+    return row["s_per_step"] / row.get("images_at_once", 1)
+
+
+def _why_not(row: dict[str, Any], vram: float | None, ram: float | None, gpus: int, bf16: bool,
+             margin: float) -> str | None:
+    if row["gpus"] > gpus:
+        return f"needs {row['gpus']} GPUs"
+    if vram is None:
+        return "needs a GPU"
+    if row["vram_peak_gib"] + margin > vram:
+        return f"needs {row['vram_peak_gib']:.2f} GiB of VRAM"
+    if ram is not None and row["ram_peak_gib"] is not None and row["ram_peak_gib"] > ram:
+        return f"needs {row['ram_peak_gib']:.2f} GiB of host RAM"
+    if row["compute"] == "bfloat16" and not bf16:
+        return "computes in bf16, which this GPU lacks"
+    return None
+
+
+def _speed_note(row: dict[str, Any], gpu_name: str | None) -> str:
+    """s/step where it was measured, and a rough figure for this GPU where the two differ."""
+    text = f"{row['s_per_step']:.3f} s/step measured on {row['gpu']} ({row['date']})"
+    if row.get("images_at_once", 1) > 1:
+        text += f" for {row['images_at_once']} images at once"
+    if not gpu_name or gpu_name == row["gpu"]:
+        return text
+    here, there = peak_tflops(gpu_name), peak_tflops(row["gpu"])
+    if here is None or there is None:
+        return text + f"; your {gpu_name} is not in fluxnb's table of GPUs, so no estimate: time a step with StepTimer"
+    guess = row["s_per_step"] * there / here
+    return (text + f"; on your {gpu_name} roughly {guess:.2f} s/step or slower (scaled by datasheet tensor "
+            f"FLOPS {there:g}/{here:g}, a rough guide: measure it with StepTimer)")
+
+
+def plan(vram_gib: float | None = None, ram_gib: float | None = None, gpu_count: int | None = None,
+         bf16: bool | None = None, gpu_name: str | None = None, size: str = "1024x1024",
+         data: dict[str, Any] | None = None, allow_approximate: bool = False, allow_compile: bool = False,
+         margin_gib: float = MARGIN_GIB) -> Plan:
+    """The fastest measured recipe at ``size`` that fits the machine; by default this machine.
+
+    Arguments left as None are read from :func:`fluxnb.machine_info` (inside a course envelope, the
+    target's VRAM, RAM and bf16). ``vram_gib`` is what PyTorch sees for the whole card (CUDA context
+    included), per GPU; a recipe fits with ``margin_gib`` to spare (allocator fragmentation differs
+    between runs). Compiled recipes are extras on top of a recipe (a compile per process and image
+    size first; notebook 09), named after the choice, and ranked only with ``allow_compile``.
+    Step-caching recipes change the model's outputs, so they are left out unless ``allow_approximate``.
+    ``data`` replaces the shipped results (tests pass a fixture).
+    """
+    if None in (vram_gib, ram_gib, gpu_count, bf16):
+        from fluxnb.environment import machine_info
+
+        info = machine_info()
+        vram_gib = info.vram_gib if vram_gib is None and info.gpu_count else vram_gib
+        ram_gib = info.ram_gib if ram_gib is None else ram_gib
+        gpu_count = info.gpu_count if gpu_count is None else gpu_count
+        bf16 = info.bf16_supported if bf16 is None else bf16
+        gpu_name = gpu_name or info.gpu_name
+    if gpu_count == 0:
+        vram_gib = None
+    data = load_recipes() if data is None else data
+    measured = [r for r in data["recipes"] if r["size"] == size and (allow_approximate or r["exact"])]
+    rows = [r for r in measured if allow_compile or not r.get("compile_s")]
+    if not rows:
+        sizes = sorted({r["size"] for r in data["recipes"]})
+        raise ValueError(f"no measured recipe at size {size!r}: measured sizes are {', '.join(sizes)}.")
+    machine = dict(vram_gib=vram_gib, ram_gib=ram_gib, gpu_count=gpu_count, bf16=bf16, gpu_name=gpu_name, size=size)
+    def fit(r: dict[str, Any]) -> bool:
+        return _why_not(r, vram_gib, ram_gib, gpu_count or 0, bool(bf16), margin_gib) is None
+
+    fitting = sorted(filter(fit, rows), key=_per_image_step)
+    where = (f"{gpu_count} x " if gpu_count and gpu_count > 1 else "") + (
+        f"{gpu_name or 'GPU'} with {vram_gib:.2f} GiB" if vram_gib is not None else "no GPU")
+    precision = "" if vram_gib is None else (", bf16" if bf16 else ", no bf16: fp16")
+    head = f"On this machine ({where}, {ram_gib:.1f} GiB host RAM{precision}), at {size}:"
+    if not fitting:
+        smallest = min((r for r in rows if r["gpus"] <= max(gpu_count or 1, 1)), key=lambda r: r["vram_peak_gib"])
+        short = (f"{smallest['vram_peak_gib'] - vram_gib:.2f} GiB more VRAM than this GPU has, and fluxnb asks "
+                 f"{margin_gib:g} GiB to spare" if vram_gib is not None else "a GPU")
+        notes = [head, f"nothing measured fits: the smallest, `{smallest['recipe']}`, needs "
+                       f"{smallest['vram_peak_gib']:.2f} GiB of VRAM and {smallest['ram_peak_gib']:.2f} GiB of host RAM "
+                       f"({short}).",
+                 "Next: a smaller image, offloading more to the CPU, or a larger GPU (a free Colab T4 fits the "
+                 "course); without a GPU, the tiny stand-in (FLUXNB_CHECKPOINT=tiny) teaches every step on the CPU."]
+        return Plan(machine, None, [], smallest, notes)
+    best = fitting[0]
+    vram_left = vram_gib - best["vram_peak_gib"]
+    notes = [head, f"fastest measured recipe that fits: `{best['recipe']}` ({best['description']}); "
+                   f"{_speed_note(best, gpu_name)}.",
+             f"expected peaks: {best['vram_peak_gib']:.2f} GiB VRAM" + (" per GPU" if best["gpus"] > 1 else "")
+             + f" (CUDA context included; {vram_left:.2f} GiB to spare), {best['ram_peak_gib']:.2f} GiB host RAM."]
+    if best.get("compile_s"):
+        notes.append(f"it compiles first: {best['compile_s']:.0f} s once per process on {best['gpu']} (notebook 09 "
+                     "says when that pays off).")
+    compiled = sorted((r for r in measured if r.get("compile_s") and r not in fitting and fit(r)), key=_per_image_step)
+    if compiled and not allow_compile and compiled[0]["s_per_step"] < best["s_per_step"]:
+        c = compiled[0]
+        notes.append(f"faster with torch.compile: `{c['recipe']}` {c['s_per_step']:.3f} s/step after {c['compile_s']:.0f} s "
+                     f"of compiling, peak {c['vram_peak_gib']:.2f} GiB (notebook 09).")
+    if best["compute"] == "float16":
+        notes.append("measured in fp16, as this GPU computes (no bf16): the text encoders run in fp32 (notebook 01).")
+    if best.get("upper_bound"):
+        notes.append("the VRAM peak at this size is an upper bound (measured after a larger size in the same process).")
+    if len(fitting) > 1:
+        notes.append("also fitting: " + ", ".join(f"`{r['recipe']}` {r['s_per_step']:.3f} s/step" for r in fitting[1:4])
+                     + ("" if len(fitting) <= 4 else f", and {len(fitting) - 4} more") + ".")
+    for run in data.get("course", []):
+        if vram_gib >= run["vram_gib"] and ram_gib >= run["ram_gib"] and (bf16 or not run["bf16"]):
+            verdict = ("all notebooks passed" if not run["failed"]
+                       else f"{run['passed']} of {run['notebooks']} passed ({', '.join(run['failed'])} did not)")
+            notes.append(f"the whole course inside the `{run['envelope']}` envelope ({run['vram_gib']} GiB, "
+                         f"{run['ram_gib']} GiB RAM, a machine no larger than this one): {verdict} "
+                         f"(measured {run['date']} on {run['gpu']}).")
+    return Plan(machine, best, fitting, None, notes)
+
+
+def advice(**kwargs: Any) -> str:
+    """:func:`plan` as text, for a notebook cell or an out-of-memory message."""
+    return str(plan(**kwargs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fluxnb.planner", description=__doc__.split("\n")[0])
+    parser.add_argument("--vram", type=float, help="GiB of VRAM per GPU, CUDA context included (default: this GPU)")
+    parser.add_argument("--ram", type=float, help="GiB of host RAM (default: this machine)")
+    parser.add_argument("--gpus", type=int, help="number of GPUs (default: this machine)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="does the GPU compute in bf16 (default: this GPU; --no-bf16 for a T4)")
+    parser.add_argument("--gpu-name", help="e.g. 'Tesla T4', for a rough speed estimate")
+    parser.add_argument("--size", default="1024x1024", help="height x width, as measured (default 1024x1024)")
+    parser.add_argument("--approximate", action="store_true", help="include step-caching recipes")
+    parser.add_argument("--compile", action="store_true", help="rank torch.compile recipes too")
+    ns = parser.parse_args(argv)
+    if ns.vram is not None and ns.bf16 is None:
+        parser.error("with --vram, say whether that GPU has bf16: --bf16 (Ampere or newer) or --no-bf16 (a T4)")
+    result = plan(ns.vram, ns.ram, ns.gpus if ns.gpus is not None else (1 if ns.vram is not None else None), ns.bf16,
+                  ns.gpu_name, ns.size, allow_approximate=ns.approximate, allow_compile=ns.compile)
+    print(result)
+    return 0 if result.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Notebook 09's and 10's helpers on a CPU: step caches on the tiny stand-in, compile payback arithmetic,
+the two-GPU device map computed on empty weights, and the benchmark rows they feed."""
+
+import pytest
+import torch
+
+import fluxnb
+from benchmarks import report, worker
+from benchmarks.recipes import RECIPES
+from fluxnb import faster, multigpu
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return str(fluxnb.build_tiny("dev"))
+
+
+def test_every_cache_and_two_gpu_recipe_is_a_benchmark_row():
+    assert {f"staged-nf4-cache-{name}" for name in faster.CACHES} <= set(RECIPES)
+    assert {"split-bf16-2gpu", "split-fp16-kaggle", "cp-bf16-2gpu", "two-pipelines-nf4"} <= set(RECIPES)
+    assert RECIPES["cp-bf16-2gpu"].gpus == 2 and RECIPES["cp-bf16-1gpu"].gpus == 1
+    assert RECIPES["split-fp16-kaggle"].compute_dtype == "fp16"
+
+
+def test_threshold_and_schedule_caches_are_told_apart():
+    assert "first-block" not in faster.FIXED_SCHEDULE
+    assert {"pab", "taylorseer", "fastercache", "magcache"} <= set(faster.FIXED_SCHEDULE)
+    with pytest.raises(ValueError, match="unknown cache 'teacache'"):
+        faster.cache_config("teacache", None, 10)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_a_fixed_schedule_cache_skips_steps_and_is_marked_approximate(tiny):
+    base = worker.run("staged-nf4-steps", tiny, [(64, 64)], steps=8)
+    pab = worker.run("staged-nf4-cache-pab", tiny, [(64, 64)], steps=8)
+    assert base["ok"] and pab["ok"]
+    assert base["exact"] is True and base["computed_steps"] == {"64x64": 8}
+    assert pab["exact"] is False and pab["cache"] == "pab" and 0 < pab["computed_steps"]["64x64"] < 8
+    timed = pab["sizes"][0]
+    assert timed["s_per_step"] == pytest.approx(sum(timed["step_s"]) / len(timed["step_s"]), abs=1e-3)  # the mean
+    rows = report.recipe_rows(dict(provenance=dict(gpu="CPU", date="2026-11-22", command="test"),
+                                   recipes={"a": dict(base, provenance=None), "b": dict(pab, provenance=None)}))
+    assert [r["exact"] for r in rows] == [True, False]
+
+
+def test_compile_blocker_explains_the_cpu():
+    class Quantized(torch.nn.Module):
+        is_quantized = True
+
+    reason = faster.compile_blocker(Quantized())
+    if torch.cuda.is_available():
+        assert reason is None
+    else:
+        assert "no GPU" in reason and "inductor" in reason
+    assert faster.compile_blocker(torch.nn.Linear(2, 2)) is None
+
+
+def test_payback_is_compile_time_over_time_saved_per_image():
+    assert faster.payback_images(17.0, 0.193, 0.144, 50) == pytest.approx(17.0 / (0.049 * 50))
+    assert faster.payback_images(30.0, 0.2, 0.2, 50) is None  # no faster: never pays off
+
+
+def test_the_device_map_of_flux_over_two_gpus_is_computed_on_empty_weights():
+    assert multigpu.transformer_gib(torch.bfloat16) == pytest.approx(22.17, abs=0.01)
+    for cap in (16.0, 14.74):
+        device_map = multigpu.planned_device_map(multigpu.max_memory_for(cap, 3.0), torch.float16)
+        blocks = multigpu.blocks_per_device(device_map)
+        assert set(blocks) == {"cuda:0", "cuda:1"} and sum(blocks.values()) == 57  # 19 double + 38 single
+    too_much_headroom = multigpu.planned_device_map(multigpu.max_memory_for(14.74, 3.5), torch.float16)
+    assert "disk" in too_much_headroom.values()  # 2 x 11.24 GiB cannot hold 22.17 GiB of weights
+    with pytest.raises(ValueError, match="leaves nothing"):
+        multigpu.max_memory_for(8.0, 9.0)
+
+
+def test_the_torchrun_worker_refuses_to_start_without_torchrun(monkeypatch, capsys):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit):
+        multigpu.main(["cp", "--checkpoint", "x", "--json", "out.json"])
+    assert "start it with torchrun" in capsys.readouterr().err
+
+
+def test_the_report_states_the_two_gpu_and_cache_results_it_is_given():
+    import json
+    from pathlib import Path
+
+    results = json.loads((Path(report.ROOT) / "benchmarks" / "results" / "h100.json").read_text())
+    base = results["recipes"]["staged-nf4"]
+
+    def row(name, s_per_step, **extra):
+        return dict(base, recipe=name, sizes=[dict(base["sizes"][0], s_per_step=s_per_step)], **extra)
+
+    results["recipes"] = {
+        "staged-nf4-steps": row("staged-nf4-steps", 0.2),
+        "staged-nf4-cache-pab": row("staged-nf4-cache-pab", 0.16, cache="pab", exact=False, computed_steps={"1024x1024": 15}, steps=28),
+        "cp-bf16-1gpu": row("cp-bf16-1gpu", 0.18, per_gpu_peaks_gib={"cuda:0": 30.0}),
+        "cp-bf16-2gpu": row("cp-bf16-2gpu", 0.10, gpus=2, per_gpu_peaks_gib={"cuda:0": 30.0, "cuda:1": 29.5}),
+        "split-bf16-2gpu": row("split-bf16-2gpu", 0.25, gpus=2, per_gpu_peaks_gib={"cuda:0": 13.9, "cuda:1": 15.1},
+                               blocks_per_gpu={"cuda:0": 17, "cuda:1": 40}),
+        "two-pipelines-nf4": row("two-pipelines-nf4", 0.2, gpus=2, images_at_once=2,
+                                 per_gpu_peaks_gib={"cuda:0": 8.3, "cuda:1": 8.3}),
+    }
+    text = report.markdown(results)
+    assert "context parallel (Ulysses) on 2 GPUs, bf16, 1024x1024: 0.100 vs 0.180 s/step on 1 GPU, 1.80x" in text
+    assert "step cache `pab`: 0.160 vs 0.200 s/step" in text and "15 of 28 steps" in text
+    assert "`split-bf16-2gpu`: per-GPU peaks cuda:0 13.90 GiB, cuda:1 15.10 GiB" in text
+    assert "30.00 / 29.50 (per GPU)" in text
+    assert f"{2 * 60 / (50 * 0.2):.2f} images/minute" in text
+    rows = {r["recipe"]: r for r in report.recipe_rows(results)}
+    assert rows["split-bf16-2gpu"]["vram_peak_gib"] == 15.1 and rows["two-pipelines-nf4"]["images_at_once"] == 2
