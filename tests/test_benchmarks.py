@@ -104,7 +104,7 @@ def test_merge_keeps_good_measurements_over_failed_attempts(tmp_path):
 
 def test_committed_results_regenerate_to_the_committed_table():
     """The README/notebook table is generated from the JSON, not typed: regenerating changes nothing."""
-    results = sorted(cli.RESULTS.glob("*.json"))
+    results = sorted(p for p in cli.RESULTS.glob("*.json") if not p.stem.endswith("-offload"))
     assert results, "no committed benchmark results"
     for path in results:
         data = json.loads(path.read_text())
@@ -113,6 +113,18 @@ def test_committed_results_regenerate_to_the_committed_table():
             assert recipe.get("skipped") or {"provenance", "stages", "peaks", "sizes", "ok"} <= set(recipe)
     readme = (report.ROOT / "README.md").read_text()
     assert report.markdown(json.loads(results[0].read_text())).strip() in readme
+
+
+def test_committed_offload_results_regenerate_to_notebook_08s_table():
+    """Notebook 08's GPU table is generated from benchmarks/gpu_offload.sh's committed results."""
+    offload = sorted(cli.RESULTS.glob("*-offload.json"))
+    assert offload, "no committed offload results (benchmarks/gpu_offload.sh)"
+    body = report.offload_markdown(json.loads(offload[0].read_text()))
+    assert offload[0].with_suffix(".md").read_text() == body + "\n"
+    notebook = (report.ROOT / "notebooks" / "08_offloading.ipynb").read_text()
+    cell = next("".join(c["source"]) for c in json.loads(notebook)["cells"] if report.OFFLOAD_START in "".join(c["source"]))
+    assert f"{report.OFFLOAD_START}\n{body.strip()}\n{report.OFFLOAD_END}" in cell
+    assert "nf4-streamed" in body and "bf16-group-offload-block" in body
 
 
 def test_markers_are_replaced_and_missing_markers_fail():

@@ -124,7 +124,9 @@ def test_recipe_rows_skip_failures_and_take_per_gpu_peaks():
 def test_the_command_line_answers_for_a_t4_and_asks_about_bf16(capsys):
     assert planner.main(["--vram", "14.74", "--ram", "12", "--no-bf16", "--gpu-name", "Tesla T4"]) == 0
     assert "staged-nf4-fp16" in capsys.readouterr().out
-    assert planner.main(["--vram", "6", "--ram", "16", "--bf16"]) == 1  # nothing fits: exit 1
+    assert planner.main(["--vram", "6", "--ram", "16", "--bf16"]) == 0  # streaming the NF4 blocks fits 6 GiB
+    assert "nf4-streamed" in capsys.readouterr().out
+    assert planner.main(["--vram", "1.5", "--ram", "16", "--bf16"]) == 1  # nothing measured fits: exit 1
     with pytest.raises(SystemExit):
         planner.main(["--vram", "14.74", "--ram", "12"])
     assert "--no-bf16" in capsys.readouterr().err
