@@ -5,7 +5,7 @@ the checkpoint switch and offline stand-ins (:mod:`fluxnb.checkpoints`), bitsand
 tiny course (:mod:`fluxnb.cpu_bitsandbytes`), and the staged recipe the notebooks teach
 (:mod:`fluxnb.stages`), pre-quantized downloads (:mod:`fluxnb.prequantized`), and the course runner
 with its small-machine envelopes (:mod:`fluxnb.course`, :mod:`fluxnb.envelopes`) and dry run
-(:mod:`fluxnb.fit`).
+(:mod:`fluxnb.fit`), and errors that say what to do next (:mod:`fluxnb.errors`).
 """
 
 from fluxnb.checkpoints import build_random, build_tiny, generation_settings, is_stand_in, resolve_checkpoint
@@ -22,6 +22,16 @@ from fluxnb.environment import (
     missing_resources,
     output_dir,
     pick_dtype,
+)
+from fluxnb.errors import (
+    NotEnoughVRAMError,
+    check_embeddings,
+    check_part,
+    check_size_fits,
+    estimate_vram_gib,
+    load_image_with_settings,
+    oom_advice,
+    prompt_truncation_notice,
 )
 from fluxnb.memory import MemoryTracker, StepTimer, bytes_to_giga_bytes, flush
 from fluxnb.stages import (
@@ -61,4 +71,6 @@ __all__ = [
     "load_transformer_offload", "machine_info", "missing_resources", "output_dir", "pick_dtype",
     "prequantized_checkpoint", "resolve_checkpoint", "save_embeddings", "save_image", "saved_quantized_dir",
     "set_compute_dtype",
+    "NotEnoughVRAMError", "check_embeddings", "check_part", "check_size_fits", "estimate_vram_gib",
+    "load_image_with_settings", "oom_advice", "prompt_truncation_notice",
 ]
