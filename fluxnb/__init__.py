@@ -8,7 +8,11 @@ with its small-machine envelopes (:mod:`fluxnb.course`, :mod:`fluxnb.envelopes`)
 (:mod:`fluxnb.fit`), and errors that say what to do next (:mod:`fluxnb.errors`).
 """
 
-from fluxnb.checkpoints import build_random, build_tiny, generation_settings, is_stand_in, resolve_checkpoint
+from fluxnb.quiet import silence_torchvision_fallback
+
+silence_torchvision_fallback()  # before diffusers is imported: a warning a learner cannot act on (fluxnb/quiet.py)
+
+from fluxnb.checkpoints import build_random, build_tiny, generation_settings, is_stand_in, resolve_checkpoint  # noqa: E402
 from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
 from fluxnb.envelopes import committed_run
 from fluxnb.environment import (

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from fluxnb.quiet import DropMessages
+
 GIB = 1024**3
 MAX_SIDE = 4096  # FLUX.1 was trained up to about 2 megapixels; beyond 4096 px a side is not a FLUX image
 MAX_STEPS = 1000  # the scheduler's training timesteps: more steps than that repeat timesteps
@@ -368,19 +370,10 @@ _TRUNCATION_LOGS = (
 )
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-
 @contextmanager
 def _without_truncation_logs() -> Iterator[None]:
     """Drop exactly the libraries' truncation warnings (which print the whole cut text) while inside."""
-    filters = [(logging.getLogger(name), _DropMessages(prefix)) for name, prefix in _TRUNCATION_LOGS]
+    filters = [(logging.getLogger(name), DropMessages(prefix, at_start=True)) for name, prefix in _TRUNCATION_LOGS]
     for logger, f in filters:
         logger.addFilter(f)
     try:
