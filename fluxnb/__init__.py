@@ -30,6 +30,7 @@ from fluxnb.environment import (
 from fluxnb.errors import (
     NotEnoughVRAMError,
     check_embeddings,
+    check_latents_size,
     check_part,
     check_size_fits,
     estimate_vram_gib,
@@ -75,6 +76,6 @@ __all__ = [
     "load_transformer_offload", "machine_info", "missing_resources", "output_dir", "pick_dtype",
     "prequantized_checkpoint", "resolve_checkpoint", "save_embeddings", "save_image", "saved_quantized_dir",
     "set_compute_dtype",
-    "NotEnoughVRAMError", "check_embeddings", "check_part", "check_size_fits", "estimate_vram_gib",
+    "NotEnoughVRAMError", "check_embeddings", "check_latents_size", "check_part", "check_size_fits", "estimate_vram_gib",
     "load_image_with_settings", "oom_advice", "prompt_truncation_notice",
 ]

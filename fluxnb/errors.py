@@ -79,6 +79,17 @@ def check_side(name: str, value: Any) -> None:
                          f"(e.g. 1024x1024, 1440x1440); try {name}={nearest}.")
 
 
+def check_latents_size(latents: torch.Tensor, height: int, width: int) -> None:
+    """Before decoding: ``height``/``width`` are valid and are the size the packed ``latents`` were made for
+    (one latent patch per 16x16 pixels); else ``ValueError`` naming the sizes that would fit."""
+    check_side("height", height)
+    check_side("width", width)
+    patches = latents.shape[1] if latents.dim() == 3 else None
+    if patches != (height // 16) * (width // 16):
+        raise ValueError(f"These latents hold {patches} patches of 16x16 pixels but {height}x{width} needs "
+                         f"{(height // 16) * (width // 16)}: decode with the height and width you denoised with.")
+
+
 def check_steps(steps: Any) -> None:
     """``num_inference_steps``: an integer from 1 to :data:`MAX_STEPS`."""
     if not _is_int(steps) or steps < 1:

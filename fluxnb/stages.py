@@ -24,8 +24,8 @@ from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file, safe_open, save_file
 
 from fluxnb.environment import check_generation_request
-from fluxnb.errors import (check_embeddings, check_embeddings_settings, check_part, check_prompt,
-                           check_max_sequence_length, check_safetensors_file, prompt_truncation_notice)
+from fluxnb.errors import (check_embeddings, check_embeddings_settings, check_latents_size, check_max_sequence_length,
+                           check_part, check_prompt, check_safetensors_file, prompt_truncation_notice)
 from fluxnb.memory import StepTimer, flush
 
 
@@ -232,6 +232,7 @@ def decode(vae: Any, latents: torch.Tensor, height: int, width: int) -> Image.Im
     from diffusers import FluxPipeline
     from diffusers.image_processor import VaeImageProcessor
 
+    check_latents_size(latents, height, width)  # the size they were denoised at?
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     latents = FluxPipeline._unpack_latents(latents, height, width, scale)
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor

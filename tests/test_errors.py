@@ -360,3 +360,13 @@ def test_other_errors_pass_through_oom_advice_unchanged():
     with pytest.raises(KeyError):
         with fluxnb.oom_advice(512, 512, recipe="staged-nf4-fp16", vram_gib=7.6):
             raise KeyError("not memory")
+
+
+def test_decode_refuses_a_size_other_than_the_denoised_one(denoiser):
+    latents = torch.zeros(1, (64 // 16) * (48 // 16), 64)  # what denoise returns for 64x48
+    with pytest.raises(ValueError, match=r"These latents hold 12 patches of 16x16 pixels but 64x64 needs 16: decode "
+                                         r"with the height and width you denoised with"):
+        fluxnb.decode(denoiser.vae, latents, 64, 64)
+    with pytest.raises(ValueError, match=r"width=50 must be a positive multiple of 16"):
+        fluxnb.decode(denoiser.vae, latents, 64, 50)
+    assert fluxnb.decode(denoiser.vae, latents, 64, 48).size == (48, 64)
