@@ -290,7 +290,10 @@ def check_part(source: str, part: str) -> None:
     """Before ``from_pretrained(source, subfolder=part)``: if ``source`` is a folder here, its ``part``
     must be complete (a Hub id is checked by :func:`check_hub_access` and the download itself)."""
     if Path(source).is_dir():
-        check_model_folder(Path(source) / part, f"The {part} in", "save or download it again (nothing was deleted: "
+        folder = Path(source) / part
+        if not folder.is_dir() and (Path(source) / "config.json").is_file():
+            folder = Path(source)  # one model saved alone: from_pretrained reads the folder itself
+        check_model_folder(folder, f"The {part} in", "save or download it again (nothing was deleted: "
                            "remove the damaged folder yourself, or pass another folder).")
 
 

@@ -71,6 +71,7 @@ def test_a_fresh_environment_from_the_binder_files_runs_notebook_00(tmp_path):
     env = dict(os.environ, PATH=f"{venv / 'bin'}:{os.environ['PATH']}", VIRTUAL_ENV=str(venv),
                FLUXNB_CACHE=str(tmp_path / "cache"), HOME=os.environ.get("HOME", str(tmp_path)))
     env.pop("PYTHONPATH", None)
+    env.update(PIP_RETRIES="1", PIP_DEFAULT_TIMEOUT="30")  # an index that cannot be reached costs seconds, not hours
     run = dict(cwd=copy, env=env, capture_output=True, text=True, timeout=1500)
     done = subprocess.run(["pip", "install", "-q", "-r", "binder/requirements.txt"], **run)
     assert done.returncode == 0, done.stderr[-3000:]
