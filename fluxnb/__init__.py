@@ -5,10 +5,14 @@ the checkpoint switch and offline stand-ins (:mod:`fluxnb.checkpoints`), bitsand
 tiny course (:mod:`fluxnb.cpu_bitsandbytes`), and the staged recipe the notebooks teach
 (:mod:`fluxnb.stages`), pre-quantized downloads (:mod:`fluxnb.prequantized`), and the course runner
 with its small-machine envelopes (:mod:`fluxnb.course`, :mod:`fluxnb.envelopes`) and dry run
-(:mod:`fluxnb.fit`).
+(:mod:`fluxnb.fit`), and errors that say what to do next (:mod:`fluxnb.errors`).
 """
 
-from fluxnb.checkpoints import build_random, build_tiny, generation_settings, is_stand_in, resolve_checkpoint
+from fluxnb.quiet import silence_torchvision_fallback
+
+silence_torchvision_fallback()  # before diffusers is imported: a warning a learner cannot act on (fluxnb/quiet.py)
+
+from fluxnb.checkpoints import build_random, build_tiny, generation_settings, is_stand_in, resolve_checkpoint  # noqa: E402
 from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
 from fluxnb.envelopes import committed_run
 from fluxnb.environment import (
@@ -24,6 +28,17 @@ from fluxnb.environment import (
     pick_dtype,
 )
 from fluxnb.streaming import blocks_to_keep, enable_block_streaming, resident_blocks_that_fit
+from fluxnb.errors import (
+    NotEnoughVRAMError,
+    check_embeddings,
+    check_latents_size,
+    check_part,
+    check_size_fits,
+    estimate_vram_gib,
+    load_image_with_settings,
+    oom_advice,
+    prompt_truncation_notice,
+)
 from fluxnb.memory import MemoryTracker, StepTimer, bytes_to_giga_bytes, flush
 from fluxnb.stages import (
     NonFiniteLatentsError,
@@ -63,4 +78,6 @@ __all__ = [
     "load_transformer_offload", "load_transformer_streamed", "machine_info", "missing_resources", "output_dir", "pick_dtype",
     "prequantized_checkpoint", "resident_blocks_that_fit", "resolve_checkpoint", "save_embeddings", "save_image", "saved_quantized_dir",
     "set_compute_dtype",
+    "NotEnoughVRAMError", "check_embeddings", "check_latents_size", "check_part", "check_size_fits", "estimate_vram_gib",
+    "load_image_with_settings", "oom_advice", "prompt_truncation_notice",
 ]

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from fluxnb.environment import check_free_disk
+from fluxnb.quiet import no_progress_bars
 
 ENV_VAR = "FLUXNB_CHECKPOINT"
 STAND_INS = ("tiny", "random-dev", "random-schnell")
@@ -335,7 +336,8 @@ def _write_pipeline(folder: Path, variant: str, tiny: bool, device: str, dtype: 
         elif name == "scheduler":
             part.save_config(folder / name)
         else:
-            part.save_pretrained(folder / name)
+            with no_progress_bars():  # "Writing model shards": fluxnb's bookkeeping, not the learner's
+                part.save_pretrained(folder / name)
         library = "transformers" if type(part).__module__.startswith("transformers") else "diffusers"
         index[name] = [library, type(part).__name__]
         del part

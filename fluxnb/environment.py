@@ -169,21 +169,24 @@ def check_free_disk(path: str | os.PathLike[str], need_gb: float, what: str) -> 
         )
 
 
-def check_generation_request(height: int, width: int, steps: int, guidance: float | None = None) -> None:
-    """Raise ``ValueError`` for settings FLUX cannot use, with the nearest ones it can.
+def check_generation_request(height: int, width: int, steps: int, guidance: float | None = None,
+                             seed: int | None = None, prompt: str | None = None) -> None:
+    """Raise ``ValueError``/``TypeError`` for settings FLUX cannot use, with the nearest ones it can.
 
     FLUX packs 2x2 latent patches and the VAE downsamples 8x, so sides must be multiples of 16.
+    ``seed`` and ``prompt`` are checked when given (:mod:`fluxnb.errors` says what each accepts).
     """
-    for side, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value <= 0 or value % 16:
-            nearest = max(16, round(value / 16) * 16) if isinstance(value, (int, float)) else 1024
-            raise ValueError(f"{side}={value!r} must be a positive multiple of 16 (FLUX packs 2x2 patches of "
-                             f"8x-downsampled latents); try {side}={nearest}.")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"num_inference_steps={steps!r} must be an integer >= 1 "
-                         "(FLUX.1-dev: about 28-50, FLUX.1-schnell: 4).")
-    if guidance is not None and guidance < 0:
-        raise ValueError(f"guidance_scale={guidance!r} must be >= 0 (dev: 3.5, schnell: 0).")
+    from fluxnb.errors import check_guidance, check_prompt, check_seed, check_side, check_steps
+
+    check_side("height", height)
+    check_side("width", width)
+    check_steps(steps)
+    if guidance is not None:
+        check_guidance(guidance)
+    if seed is not None:
+        check_seed(seed)
+    if prompt is not None:
+        check_prompt(prompt)
 
 
 # Hub repos that need an accepted licence and a token. FLUX.1-schnell is Apache-2.0 and open.
@@ -216,16 +219,24 @@ def output_dir(name: str = "") -> Path:
 
 
 def check_checkpoint_access(checkpoint: str) -> None:
-    """Before any download: a gated repo needs a token, and the download needs disk.
+    """Before any download: the folder or Hub repo exists, a gated repo has a token that may read it,
+    and the download fits on the disk.
 
-    A local folder (the stand-ins, a saved model) passes. For a Hub id, raise ``RuntimeError`` on a
-    machine without a GPU (a Colab CPU runtime: the real model would download 34 GB, then crawl),
-    ``PermissionError`` if the repo is gated and no token is configured, ``OSError`` if the Hugging
-    Face cache's disk is too small for a download that is not cached yet.
+    A local folder must hold a complete checkpoint (``model_index.json``, weights not cut off). For a
+    Hub id, raise ``RuntimeError`` on a machine without a GPU (a Colab CPU runtime: the real model
+    would download 34 GB, then crawl), ``PermissionError`` if the repo is gated and no token is
+    configured, or the token is refused or has not accepted the licence, ``FileNotFoundError`` if
+    there is no such repo, ``ConnectionError`` without network (or offline) when it is not cached,
+    ``OSError`` if the Hugging Face cache's disk is too small for a download that is not cached yet.
+    The token is never printed.
     """
-    if Path(checkpoint).is_dir():
+    from fluxnb.errors import check_checkpoint_folder, check_hub_access, check_repo_id, looks_like_path
+
+    if Path(checkpoint).expanduser().is_dir() or looks_like_path(checkpoint):
+        check_checkpoint_folder(checkpoint)
         return
-    from huggingface_hub import constants, get_token, try_to_load_from_cache
+    check_repo_id(checkpoint)
+    from huggingface_hub import constants, try_to_load_from_cache
 
     if not torch.cuda.is_available():
         raise RuntimeError(
@@ -235,12 +246,14 @@ def check_checkpoint_access(checkpoint: str) -> None:
             "os.environ[\"FLUXNB_CHECKPOINT\"] = \"tiny\" in the parameters cell and run the notebook again."
         )
 
-    if checkpoint.startswith(GATED_PREFIXES) and not (os.environ.get("HF_TOKEN") or get_token()):
+    token = find_hub_token()
+    if checkpoint.startswith(GATED_PREFIXES) and not token:
         raise PermissionError(
             f"{checkpoint} is gated: accept its licence on https://huggingface.co/{checkpoint}, then add a "
             "read token as the Colab secret HF_TOKEN (or run huggingface_hub.login()). No token? Use "
             "MODEL_ID = 'black-forest-labs/FLUX.1-schnell', which is open."
         )
+    check_hub_access(checkpoint, token)
     cached = try_to_load_from_cache(checkpoint, "model_index.json")
     if not isinstance(cached, str):
         need = DOWNLOAD_GB["schnell" if "schnell" in checkpoint.lower() else "dev"]

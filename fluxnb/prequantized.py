@@ -38,6 +38,7 @@ import torch
 from fluxnb.checkpoints import ENV_VAR, STAND_INS, cache_dir, resolve_checkpoint, variant_of
 from fluxnb.environment import check_free_disk
 from fluxnb.memory import flush
+from fluxnb.quiet import no_progress_bars
 
 PREQUANTIZED_REPOS: dict[str, str] = {"dev": "hf-internal-testing/flux.1-dev-nf4-pkg"}
 """Hub repos with FLUX.1's T5 and transformer saved in NF4, by variant. None for schnell (see above)."""
@@ -123,11 +124,13 @@ def export_prequantized(checkpoint: str, folder: str | Path, dtype: torch.dtype)
     staging.mkdir()
     allow_bitsandbytes_on_cpu()  # changes nothing on a GPU
     encoders = load_text_encoders_4bit(checkpoint, dtype)
-    encoders.text_encoder_2.save_pretrained(staging / "text_encoder_2")
+    with no_progress_bars():  # "Writing model shards": fluxnb's bookkeeping, not the learner's
+        encoders.text_encoder_2.save_pretrained(staging / "text_encoder_2")
     del encoders
     flush()
     transformer = load_transformer_4bit(checkpoint, dtype)
-    transformer.save_pretrained(staging / "transformer")
+    with no_progress_bars():
+        transformer.save_pretrained(staging / "transformer")
     del transformer
     flush()
     (staging / _DONE).write_text(json.dumps({"checkpoint": checkpoint, "dtype": _dtype_name(dtype)}) + "\n")

@@ -24,6 +24,8 @@ from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file, safe_open, save_file
 
 from fluxnb.environment import check_generation_request
+from fluxnb.errors import (check_embeddings, check_embeddings_settings, check_latents_size, check_max_sequence_length,
+                           check_part, check_prompt, check_safetensors_file, prompt_truncation_notice)
 from fluxnb.memory import StepTimer, flush
 
 
@@ -61,25 +63,28 @@ def load_text_encoders_4bit(checkpoint: str, dtype: torch.dtype, prequantized: s
     from diffusers import FluxPipeline
     from transformers import BitsAndBytesConfig, CLIPTextModel, T5EncoderModel
 
+    check_part(prequantized or checkpoint, "text_encoder_2")  # a damaged folder stops here, named
     if prequantized:  # 4-bit on disk: loads as saved, no quantization config
-        text_encoder_2 = T5EncoderModel.from_pretrained(prequantized, subfolder="text_encoder_2", dtype=dtype)
+        text_encoder_2 = T5EncoderModel.from_pretrained(
+            prequantized, subfolder="text_encoder_2", dtype=dtype, use_safetensors=True
+        )
         set_compute_dtype(text_encoder_2, dtype)  # else it computes in the dtype it was saved with
     else:
         nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
         text_encoder_2 = T5EncoderModel.from_pretrained(
-            checkpoint, subfolder="text_encoder_2", quantization_config=nf4, dtype=dtype
+            checkpoint, subfolder="text_encoder_2", quantization_config=nf4, dtype=dtype, use_safetensors=True
         )  # bitsandbytes places it on the GPU while loading, 4 bits per weight
-    text_encoder = CLIPTextModel.from_pretrained(checkpoint, subfolder="text_encoder", dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(checkpoint, subfolder="text_encoder", dtype=dtype, use_safetensors=True)
     return FluxPipeline.from_pretrained(
         checkpoint, text_encoder=text_encoder.to(execution_device()), text_encoder_2=text_encoder_2,
-        transformer=None, vae=None, dtype=dtype,
+        transformer=None, vae=None, dtype=dtype, use_safetensors=True,
     )
 
 
 #@save
 def encode_prompt(pipe: Any, prompt: str, max_sequence_length: int = 512) -> dict[str, torch.Tensor]:
     """T5 per-token embeddings and the pooled CLIP embedding of ``prompt``."""
-    with torch.no_grad():
+    with torch.no_grad(), prompt_truncation_notice(pipe, prompt, max_sequence_length):  # one line if cut
         prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
             prompt=prompt, prompt_2=None, max_sequence_length=max_sequence_length
         )
@@ -109,10 +114,19 @@ def save_embeddings(embeds: dict[str, torch.Tensor], folder: str | Path, **setti
     return path
 
 
-def load_embeddings(path: str | Path, device: torch.device | str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read back what :func:`save_embeddings` wrote: the tensors and the settings they were made with."""
+def load_embeddings(path: str | Path, device: torch.device | str | None = None,
+                    checkpoint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read back what :func:`save_embeddings` wrote: the tensors and the settings they were made with.
+
+    A file cut off while it was saved stops here with its name (it is not deleted). ``checkpoint``:
+    the one you will denoise with; embeddings made by another one are refused.
+    """
+    check_safetensors_file(path, "The embeddings file", "delete it and encode the prompt again (notebook 01, "
+                           "or fluxnb.encode_and_save).")
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
+    if checkpoint is not None:
+        check_embeddings_settings(metadata, checkpoint)
     tensors = load_file(str(path), device=str(device or execution_device()))
     return tensors, metadata
 
@@ -124,6 +138,8 @@ def encode_and_save(checkpoint: str, prompt: str, dtype: torch.dtype, folder: st
     If embeddings with the same settings (``prequantized``, where T5 came from, included) were saved
     before (by notebook 01), nothing is loaded.
     """
+    check_prompt(prompt)
+    check_max_sequence_length(max_sequence_length)
     settings = dict(prompt=prompt, checkpoint=checkpoint, max_sequence_length=max_sequence_length,
                     dtype=str(dtype), prequantized=prequantized)
     path = embeddings_path(folder, **settings)
@@ -152,12 +168,15 @@ def load_transformer_4bit(checkpoint: str, dtype: torch.dtype, quant_type: str =
     """
     from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
 
+    check_part(prequantized or checkpoint, "transformer")  # a damaged folder stops here, named
     if prequantized:  # 4-bit on disk: loads as saved, no quantization config
-        transformer = FluxTransformer2DModel.from_pretrained(prequantized, subfolder="transformer", dtype=dtype)
+        transformer = FluxTransformer2DModel.from_pretrained(
+            prequantized, subfolder="transformer", dtype=dtype, use_safetensors=True
+        )
         return set_compute_dtype(transformer, dtype)  # else it computes in the dtype it was saved with
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=dtype)
     return FluxTransformer2DModel.from_pretrained(
-        checkpoint, subfolder="transformer", quantization_config=config, dtype=dtype
+        checkpoint, subfolder="transformer", quantization_config=config, dtype=dtype, use_safetensors=True
     )
 
 
@@ -166,10 +185,10 @@ def load_denoising_pipeline(checkpoint: str, transformer: Any, dtype: torch.dtyp
     """A FluxPipeline with the given transformer and the VAE, and no text encoders at all."""
     from diffusers import AutoencoderKL, FluxPipeline
 
-    vae = AutoencoderKL.from_pretrained(checkpoint, subfolder="vae", dtype=dtype).to(execution_device())
+    vae = AutoencoderKL.from_pretrained(checkpoint, subfolder="vae", dtype=dtype, use_safetensors=True)
     return FluxPipeline.from_pretrained(
-        checkpoint, transformer=transformer, vae=vae, text_encoder=None, text_encoder_2=None,
-        tokenizer=None, tokenizer_2=None, dtype=dtype,
+        checkpoint, transformer=transformer, vae=vae.to(execution_device()), text_encoder=None,
+        text_encoder_2=None, tokenizer=None, tokenizer_2=None, dtype=dtype, use_safetensors=True,
     )
 
 
@@ -187,7 +206,8 @@ def denoise(pipe: Any, embeds: dict[str, torch.Tensor], height: int, width: int,
 
     ``step_timer`` (a :class:`fluxnb.memory.StepTimer`) records when each step ends.
     """
-    check_generation_request(height, width, steps, guidance)
+    check_generation_request(height, width, steps, guidance, seed=seed)
+    check_embeddings(embeds, pipe.transformer)  # made by this checkpoint's text encoders?
     device = pipe._execution_device
     latents = pipe(
         prompt_embeds=embeds["prompt_embeds"].to(device, pipe.transformer.dtype),
@@ -212,6 +232,7 @@ def decode(vae: Any, latents: torch.Tensor, height: int, width: int) -> Image.Im
     from diffusers import FluxPipeline
     from diffusers.image_processor import VaeImageProcessor
 
+    check_latents_size(latents, height, width)  # the size they were denoised at?
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     latents = FluxPipeline._unpack_latents(latents, height, width, scale)
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
@@ -249,7 +270,7 @@ def load_pipeline_all_at_once(checkpoint: str, dtype: torch.dtype) -> Any:
     """The plain recipe: every component in ``dtype`` (bf16 on a big GPU), all resident on the device."""
     from diffusers import FluxPipeline
 
-    return FluxPipeline.from_pretrained(checkpoint, dtype=dtype).to(execution_device())
+    return FluxPipeline.from_pretrained(checkpoint, dtype=dtype, use_safetensors=True).to(execution_device())
 
 
 #@save

@@ -66,7 +66,7 @@ def test_gated_model_without_token_is_refused(monkeypatch, gpu):
         fluxnb.check_checkpoint_access("black-forest-labs/FLUX.1-dev")
 
 
-def test_open_model_needs_no_token_but_needs_disk(monkeypatch, gpu):
+def test_open_model_needs_no_token_but_needs_disk(monkeypatch, gpu, fake_hub):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(100e9, 95e9, 5e9))
@@ -74,15 +74,15 @@ def test_open_model_needs_no_token_but_needs_disk(monkeypatch, gpu):
         fluxnb.check_checkpoint_access("black-forest-labs/FLUX.1-schnell")
 
 
-def test_gated_model_with_token_and_disk_passes(monkeypatch, gpu):
-    monkeypatch.setenv("HF_TOKEN", "hf_test_not_a_real_token")
+def test_gated_model_with_token_and_disk_passes(monkeypatch, gpu, fake_hub):
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_good")  # the token the fake Hub accepts for the gated repo
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(500e9, 100e9, 400e9))
     fluxnb.check_checkpoint_access("black-forest-labs/FLUX.1-dev")
 
 
-def test_local_folder_passes_without_token(monkeypatch, tmp_path):
+def test_local_folder_passes_without_token(monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    fluxnb.check_checkpoint_access(str(tmp_path))
+    fluxnb.check_checkpoint_access(str(fluxnb.build_tiny("dev")))
 
 
 def test_machine_info_on_this_machine():

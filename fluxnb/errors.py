@@ -1,0 +1,584 @@
+"""Errors that teach: each check says what is wrong and what to do next, before any model loads.
+
+A new user's bad input should end in one sentence they can act on, not in a traceback from deep
+inside a tokenizer or a 34 GB download that fails at the end. The checks here are called by
+:mod:`fluxnb.stages` and :mod:`fluxnb.environment` (and so by every notebook):
+
+* arguments: :func:`check_prompt`, :func:`check_seed`, :func:`check_side`, :func:`check_steps`,
+  :func:`check_guidance`, :func:`check_max_sequence_length`;
+* a size this GPU cannot hold, from the measured memory of the course's recipes
+  (:func:`check_size_fits`, :func:`estimate_vram_gib`);
+* files that are missing, cut off or corrupted (:func:`check_safetensors_file`,
+  :func:`check_model_folder`, :func:`check_checkpoint_folder`, :func:`load_image_with_settings`);
+* embeddings made by another checkpoint (:func:`check_embeddings`, :func:`check_embeddings_settings`);
+* a prompt longer than CLIP's or T5's limit: one line (:func:`prompt_truncation_notice`);
+* CUDA out of memory, answered with the memory in use and the next recipe (:func:`oom_advice`);
+* the Hub: a repo that does not exist, a bad token, a gated repo, no network (:func:`check_hub_access`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluxnb.quiet import DropMessages
+
+GIB = 1024**3
+MAX_SIDE = 4096  # FLUX.1 was trained up to about 2 megapixels; beyond 4096 px a side is not a FLUX image
+MAX_STEPS = 1000  # the scheduler's training timesteps: more steps than that repeat timesteps
+MAX_T5_TOKENS = 512  # FLUX.1's T5 was trained on at most 512 tokens (schnell: 256)
+
+
+# --- arguments --------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_prompt(prompt: Any) -> None:
+    """A prompt is one non-empty string (a list would be a batch, which the course does not teach)."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, not {type(prompt).__name__} ({prompt!r:.60}): "
+                        "for several prompts, call once per prompt.")
+    if not prompt.strip():
+        raise ValueError("prompt is empty: describe the image, e.g. PROMPT = \"A cat holding a sign that says hello world\".")
+
+
+def check_seed(seed: Any) -> None:
+    """A seed is an integer in 0 .. 2**64-1 (``torch.Generator.manual_seed``'s range)."""
+    if not _is_int(seed):
+        raise TypeError(f"seed must be an integer, not {type(seed).__name__} ({seed!r}): e.g. seed=0. "
+                        "For a random one: seed = random.randrange(2**32).")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed={seed} is out of range: use 0 <= seed < 2**64, e.g. seed=0.")
+
+
+def check_side(name: str, value: Any) -> None:
+    """``height``/``width``: a positive multiple of 16 (FLUX packs 2x2 patches of 8x-downsampled latents)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        nearest = min(MAX_SIDE, max(16, round(value / 16) * 16))
+    else:
+        nearest = 1024
+    if not _is_int(value) or value <= 0 or value % 16:
+        raise ValueError(f"{name}={value!r} must be a positive multiple of 16 (FLUX packs 2x2 patches of "
+                         f"8x-downsampled latents); try {name}={nearest}.")
+    if value > MAX_SIDE:
+        raise ValueError(f"{name}={value} is larger than {MAX_SIDE}: FLUX.1 was trained up to about 2 megapixels "
+                         f"(e.g. 1024x1024, 1440x1440); try {name}={nearest}.")
+
+
+def check_latents_size(latents: torch.Tensor, height: int, width: int) -> None:
+    """Before decoding: ``height``/``width`` are valid and are the size the packed ``latents`` were made for
+    (one latent patch per 16x16 pixels); else ``ValueError`` naming the sizes that would fit."""
+    check_side("height", height)
+    check_side("width", width)
+    patches = latents.shape[1] if latents.dim() == 3 else None
+    if patches != (height // 16) * (width // 16):
+        raise ValueError(f"These latents hold {patches} patches of 16x16 pixels but {height}x{width} needs "
+                         f"{(height // 16) * (width // 16)}: decode with the height and width you denoised with.")
+
+
+def check_steps(steps: Any) -> None:
+    """``num_inference_steps``: an integer from 1 to :data:`MAX_STEPS`."""
+    if not _is_int(steps) or steps < 1:
+        raise ValueError(f"num_inference_steps={steps!r} must be an integer >= 1 "
+                         "(FLUX.1-dev: about 28-50, FLUX.1-schnell: 4).")
+    if steps > MAX_STEPS:
+        raise ValueError(f"num_inference_steps={steps} is more than the scheduler's {MAX_STEPS} timesteps: "
+                         "FLUX.1-dev needs about 28-50, FLUX.1-schnell 4.")
+
+
+def check_guidance(guidance: Any) -> None:
+    """``guidance_scale``: a finite number >= 0 (dev is trained around 3.5; schnell ignores it)."""
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
+        raise TypeError(f"guidance_scale must be a number, not {guidance!r} (dev: 3.5, schnell: 0).")
+    if guidance < 0:
+        raise ValueError(f"guidance_scale={guidance!r} must be >= 0 (dev: 3.5, schnell: 0).")
+
+
+def check_max_sequence_length(max_sequence_length: Any) -> None:
+    """T5's token budget: an integer from 1 to 512 (FLUX.1-dev: 512, schnell: 256)."""
+    if not _is_int(max_sequence_length) or not 1 <= max_sequence_length <= MAX_T5_TOKENS:
+        raise ValueError(f"max_sequence_length={max_sequence_length!r} must be an integer from 1 to "
+                         f"{MAX_T5_TOKENS} (FLUX.1-dev: 512, FLUX.1-schnell: 256): "
+                         "use fluxnb.generation_settings(MODEL_ID)['max_sequence_length'].")
+
+
+# --- a size this GPU cannot hold ------------------------------------------------------------------
+
+SIZE_MODEL = Path(__file__).parent / "results" / "vram_by_size.json"
+SIZE_MODEL_RECIPES = ("bf16-resident", "staged-nf4-expandable", "staged-nf4-fp16", "nf4-model-offload")
+_SIZED = re.compile(r"(.*?)(\d+)x(\d+)$")
+
+
+def size_model_from_benchmarks(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Per recipe, how its peak VRAM grows with the image size, from ``benchmarks/results/h100.json``.
+
+    Each recipe was measured at two sizes. A stage named by a size ("denoise 1024x1024", "decode ...")
+    is fitted as ``a + b * pixels`` (activations grow with the pixel count); the other stages (loading,
+    encoding) do not depend on the size. ``overhead_gib``: the device-level peak minus the allocated
+    peak (CUDA context, allocator cache). Written to :data:`SIZE_MODEL` by ``python -m fluxnb.errors``.
+    """
+    model: dict[str, Any] = {"source": "benchmarks/results/h100.json", "recipes": {}}
+    for name in SIZE_MODEL_RECIPES:
+        run = results["recipes"][name]
+        fixed = 0.0
+        points: dict[str, dict[int, float]] = {}
+        for stage in run["stages"]:
+            match = _SIZED.match(stage["stage"])
+            if match:
+                phase = match.group(1).strip().replace("warm-up", "denoise").replace("generate", "denoise")
+                pixels = int(match.group(2)) * int(match.group(3))
+                points.setdefault(phase, {})[pixels] = max(points.get(phase, {}).get(pixels, 0.0),
+                                                           stage["vram_allocated_gib"])
+            else:
+                fixed = max(fixed, stage["vram_allocated_gib"])
+        phases = {}
+        for phase, by_pixels in points.items():
+            (p0, v0), (p1, v1) = sorted(by_pixels.items())[:2]
+            slope = (v1 - v0) / (p1 - p0)
+            phases[phase] = {"gib_at_0": round(v0 - slope * p0, 4), "gib_per_megapixel": round(slope * 1e6, 4)}
+        model["recipes"][name] = {
+            "compute_dtype": run["compute_dtype"], "fixed_gib": fixed, "phases": phases,
+            "overhead_gib": round(run["peaks"]["vram_device_gib"] - run["peaks"]["vram_allocated_gib"], 3),
+        }
+    return model
+
+
+@lru_cache(maxsize=1)
+def _size_model() -> dict[str, Any]:
+    return json.loads(SIZE_MODEL.read_text())
+
+
+STREAMING_RECIPES = ("staged-nf4-expandable", "staged-nf4-fp16")  # notebooks 03-04 stream blocks when short
+STREAMED_RESIDENT_GIB = 0.64  # what stays on the GPU when every block streams: 2 slots, the other layers, the VAE
+
+
+def estimate_vram_gib(recipe: str, height: int, width: int, stream_blocks: bool = True) -> float:
+    """Peak VRAM (GiB, device level) that ``recipe`` needs for one ``height`` x ``width`` image with
+    FLUX.1-dev's shapes, from the measurements behind :data:`SIZE_MODEL` (an estimate: the fit is
+    linear in pixels between and beyond the two measured sizes).
+
+    ``stream_blocks``: the course's staged flow (:data:`STREAMING_RECIPES`) streams transformer blocks
+    from host RAM when a step does not fit next to them (:func:`fluxnb.blocks_to_keep`, notebook 08), so
+    its denoising step needs the loaded model's VRAM minus the streamable blocks (at most all of them:
+    1024x1024 then needs 1.1 GiB allocated by this estimate; ``nf4-streamed`` measured 1.04 GiB,
+    benchmarks/results/h100-offload.json). Loading the transformer whole is then what limits the card.
+    """
+    entry = _size_model()["recipes"][recipe]
+    pixels = height * width
+    sized = {name: p["gib_at_0"] + p["gib_per_megapixel"] * pixels / 1e6 for name, p in entry["phases"].items()}
+    if stream_blocks and recipe in STREAMING_RECIPES and "denoise" in sized:
+        streamed = sized["denoise"] - (entry["fixed_gib"] - STREAMED_RESIDENT_GIB)
+        sized["denoise"] = min(sized["denoise"], max(streamed, entry["fixed_gib"]))
+    return max([entry["fixed_gib"], *sized.values()]) + entry["overhead_gib"]
+
+
+def largest_size_that_fits(recipe: str, height: int, width: int, vram_gib: float) -> tuple[int, int] | None:
+    """The largest size with about the aspect ratio of ``height`` x ``width`` (multiples of 16) that
+    :func:`estimate_vram_gib` puts within ``vram_gib``; None if not even 256 px a side fits."""
+    for scale in [s / 100 for s in range(99, 0, -1)]:
+        h, w = max(16, int(height * scale) // 16 * 16), max(16, int(width * scale) // 16 * 16)
+        if min(h, w) < 256:
+            return None
+        if estimate_vram_gib(recipe, h, w) <= vram_gib:
+            return h, w
+    return None
+
+
+def course_recipe(dtype: torch.dtype | None = None) -> str:
+    """The size model's name for the course's staged NF4 flow in ``dtype`` (fp16: as on a T4)."""
+    return "staged-nf4-fp16" if dtype == torch.float16 else "staged-nf4-expandable"
+
+
+def check_size_fits(height: int, width: int, checkpoint: str | None = None, recipe: str | None = None,
+                    vram_gib: float | None = None) -> None:
+    """Raise ``ValueError`` before loading if ``height`` x ``width`` cannot fit this GPU's VRAM.
+
+    ``vram_gib``: the GPU's total (default: this one's, or the rehearsed envelope's); without a GPU,
+    or for the tiny stand-in (its memory is not FLUX's), nothing is checked. ``recipe``: a name in
+    :data:`SIZE_MODEL_RECIPES` (default: the course's staged NF4 flow in this GPU's dtype).
+    """
+    from fluxnb.checkpoints import is_stand_in
+    from fluxnb.environment import machine_info, pick_dtype
+
+    check_side("height", height)
+    check_side("width", width)
+    if checkpoint is not None and is_stand_in(checkpoint) == "tiny":
+        return
+    if vram_gib is None:
+        vram_gib = machine_info().vram_gib
+        if vram_gib is None:
+            return
+    recipe = recipe or course_recipe(pick_dtype())
+    need = estimate_vram_gib(recipe, height, width)
+    if need <= vram_gib:
+        return
+    fits = largest_size_that_fits(recipe, height, width, vram_gib)
+    instead = (f"try HEIGHT, WIDTH = {fits[0]}, {fits[1]}" if fits else
+               "no size fits this recipe here: use model CPU offload (notebook 04) or a larger GPU")
+    raise ValueError(
+        f"{height}x{width} needs about {need:.1f} GiB of VRAM with the {recipe} recipe (estimated from "
+        f"{_size_model()['source']}: activations grow with the pixel count), and this GPU has {vram_gib:.1f} GiB: "
+        f"{instead}, or decode in tiles (pipe.vae.enable_tiling())."
+    )
+
+
+# --- files: missing, cut off, corrupted -----------------------------------------------------------
+
+
+def check_safetensors_file(path: str | Path, what: str, remedy: str) -> None:
+    """Raise ``ValueError`` if ``path`` is not a complete safetensors file (cut off while saving, or not
+    safetensors at all); ``FileNotFoundError`` if it is missing. ``remedy`` says what to do next.
+
+    Reads only the header: 8 bytes of length, the JSON table of tensors, then checks that the file is
+    exactly as long as the table says (a file cut off while it was written is shorter).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist: {remedy}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        problem = None
+        if len(head) < 8:
+            problem = f"it has {size} bytes, not even a header"
+        else:
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                problem = f"its header says {n} bytes of table but the file has {size}"
+            else:
+                try:
+                    table = json.loads(f.read(n))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    table = None
+                if not isinstance(table, dict):
+                    problem = "its header is not a safetensors table"
+                else:
+                    end = max((t["data_offsets"][1] for k, t in table.items() if k != "__metadata__"), default=0)
+                    if 8 + n + end != size:
+                        problem = f"it should be {8 + n + end} bytes long and is {size}: it was cut off"
+    if problem:
+        raise ValueError(f"{what} {path} is damaged ({problem}): {remedy}")
+
+
+def check_model_folder(folder: str | Path, what: str, remedy: str) -> None:
+    """A folder written by ``save_pretrained`` (one model, e.g. ``<dir>/transformer``): its
+    ``config.json`` parses and every weight file it needs is there and complete. Else ``ValueError``
+    (or ``FileNotFoundError``) saying ``what`` is damaged and ``remedy``."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{what} {folder} has no config.json: {remedy}")
+    try:
+        json.loads(config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{what} {config} is not valid JSON ({error}): {remedy}") from error
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            files = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError) as error:
+            raise ValueError(f"{what} {indexes[0]} is damaged ({error}): {remedy}") from error
+    else:
+        files = [p.name for p in sorted(folder.glob("*.safetensors"))]
+        if not files:
+            raise FileNotFoundError(f"{what} {folder} has no .safetensors weights: {remedy}")
+    for name in files:
+        check_safetensors_file(folder / name, what, remedy)
+
+
+def check_part(source: str, part: str) -> None:
+    """Before ``from_pretrained(source, subfolder=part)``: if ``source`` is a folder here, its ``part``
+    must be complete (a Hub id is checked by :func:`check_hub_access` and the download itself)."""
+    if Path(source).is_dir():
+        folder = Path(source) / part
+        if not folder.is_dir() and (Path(source) / "config.json").is_file():
+            folder = Path(source)  # one model saved alone: from_pretrained reads the folder itself
+        check_model_folder(folder, f"The {part} in", "save or download it again (nothing was deleted: "
+                           "remove the damaged folder yourself, or pass another folder).")
+
+
+def looks_like_path(checkpoint: str) -> bool:
+    """A folder name rather than a Hub id (``org/name``): absolute, relative, home, or more than one /."""
+    return (checkpoint.startswith(("/", ".", "~")) or "\\" in checkpoint or checkpoint.count("/") > 1
+            or os.path.isabs(checkpoint))
+
+
+def check_checkpoint_folder(folder: str | Path) -> None:
+    """A local FLUX checkpoint: exists, has ``model_index.json``; each model folder in it is complete."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"There is no folder {folder}. Check the path (it is relative to {Path.cwd()}), or use a Hub id such "
+            "as \"black-forest-labs/FLUX.1-schnell\", or the offline stand-in: FLUXNB_CHECKPOINT=tiny."
+        )
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a FLUX checkpoint in diffusers' layout: it has no model_index.json. Point at the "
+            "folder that holds model_index.json, transformer/, vae/, text_encoder/ ... (what save_pretrained writes)."
+        )
+    for part in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        if (folder / part).is_dir():
+            check_model_folder(folder / part, f"The {part} of", "download or save the checkpoint again "
+                               "(delete the damaged folder yourself: nothing was deleted).")
+
+
+def load_image_with_settings(path: str | Path) -> tuple[Any, dict[str, str]]:
+    """Open a PNG saved by :func:`fluxnb.save_image`: the image (fully read) and its settings.
+
+    A cut-off or corrupted file raises ``ValueError`` naming it; nothing is deleted or rewritten.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()  # PIL reads lazily: only this notices a file cut off in the middle
+            return image.copy(), dict(getattr(image, "text", {}))
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:  # PIL's errors for damaged files
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a complete PNG ({error}): it was cut off or damaged. It was left as it is; "
+                         "delete it yourself, or generate it again from the settings you saved with it.") from error
+
+
+# --- embeddings made by another checkpoint --------------------------------------------------------
+
+
+def check_embeddings(embeds: Mapping[str, torch.Tensor], transformer: Any) -> None:
+    """Raise ``ValueError`` if ``embeds`` cannot feed ``transformer``: wrong keys, or widths of another
+    model's text encoders (``joint_attention_dim`` for T5, ``pooled_projection_dim`` for CLIP)."""
+    need = ("prompt_embeds", "pooled_prompt_embeds")
+    missing = [key for key in need if key not in embeds]
+    if missing:
+        raise ValueError(f"The embeddings have no {', '.join(missing)} (they have {sorted(embeds)}): make them "
+                         "with fluxnb.encode_prompt / fluxnb.encode_and_save and read them with fluxnb.load_embeddings.")
+    config = transformer.config
+    widths = {"prompt_embeds": (embeds["prompt_embeds"].shape[-1], config.joint_attention_dim, "T5"),
+              "pooled_prompt_embeds": (embeds["pooled_prompt_embeds"].shape[-1], config.pooled_projection_dim, "CLIP")}
+    for key, (have, want, encoder) in widths.items():
+        if have != want:
+            raise ValueError(
+                f"These embeddings were made by another checkpoint: {key} is {have} wide but this transformer "
+                f"expects {want} ({encoder}'s width). Encode the prompt again with the checkpoint you denoise with "
+                "(fluxnb.encode_and_save(CHECKPOINT, ...)); the saved file's metadata says which made it."
+            )
+
+
+def check_embeddings_settings(metadata: Mapping[str, str], checkpoint: str) -> None:
+    """Raise ``ValueError`` if embeddings saved with ``metadata`` (by :func:`fluxnb.save_embeddings`)
+    were made by a checkpoint other than ``checkpoint``."""
+    made_by = metadata.get("checkpoint")
+    if made_by is None:
+        raise ValueError("These embeddings carry no 'checkpoint' in their metadata, so nothing says which model "
+                         "made them: save them with fluxnb.save_embeddings(..., checkpoint=CHECKPOINT, ...).")
+    if made_by != str(checkpoint):
+        raise ValueError(f"These embeddings were made by {made_by}, not by {checkpoint}: encode the prompt again "
+                         f"with {checkpoint} (fluxnb.encode_and_save), or denoise with {made_by}.")
+
+
+# --- prompts longer than CLIP's or T5's limit -------------------------------------------------------
+
+_TRUNCATION_LOGS = (
+    ("diffusers.pipelines.flux.pipeline_flux", "The following part of your input was truncated"),
+    ("transformers.tokenization_utils_base", "Token indices sequence length is longer than"),
+)
+
+
+@contextmanager
+def _without_truncation_logs() -> Iterator[None]:
+    """Drop exactly the libraries' truncation warnings (which print the whole cut text) while inside."""
+    filters = [(logging.getLogger(name), DropMessages(prefix, at_start=True)) for name, prefix in _TRUNCATION_LOGS]
+    for logger, f in filters:
+        logger.addFilter(f)
+    try:
+        yield
+    finally:
+        for logger, f in filters:
+            logger.removeFilter(f)
+
+
+def truncation_message(prompt: str, clip_tokenizer: Any, t5_tokenizer: Any, max_sequence_length: int) -> str | None:
+    """One line saying how many tokens of ``prompt`` CLIP and T5 will not see, or None if none are cut."""
+    with _without_truncation_logs():
+        n_clip = len(clip_tokenizer(prompt).input_ids) if clip_tokenizer is not None else 0
+        n_t5 = len(t5_tokenizer(prompt).input_ids) if t5_tokenizer is not None else 0
+    clip_max = clip_tokenizer.model_max_length if clip_tokenizer is not None else n_clip
+    cut = []
+    if n_clip > clip_max:
+        cut.append(f"CLIP reads {clip_max} tokens: {n_clip - clip_max} of the prompt's {n_clip} were cut")
+    if n_t5 > max_sequence_length:
+        cut.append(f"T5 reads {max_sequence_length}: {n_t5 - max_sequence_length} of {n_t5} were cut")
+    if not cut:
+        return None
+    if n_t5 <= max_sequence_length:
+        cut.append(f"T5 read all {n_t5} (it carries most of the prompt's meaning)")
+    return "Long prompt: " + "; ".join(cut) + "."
+
+
+@contextmanager
+def prompt_truncation_notice(pipe: Any, prompt: str, max_sequence_length: int) -> Iterator[None]:
+    """Around ``pipe.encode_prompt``: check the prompt, print one line if CLIP or T5 cut it, and drop the
+    libraries' own truncation warnings (which print the whole cut text) -- there and only there."""
+    check_prompt(prompt)
+    check_max_sequence_length(max_sequence_length)
+    line = truncation_message(prompt, getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None),
+                              max_sequence_length)
+    if line:
+        print(line)
+    with _without_truncation_logs():
+        yield
+
+
+# --- CUDA out of memory ---------------------------------------------------------------------------
+
+# The recipes the course teaches, from the most VRAM to the least (``estimate_vram_gib`` names), with
+# the copy-paste script of each. No planner exists yet: this is a fixed list. A planner plugs in by
+# replacing ``NEXT_RECIPE`` (same signature).
+RECIPE_LADDER: tuple[tuple[str, str], ...] = (
+    ("bf16-resident", "recipes/all_resident_bf16.py (everything in bf16 on the GPU)"),
+    ("staged-nf4-expandable", "recipes/card_8gb_staged_nf4_bf16.py (staged NF4, bf16: notebooks 01-03)"),
+    ("staged-nf4-fp16", "recipes/t4_staged_nf4_fp16.py (staged NF4, fp16: a T4)"),
+    ("nf4-model-offload", "recipes/model_cpu_offload.py (NF4 transformer, model CPU offload: notebook 04)"),
+)
+
+
+def next_recipe_that_fits(recipe: str, height: int, width: int, vram_gib: float) -> str:
+    """The first recipe of :data:`RECIPE_LADDER` after ``recipe`` whose estimated peak fits ``vram_gib``
+    at this size (and in a dtype this GPU has); else a smaller size with the last one."""
+    from fluxnb.environment import bf16_supported
+
+    names = [name for name, _ in RECIPE_LADDER]
+    start = names.index(recipe) + 1 if recipe in names else 0
+    for name, script in RECIPE_LADDER[start:]:
+        if _size_model()["recipes"][name]["compute_dtype"] == str(torch.bfloat16) and not bf16_supported():
+            continue  # a T4 has no bf16
+        if estimate_vram_gib(name, height, width, stream_blocks=False) <= vram_gib:
+            return f"{script}, estimated {estimate_vram_gib(name, height, width, stream_blocks=False):.1f} GiB at {height}x{width}"
+    name, script = RECIPE_LADDER[-1]
+    fits = largest_size_that_fits(name, height, width, vram_gib)
+    size = f"at {fits[0]}x{fits[1]}" if fits else "at a much smaller size"
+    return f"{script} {size} (no recipe in the course's list fits {height}x{width} here)"
+
+
+NEXT_RECIPE: Callable[[str, int, int, float], str] = next_recipe_that_fits
+
+
+class NotEnoughVRAMError(torch.OutOfMemoryError):
+    """CUDA ran out of memory; the message says what was in use and which recipe to try next."""
+
+
+def memory_in_use() -> str:
+    """What the GPU holds now, in words: this process's tensors and cache, and the device's total."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible to this process"
+    free, total = torch.cuda.mem_get_info()
+    return (f"{torch.cuda.memory_allocated() / GIB:.2f} GiB in tensors, {torch.cuda.memory_reserved() / GIB:.2f} GiB "
+            f"reserved by PyTorch, {(total - free) / GIB:.2f} of {total / GIB:.2f} GiB in use on the device")
+
+
+@contextmanager
+def oom_advice(height: int, width: int, recipe: str | None = None, vram_gib: float | None = None) -> Iterator[None]:
+    """Turn a CUDA out-of-memory error inside the block into :class:`NotEnoughVRAMError`: the memory in
+    use when it happened, and the next recipe that fits (``NEXT_RECIPE``, a fixed list for now).
+    ``recipe``: what is running (default: the course's staged NF4 flow in this GPU's dtype); ``vram_gib``:
+    the GPU's total (default: this one's). The original error stays attached as the cause."""
+    from fluxnb.environment import pick_dtype
+
+    recipe = recipe or course_recipe(pick_dtype())
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        if isinstance(error, NotEnoughVRAMError):
+            raise
+        from fluxnb.environment import machine_info
+
+        in_use = memory_in_use()
+        total = vram_gib if vram_gib is not None else (machine_info().vram_gib or 0.0)
+        raise NotEnoughVRAMError(
+            f"CUDA ran out of memory during {recipe} at {height}x{width} ({in_use}). Next: "
+            f"{NEXT_RECIPE(recipe, height, width, total)}. Restart the runtime (or del pipe; fluxnb.flush()) "
+            "first: the failed run still holds its memory."
+        ) from error
+
+
+# --- the Hub: missing repo, bad token, gated, no network ---------------------------------------------
+
+
+def check_repo_id(checkpoint: str) -> None:
+    """Raise ``ValueError`` if ``checkpoint`` is neither a folder nor a well-formed Hub id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(checkpoint)
+    except HFValidationError as error:
+        raise ValueError(f"{checkpoint!r} is neither a folder here nor a Hub model id like "
+                         f"\"black-forest-labs/FLUX.1-schnell\" ({error}).") from error
+
+
+def check_hub_access(repo_id: str, token: str | None) -> None:
+    """Ask the Hub whether ``token`` may download ``repo_id`` (one small request, no weights).
+
+    Offline (``HF_HUB_OFFLINE=1``) the repo must be in the cache. Raises ``FileNotFoundError`` (no such
+    repo, or private), ``PermissionError`` (bad token; gated and the licence not accepted),
+    ``ConnectionError`` (no network and not cached). Never prints the token.
+    """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    cached = isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+    if constants.is_offline_mode():
+        if cached:
+            return
+        raise ConnectionError(
+            f"Offline (HF_HUB_OFFLINE=1) and {repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}). "
+            "Connect and unset HF_HUB_OFFLINE to download it, or use the offline stand-in: FLUXNB_CHECKPOINT=tiny."
+        )
+    import httpx
+
+    try:
+        HfApi().auth_check(repo_id, token=token or False)
+    except GatedRepoError as error:
+        raise PermissionError(
+            f"{repo_id} is gated and this token has no access yet: open https://huggingface.co/{repo_id}, accept "
+            "the licence with the account the token belongs to, then run this cell again."
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise FileNotFoundError(
+            f"The Hub has no model {repo_id} (or it is private and this token cannot see it). Check the spelling: "
+            "\"black-forest-labs/FLUX.1-dev\" or \"black-forest-labs/FLUX.1-schnell\"."
+        ) from error
+    except HfHubHTTPError as error:
+        if error.response is not None and error.response.status_code == 401:
+            raise PermissionError(
+                "The Hugging Face token was refused (invalid or revoked): make a new read token on "
+                "https://huggingface.co/settings/tokens and store it as the Colab secret (or HF_TOKEN) HF_TOKEN."
+            ) from error
+        raise
+    except httpx.TransportError as error:
+        if cached:
+            return  # the download is cached: from_pretrained can run without the network
+        raise ConnectionError(
+            f"The Hugging Face Hub cannot be reached ({type(error).__name__}) and {repo_id} is not cached: check "
+            "the internet connection (a firewall, a proxy), or use the offline stand-in: FLUXNB_CHECKPOINT=tiny."
+        ) from error
+
+
+if __name__ == "__main__":  # regenerate the size model from the committed benchmark results
+    source = Path(__file__).parent.parent / "benchmarks" / "results" / "h100.json"
+    SIZE_MODEL.write_text(json.dumps(size_model_from_benchmarks(json.loads(source.read_text())), indent=1) + "\n")
+    print("wrote", SIZE_MODEL)

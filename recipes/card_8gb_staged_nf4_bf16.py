@@ -1,0 +1,155 @@
+"""FLUX.1 on an 8 GB card (RTX 3060 Ti/3070/4060, Ampere or newer): the staged NF4 recipe in bf16.
+
+The T4 recipe with bf16 (8 GB cards from Ampere on have it), one big model on the GPU at a time:
+
+1. T5-XXL in NF4 (4 bits) and CLIP encode the prompt in bf16, then are freed;
+2. the transformer in NF4, computing in bf16, denoises to latents, then is freed;
+3. the VAE decodes the latents; the PNG keeps its settings in its metadata and never overwrites a file.
+
+    python recipes/card_8gb_staged_nf4_bf16.py --prompt "A cat holding a sign that says hello world" --out images
+
+768x768 by default: at 1024x1024 notebook 03 ran out of memory in the course's 8gb-card envelope (7.6 GiB,
+fluxnb/results/course-8gb-card.json). With a desktop on the same card, if 768x768 runs out too, try
+--height 640 --width 640.
+
+FLUX.1-dev is gated: accept its licence on huggingface.co and set HF_TOKEN (or use
+--checkpoint black-forest-labs/FLUX.1-schnell --steps 4 --guidance 0 --max-sequence-length 256).
+"""
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation (notebook 04)
+import torch  # after PYTORCH_CUDA_ALLOC_CONF: the allocator reads it when CUDA starts
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+from diffusers import BitsAndBytesConfig as DiffusersBitsAndBytesConfig
+from diffusers.image_processor import VaeImageProcessor
+from PIL import PngImagePlugin
+from transformers import BitsAndBytesConfig, CLIPTextModel, T5EncoderModel
+
+RECIPE = "8gb-staged-nf4-bf16"
+MODEL_ID = "black-forest-labs/FLUX.1-dev"
+DTYPE = torch.bfloat16  # Ampere and newer (RTX 30x0, 40x0): bf16 does not overflow like fp16
+TEXT_DTYPE = DTYPE
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompt", default="A cat holding a sign that says hello world")
+    parser.add_argument("--out", type=Path, default=Path("images"), help="folder for the PNG (never overwritten)")
+    parser.add_argument("--checkpoint", default=MODEL_ID, help="Hub id or folder (tiny/random-dev: fluxnb's stand-ins)")
+    parser.add_argument("--steps", type=int, default=50, help="dev: about 28-50, schnell: 4")
+    parser.add_argument("--guidance", type=float, default=3.5, help="dev: 3.5, schnell: 0")
+    parser.add_argument("--height", type=int, default=768, help="a multiple of 16")
+    parser.add_argument("--width", type=int, default=768, help="a multiple of 16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens: dev 512, schnell 256")
+    args = parser.parse_args()
+    if args.height % 16 or args.width % 16 or min(args.height, args.width) <= 0:
+        parser.error(f"--height {args.height} --width {args.width}: both must be positive multiples of 16")
+    return args
+
+
+def checkpoint_path(checkpoint: str) -> str:
+    """A Hub id or a folder, as given. "tiny"/"random-dev" are fluxnb's offline stand-ins (tests, rehearsals)."""
+    if checkpoint not in ("tiny", "random-dev", "random-schnell"):
+        return checkpoint
+    import fluxnb  # only for the stand-ins: delete this branch when you copy the recipe
+
+    fluxnb.allow_bitsandbytes_on_cpu()  # the tiny test runs on a CPU
+    return fluxnb.resolve_checkpoint(MODEL_ID, choice=checkpoint)
+
+
+def flush() -> None:
+    """Free what was deleted: Python's garbage, then PyTorch's cached GPU memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def save_png(image, folder: Path, settings: dict) -> Path:
+    """Save ``image`` with ``settings`` in its PNG metadata as image-0001.png, -0002, ...: never overwrites."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    for key, value in settings.items():
+        info.add_text(key, str(value))
+    n = len(list(folder.glob("image-*.png"))) + 1
+    while True:
+        path = folder / f"image-{n:04d}.png"
+        try:
+            with open(path, "xb") as f:  # "x": fail rather than overwrite
+                image.save(f, format="PNG", pnginfo=info)
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def main() -> None:
+    args = parse_args()
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise SystemExit("This GPU has no bf16 (compute capability below 8.0, e.g. a T4): "
+                         "use recipes/t4_staged_nf4_fp16.py, which computes in fp16.")
+    checkpoint = checkpoint_path(args.checkpoint)
+    start = time.perf_counter()
+
+    # 1. encode the prompt: T5 in NF4 and CLIP, in bf16, then free them
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=TEXT_DTYPE)
+    text_encoder_2 = T5EncoderModel.from_pretrained(
+        checkpoint, subfolder="text_encoder_2", quantization_config=nf4, dtype=TEXT_DTYPE, use_safetensors=True
+    )
+    text_encoder = CLIPTextModel.from_pretrained(checkpoint, subfolder="text_encoder", dtype=TEXT_DTYPE, use_safetensors=True)
+    pipe = FluxPipeline.from_pretrained(
+        checkpoint, text_encoder=text_encoder.to(DEVICE), text_encoder_2=text_encoder_2,
+        transformer=None, vae=None, dtype=TEXT_DTYPE, use_safetensors=True,
+    )
+    with torch.no_grad():
+        prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
+            prompt=args.prompt, prompt_2=None, max_sequence_length=args.max_sequence_length
+        )
+    del pipe, text_encoder, text_encoder_2
+    flush()
+
+    # 2. denoise: the transformer in NF4, computing in bf16, and nothing else on the GPU
+    config = DiffusersBitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPE)
+    transformer = FluxTransformer2DModel.from_pretrained(
+        checkpoint, subfolder="transformer", quantization_config=config, dtype=DTYPE, use_safetensors=True
+    )
+    pipe = FluxPipeline.from_pretrained(
+        checkpoint, transformer=transformer, vae=None, text_encoder=None, text_encoder_2=None,
+        tokenizer=None, tokenizer_2=None, dtype=DTYPE, use_safetensors=True,
+    )
+    latents = pipe(
+        prompt_embeds=prompt_embeds.to(DEVICE, DTYPE), pooled_prompt_embeds=pooled_prompt_embeds.to(DEVICE, DTYPE),
+        height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        generator=torch.Generator("cpu").manual_seed(args.seed),  # the same noise on any device
+        output_type="latent",
+    ).images
+    if not torch.isfinite(latents).all():
+        raise FloatingPointError("The latents contain NaN/inf: check the prompt embeddings (finite?) and that "
+                                 "this GPU has bf16 (compute capability 8.0+); on a T4 use t4_staged_nf4_fp16.py.")
+    del pipe, transformer
+    flush()
+
+    # 3. decode with the VAE (bf16), save the PNG with its settings
+    vae = AutoencoderKL.from_pretrained(checkpoint, subfolder="vae", dtype=DTYPE, use_safetensors=True).to(DEVICE)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    latents = FluxPipeline._unpack_latents(latents, args.height, args.width, scale)
+    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    with torch.no_grad():
+        pixels = vae.decode(latents.to(DEVICE, DTYPE), return_dict=False)[0]
+    image = VaeImageProcessor(vae_scale_factor=scale * 2).postprocess(pixels, output_type="pil")[0]
+    settings = dict(recipe=RECIPE, prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                    height=args.height, width=args.width, checkpoint=args.checkpoint, dtype=DTYPE)
+    path = save_png(image, args.out, settings)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    print(json.dumps(dict(settings, dtype=str(DTYPE), image=str(path), seconds=round(time.perf_counter() - start, 1),
+                          peak_vram_allocated_gib=peak and round(peak, 2))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The copy-paste recipes (recipes/*.py): each runs in tiny mode on the CPU, and says what the notebooks say.
+
+"In step" is checked on the code itself: the quantization configs, the loaders' safety arguments,
+the encode call, the default settings and the seeding are compared with fluxnb/stages.py (the code
+notebooks 01-04 show), and one recipe's image is compared pixel for pixel with the notebooks' flow.
+"""
+
+import ast
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fluxnb
+from fluxnb import errors, stages
+from fluxnb.prequantized import PREQUANTIZED_REPOS
+
+REPO = Path(__file__).parent.parent
+RECIPES = sorted((REPO / "recipes").glob("*.py"))
+NAMES = [p.stem for p in RECIPES]
+SINGLE_GPU_OR_CPU = [n for n in NAMES if n != "two_gpus"]
+TINY_ARGS = ["--checkpoint", "tiny", "--steps", "2", "--height", "64", "--width", "48", "--seed", "7",
+             "--prompt", "a red fox"]
+ALLOWED_IMPORTS = {"argparse", "gc", "json", "os", "time", "pathlib", "torch", "diffusers", "transformers", "PIL",
+                   "bitsandbytes"}
+
+
+def start_recipe(name: str, out: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))  # FLUXNB_CACHE: the tests' (conftest.py)
+    return subprocess.Popen([sys.executable, str(REPO / "recipes" / f"{name}.py"), *TINY_ARGS, "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_recipe(name: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return finish(start_recipe(name, out, *extra))
+
+
+def test_the_course_recipes_each_have_a_script():
+    assert set(NAMES) == {"t4_staged_nf4_fp16", "card_8gb_staged_nf4_bf16", "model_cpu_offload",
+                          "prequantized_from_hub", "two_gpus", "all_resident_bf16"}
+    for _, script in errors.RECIPE_LADDER:  # what an out-of-memory message tells a learner to run
+        assert (REPO / script.split(" ")[0]).is_file(), script
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Each single-GPU recipe once, in tiny mode on the CPU: its result line and output folder."""
+    fluxnb.allow_bitsandbytes_on_cpu()
+    fluxnb.prequantized_checkpoint("black-forest-labs/FLUX.1-dev", torch.float16, choice="tiny")  # built once, here
+    outs = {name: tmp_path_factory.mktemp(name) for name in SINGLE_GPU_OR_CPU}
+    started = {name: start_recipe(name, out) for name, out in outs.items()}  # in parallel: each is one process
+    runs = {}
+    for name, process in started.items():
+        done = finish(process)
+        assert done.returncode == 0, f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        runs[name] = (json.loads(done.stdout.strip().splitlines()[-1]), outs[name], done)
+    return runs
+
+
+@pytest.mark.parametrize("name", SINGLE_GPU_OR_CPU)
+def test_each_recipe_runs_in_tiny_mode_and_saves_a_png_with_its_settings(tiny_runs, name):
+    result, out, _ = tiny_runs[name]
+    image = Image.open(result["image"])
+    assert Path(result["image"]).parent == out and image.size == (48, 64)
+    assert {k: image.text[k] for k in ("prompt", "seed", "steps", "height", "width", "checkpoint")} == {
+        "prompt": "a red fox", "seed": "7", "steps": "2", "height": "64", "width": "48", "checkpoint": "tiny"}
+    assert image.text["recipe"] == result["recipe"]
+
+
+def test_a_second_run_never_overwrites_the_first(tiny_runs):
+    result, out, _ = tiny_runs["all_resident_bf16"]
+    again = run_recipe("all_resident_bf16", out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["image"] != result["image"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["image-0001.png", "image-0002.png"]
+
+
+def test_two_gpus_stops_at_once_on_a_machine_with_fewer(tmp_path):
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has two GPUs: the GPU script (benchmarks/gpu_recipes.sh) runs the recipe")
+    done = run_recipe("two_gpus", tmp_path)
+    assert done.returncode == 1 and not any(tmp_path.iterdir())
+    assert f"splits FLUX.1 over two GPUs and this machine has {torch.cuda.device_count()}: skipped, nothing was loaded" in done.stderr
+
+
+def test_the_t4_recipe_makes_the_notebooks_image(tiny_runs, tmp_path):
+    """The same settings through fluxnb.stages (notebooks 01-03, with the T4's dtypes) give the same pixels."""
+    result, _, _ = tiny_runs["t4_staged_nf4_fp16"]
+    tiny = str(fluxnb.build_tiny("dev"))
+    fluxnb.allow_bitsandbytes_on_cpu()
+    settings = fluxnb.generation_settings("black-forest-labs/FLUX.1-dev")
+    path = fluxnb.encode_and_save(tiny, "a red fox", torch.float32, tmp_path, settings["max_sequence_length"])
+    embeds, _ = fluxnb.load_embeddings(path, "cpu")
+    pipe = fluxnb.load_denoising_pipeline(tiny, fluxnb.load_transformer_4bit(tiny, torch.float16), torch.float16)
+    latents = fluxnb.denoise(pipe, embeds, 64, 48, 2, settings["guidance"], 7)
+    image = fluxnb.decode(pipe.vae, latents, 64, 48)
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(result["image"]).convert("RGB")))
+
+
+# --- the code says what the notebooks say -------------------------------------------------------------
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text())
+
+
+def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
+    def called(node):
+        f = node.func
+        return f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and called(n) == name]
+
+
+def _kwargs(call: ast.Call) -> dict[str, str]:
+    return {k.arg: ast.unparse(k.value) for k in call.keywords}
+
+
+STAGES = _tree(Path(stages.__file__))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_quantization_configs_are_the_notebooks(path):
+    ours = _calls(_tree(path), "BitsAndBytesConfig") + _calls(_tree(path), "DiffusersBitsAndBytesConfig")
+    theirs = _calls(STAGES, "BitsAndBytesConfig")
+    assert {tuple(sorted(_kwargs(c))) for c in theirs} == {("bnb_4bit_compute_dtype", "bnb_4bit_quant_type", "load_in_4bit")}
+    for call in ours:
+        kwargs = _kwargs(call)
+        assert sorted(kwargs) == ["bnb_4bit_compute_dtype", "bnb_4bit_quant_type", "load_in_4bit"]
+        assert kwargs["load_in_4bit"] == "True" and kwargs["bnb_4bit_quant_type"] == "'nf4'"
+        assert kwargs["bnb_4bit_compute_dtype"] in ("DTYPE", "TEXT_DTYPE")
+    expected = {"two_gpus": 0, "all_resident_bf16": 0, "prequantized_from_hub": 0}.get(path.stem, 2)
+    assert len(ours) == expected  # T5 and the transformer; none where nothing is quantized while loading
+
+
+@pytest.mark.parametrize("path", RECIPES + [Path(stages.__file__)], ids=lambda p: p.stem)
+def test_every_load_is_safetensors_and_runs_no_remote_code(path):
+    calls = _calls(_tree(path), "from_pretrained")
+    assert calls
+    for call in calls:
+        kwargs = _kwargs(call)
+        assert kwargs.get("use_safetensors") == "True", f"{path.name}:{call.lineno}: use_safetensors=True missing"
+        assert "trust_remote_code" not in kwargs
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_prompt_encoding_seeding_and_defaults_are_the_notebooks(path):
+    tree = _tree(path)
+    source = path.read_text()
+    encode = _calls(tree, "encode_prompt")
+    if encode:  # the staged recipes encode as fluxnb.stages.encode_prompt does
+        (theirs,) = [c for c in _calls(STAGES, "encode_prompt") if isinstance(c.func, ast.Attribute)]  # pipe.encode_prompt
+        assert [sorted(_kwargs(c)) for c in encode] == [sorted(_kwargs(theirs))]
+    assert 'generator=torch.Generator("cpu").manual_seed(args.seed)' in source  # stages.denoise's seeding
+    assert 'generator=torch.Generator("cpu").manual_seed(seed)' in Path(stages.__file__).read_text()
+    dev = fluxnb.generation_settings("black-forest-labs/FLUX.1-dev")
+    defaults = {a.dest: a.default for a in _parser(path)._actions}
+    assert (defaults["steps"], defaults["guidance"], defaults["max_sequence_length"]) == (
+        dev["steps"], dev["guidance"], dev["max_sequence_length"])
+    assert 'MODEL_ID = "black-forest-labs/FLUX.1-dev"' in source
+    assert "output_type=\"latent\"" in source or "images[0]" in source
+
+
+def _parser(path: Path):
+    """The recipe's argparse parser, built without running the recipe."""
+    namespace = {}
+    tree = _tree(path)
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.Assign))
+            or (isinstance(n, ast.FunctionDef) and n.name == "parse_args")]
+    exec(compile(ast.Module(body=keep, type_ignores=[]), str(path), "exec"), namespace)
+    captured = {}
+
+    class Stop(Exception):
+        pass
+
+    import argparse
+
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        captured["parser"] = self
+        raise Stop
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        namespace["parse_args"]()
+    except Stop:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return captured["parser"]
+
+
+def test_dtypes_follow_the_notebooks_rule():
+    """Notebooks: DTYPE = bf16 where the GPU has it, else fp16; TEXT_DTYPE = float32 when DTYPE is fp16."""
+    t4 = (REPO / "recipes" / "t4_staged_nf4_fp16.py").read_text()
+    assert "DTYPE = torch.float16" in t4 and "TEXT_DTYPE = torch.float32" in t4
+    card = (REPO / "recipes" / "card_8gb_staged_nf4_bf16.py").read_text()
+    assert "DTYPE = torch.bfloat16" in card and "TEXT_DTYPE = DTYPE" in card
+    for name in ("model_cpu_offload", "prequantized_from_hub", "two_gpus"):
+        assert "TEXT_DTYPE = torch.float32 if DTYPE == torch.float16 else DTYPE" in (REPO / "recipes" / f"{name}.py").read_text()
+
+
+def test_the_prequantized_package_is_the_courses():
+    source = (REPO / "recipes" / "prequantized_from_hub.py").read_text()
+    assert f'PREQUANTIZED = "{PREQUANTIZED_REPOS["dev"]}"' in source
+    ours = next(n for n in _tree(REPO / "recipes" / "prequantized_from_hub.py").body
+                if isinstance(n, ast.FunctionDef) and n.name == "set_compute_dtype")
+    theirs = next(n for n in STAGES.body if isinstance(n, ast.FunctionDef) and n.name == "set_compute_dtype")
+    assert ast.unparse(ours.body[1:]) == ast.unparse(theirs.body[1:])  # the same loop, docstrings aside
+
+
+def test_the_big_gpu_recipe_states_its_measured_need():
+    peak = json.loads((REPO / "benchmarks" / "results" / "h100.json").read_text())["recipes"]["bf16-resident"]["peaks"]
+    source = (REPO / "recipes" / "all_resident_bf16.py").read_text()
+    assert f"NEED_GIB = {math.ceil(peak['vram_device_gib'])} " in source
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipes_use_only_the_libraries_and_fluxnb_only_for_stand_ins(path):
+    tree = _tree(path)
+    top = {(n.module if isinstance(n, ast.ImportFrom) else n.names[0].name).split(".")[0]
+           for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+    assert top <= ALLOWED_IMPORTS, top - ALLOWED_IMPORTS
+    for func in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
+        for node in ast.walk(func):
+            if isinstance(node, ast.Import) and any(a.name == "fluxnb" for a in node.names):
+                assert func.name in ("checkpoint_path", "prequantized_path"), f"{path.name}: fluxnb in {func.name}"
