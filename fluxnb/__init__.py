@@ -5,7 +5,7 @@ the checkpoint switch and offline stand-ins (:mod:`fluxnb.checkpoints`), bitsand
 tiny course (:mod:`fluxnb.cpu_bitsandbytes`), and the staged recipe the notebooks teach
 (:mod:`fluxnb.stages`), pre-quantized downloads (:mod:`fluxnb.prequantized`), and the course runner
 with its small-machine envelopes (:mod:`fluxnb.course`, :mod:`fluxnb.envelopes`) and dry run
-(:mod:`fluxnb.fit`).
+(:mod:`fluxnb.fit`), and every quantization backend as one call (:mod:`fluxnb.quantization`, notebooks 05-07).
 """
 
 from fluxnb.checkpoints import build_random, build_tiny, generation_settings, is_stand_in, resolve_checkpoint
