@@ -25,6 +25,9 @@ COURSE = [  # (file, title): the course, in order
     ("02_load_transformer_vae_4bit.ipynb", "02 · Load the transformer in 4 bits, and the VAE"),
     ("03_generate.ipynb", "03 · Generate"),
     ("04_memory_profiling.ipynb", "04 · Memory profiling"),
+    ("05_bitsandbytes_options.ipynb", "05 · bitsandbytes, every option"),
+    ("06_quantization_backends.ipynb", "06 · Every quantization backend"),
+    ("07_spot_the_quantized.ipynb", "07 · Spot the quantized image"),
 ]
 START, END = "<!-- fluxnb:nav:start -->", "<!-- fluxnb:nav:end -->"
 FOOTER = "<!-- fluxnb:footer -->"
