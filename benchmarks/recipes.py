@@ -285,6 +285,9 @@ def quantized(recipe: str) -> Callable[[Context], None]:
 
     def run(ctx: Context) -> None:
         quant.require(recipe)
+        backend = quant.BACKENDS[quant.RECIPES[recipe].backend]
+        ctx.extra["backend"] = (f"{backend.package} {quant.package_version(backend.package)}" if backend.package
+                                else "diffusers")
         gguf_folder = fluxnb.checkpoints.cache_dir() / "gguf" / Path(ctx.checkpoint).name
         if recipe.startswith("gguf-"):
             start = time.perf_counter()

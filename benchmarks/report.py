@@ -149,18 +149,18 @@ def quant_table(results: dict[str, Any]) -> str:
         return ""
     sizes = sorted({f"{s['height']}x{s['width']}" for r in rows_in.values() for s in r.get("sizes", [])},
                    key=lambda t: -int(t.split("x")[0]) * int(t.split("x")[1]))
-    head = ("| recipe | weights in memory (GiB) | peak VRAM device (GiB) | peak RAM anon (GiB) | "
+    head = ("| recipe | backend | weights in memory (GiB) | peak VRAM device (GiB) | peak RAM anon (GiB) | "
             + " | ".join(f"s/step {t}" for t in sizes)
             + " | load (s) | GGUF made (s) | rel. error vs bf16 | note |")
-    rows = [head, "|" + "---|" * (8 + len(sizes))]
+    rows = [head, "|" + "---|" * (9 + len(sizes))]
     for r in rows_in.values():
         if r.get("skipped"):
-            rows.append(f"| {r['recipe']} | " + " | ".join([""] * (6 + len(sizes))) + f" | skipped: {r['skipped']} |")
+            rows.append(f"| {r['recipe']} | " + " | ".join([""] * (7 + len(sizes))) + f" | skipped: {r['skipped']} |")
             continue
         speed = {f"{s['height']}x{s['width']}": s["s_per_step"] for s in r.get("sizes", [])}
         note = "" if r.get("ok") else _failure(r).replace("|", "/")
         peaks = r.get("peaks", {})
-        rows.append(f"| {r['recipe']} | {_f(r.get('weight_gib'))} | {_f(peaks.get('vram_device_gib'))} "
+        rows.append(f"| {r['recipe']} | {r.get('backend') or '-'} | {_f(r.get('weight_gib'))} | {_f(peaks.get('vram_device_gib'))} "
                     f"| {_f(peaks.get('ram_anon_gib'))} | " + " | ".join(_f(speed.get(t), 3) for t in sizes)
                     + f" | {_f(r.get('load_s'), 1)} | {_f(r.get('make_s'), 1)} | {_f(r.get('relative_error'), 4)} | {note} |")
     return "\n".join(rows)

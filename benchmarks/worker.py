@@ -22,7 +22,7 @@ from fluxnb.memory import GIB, MemoryTracker, device_used_bytes
 
 PEAK_FIELDS = ("vram_device_gib", "vram_allocated_gib", "vram_reserved_gib", "ram_anon_gib")
 TIME_FIELDS = ("load_s", "compile_s", "on_the_fly_s", "prequantized_s",  # what recipes put in Context.extra
-               "make_s", "relative_error", "reference_made", "weight_gib")
+               "make_s", "relative_error", "reference_made", "weight_gib", "backend")
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:

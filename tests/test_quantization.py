@@ -187,6 +187,7 @@ def test_benchmark_rows_compare_with_the_bf16_reference_of_the_same_command(tiny
     nf4 = worker.run("quant-bnb-nf4", tiny, [(32, 32), (16, 32)], steps=1)
     assert nf4["ok"] and 0 < nf4["relative_error"] < 0.3 and nf4["weight_gib"] < ref["weight_gib"]
     assert [(s["height"], s["width"]) for s in nf4["sizes"]] == [(32, 32), (16, 32)] and nf4["load_s"] > 0
+    assert nf4["backend"].startswith("bitsandbytes 0.") and ref["backend"] == "diffusers"
     results = {"provenance": dict(gpu="CPU only", stand_in="tiny", date="2026-11-22", driver="-", command="test",
                                   libraries=dict(torch="t", diffusers="d", transformers="t", bitsandbytes="b",
                                                  accelerate="a")),
