@@ -28,9 +28,9 @@ def reference(tiny):
 
 
 def test_relative_error_is_zero_for_identical_outputs_and_scales_with_the_difference():
-    ref = torch.randn(2, 16, 64)
+    ref = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
     assert Q.relative_error(ref.clone(), ref) == 0.0
-    assert Q.relative_error(ref * 1.01, ref) == pytest.approx(0.01, rel=1e-6)
+    assert Q.relative_error(ref * 1.01, ref) == pytest.approx(0.01, rel=1e-4)  # ref * 1.01 is rounded to float32
     assert Q.relative_error(torch.zeros_like(ref), ref) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="shapes differ"):
         Q.relative_error(ref[:1], ref)
