@@ -10,15 +10,19 @@ so recipes compare row by row. What differs is how the models are loaded and whe
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import fluxnb
 from fluxnb import faster
+import fluxnb.checkpoints
+from fluxnb import quantization as quant
 from fluxnb.memory import MemoryTracker, StepTimer
 
 DEFAULT_SIZES = "1024x1024,512x768"  # height x width: the course's size, and a smaller landscape one
@@ -338,6 +342,72 @@ def torchrun(mode: str, nproc: int, quant: str) -> Callable[[Context], None]:
             ctx.sizes_out.append(dict(height=height, width=width, warmup_s=round(rank0["warmup_s"], 3),
                                       s_per_step=round(out["s_per_step"], 4),
                                       step_s=[round(t, 4) for t in rank0["step_s"]], latents_finite=out["latents_finite"]))
+QUANT_INPUT = (512, 512)  # height x width of the fixed input the relative error is measured on (+512 text tokens)
+
+
+def quant_reference_path(checkpoint: str, dtype: torch.dtype) -> Path:
+    """Where ``quant-bf16`` saves the reference output that the other quantization recipes compare with."""
+    import zlib
+
+    from fluxnb.checkpoints import cache_dir
+
+    tag = f"{zlib.crc32(str(Path(checkpoint).resolve()).encode()):08x}-{str(dtype).replace('torch.', '')}"
+    return cache_dir() / "quant-reference" / f"reference-{tag}.safetensors"
+
+
+def _fixed_embeds(ctx: Context, config: Any) -> dict[str, torch.Tensor]:
+    """Seeded stand-ins for the T5 and CLIP embeddings: no text encoder in these rows (saves a load each)."""
+    inputs = quant.fixed_inputs(config, *QUANT_INPUT, seed=ctx.seed, dtype=ctx.dtype)
+    return {"prompt_embeds": inputs["encoder_hidden_states"], "pooled_prompt_embeds": inputs["pooled_projections"]}
+
+
+def quantized(recipe: str) -> Callable[[Context], None]:
+    """One quantization recipe of :mod:`fluxnb.quantization` on the full transformer.
+
+    Loads the transformer with ``recipe`` (a GGUF file is made first, timed apart as ``make_s``), runs one
+    forward at fixed inputs and compares it with the reference that ``quant-bf16`` saved earlier in the
+    same command (``relative_error``), then times denoising at each size with fixed embeddings. No text
+    encoders and no decode: these rows compare the transformer alone.
+    """
+
+    def run(ctx: Context) -> None:
+        quant.require(recipe)
+        backend = quant.BACKENDS[quant.RECIPES[recipe].backend]
+        ctx.extra["backend"] = (f"{backend.package} {quant.package_version(backend.package)}" if backend.package
+                                else "diffusers")
+        gguf_folder = fluxnb.checkpoints.cache_dir() / "gguf" / Path(ctx.checkpoint).name
+        if recipe.startswith("gguf-"):
+            start = time.perf_counter()
+            with ctx.stage("make GGUF file"):
+                quant.make_gguf(ctx.checkpoint, gguf_folder / f"transformer-{recipe[5:].upper()}.gguf", recipe[5:],
+                                workers=os.cpu_count())  # the GPU machine's RAM holds a worker per core
+            ctx.extra["make_s"] = round(time.perf_counter() - start, 3)
+        start = time.perf_counter()
+        with ctx.stage(f"load transformer ({recipe})"):
+            transformer = quant.load_transformer(ctx.checkpoint, recipe, ctx.dtype, gguf_folder=gguf_folder)
+        ctx.extra["load_s"] = round(time.perf_counter() - start, 3)
+        with ctx.stage("fixed-input forward"):
+            out = quant.transformer_output(transformer, quant.fixed_inputs(transformer.config, *QUANT_INPUT,
+                                                                           seed=ctx.seed, dtype=ctx.dtype))
+        ref_path = quant_reference_path(ctx.checkpoint, ctx.dtype)
+        if recipe == "bf16":
+            from safetensors.torch import save_file
+
+            ref_path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"output": out.contiguous()}, str(ref_path), metadata={"made": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            ctx.extra["relative_error"] = 0.0
+        elif ref_path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(ref_path), framework="pt") as f:
+                ctx.extra["relative_error"] = round(quant.relative_error(out, f.get_tensor("output")), 6)
+                ctx.extra["reference_made"] = f.metadata()["made"]
+        else:
+            raise FileNotFoundError(f"no reference output at {ref_path}: put quant-bf16 first in --recipes")
+        ctx.extra["weight_gib"] = round(quant.weight_bytes(transformer) / 2**30, 3)
+        with ctx.stage("load VAE"):
+            pipe = fluxnb.load_denoising_pipeline(ctx.checkpoint, transformer, ctx.dtype)
+        _denoise_all_sizes(ctx, pipe, _fixed_embeds(ctx, transformer.config))
 
     return run
 
@@ -376,6 +446,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            compute_dtype="bf16", gpus=2),
     Recipe("two-pipelines-nf4", "the course's NF4 flow on each of 2 GPUs, two images at once (torchrun)",
            torchrun("replicas", 2, "nf4"), needs_gpu=True, compute_dtype="bf16", gpus=2),
+    *[Recipe(f"quant-{name}", f"quantization: {r.description}", quantized(name),
+             needs_gpu=name in ("torchao-fp8",)) for name, r in quant.RECIPES.items()],
 ]}
 
 

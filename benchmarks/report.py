@@ -163,6 +163,44 @@ def ratios(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def quant_table(results: dict[str, Any]) -> str:
+    """The quantization recipes (``quant-*``) side by side, with the relative error of the transformer output
+    at fixed inputs against ``quant-bf16`` from the same command; "" if there are none."""
+    rows_in = {k: r for k, r in results["recipes"].items() if k.startswith("quant-")}
+    if not rows_in:
+        return ""
+    sizes = sorted({f"{s['height']}x{s['width']}" for r in rows_in.values() for s in r.get("sizes", [])},
+                   key=lambda t: -int(t.split("x")[0]) * int(t.split("x")[1]))
+    head = ("| recipe | backend | weights in memory (GiB) | peak VRAM device (GiB) | peak RAM anon (GiB) | "
+            + " | ".join(f"s/step {t}" for t in sizes)
+            + " | load (s) | GGUF made (s) | rel. error vs bf16 | note |")
+    rows = [head, "|" + "---|" * (9 + len(sizes))]
+    for r in rows_in.values():
+        if r.get("skipped"):
+            rows.append(f"| {r['recipe']} | " + " | ".join([""] * (7 + len(sizes))) + f" | skipped: {r['skipped']} |")
+            continue
+        speed = {f"{s['height']}x{s['width']}": s["s_per_step"] for s in r.get("sizes", [])}
+        note = "" if r.get("ok") else _failure(r).replace("|", "/")
+        peaks = r.get("peaks", {})
+        rows.append(f"| {r['recipe']} | {r.get('backend') or '-'} | {_f(r.get('weight_gib'))} | {_f(peaks.get('vram_device_gib'))} "
+                    f"| {_f(peaks.get('ram_anon_gib'))} | " + " | ".join(_f(speed.get(t), 3) for t in sizes)
+                    + f" | {_f(r.get('load_s'), 1)} | {_f(r.get('make_s'), 1)} | {_f(r.get('relative_error'), 4)} | {note} |")
+    return "\n".join(rows)
+
+
+def quant_markdown(results: dict[str, Any]) -> str:
+    """The quantization table with what it was measured on and what its numbers do and do not show."""
+    table = quant_table(results)
+    if not table:
+        return ""
+    return (f"Quantization recipes, {label(results)}.\n\n{table}\n\n"
+            "Each row loads the full transformer with one recipe in its own process, times denoising with fixed "
+            "embeddings (no text encoders, no decode) and runs one forward at a fixed 512x512 input; *rel. error* "
+            "is ||out - ref|| / ||ref|| against the `quant-bf16` row's output from the same command. With random "
+            "weights it measures each recipe's numerical error, not image quality. *Weights in memory* counts "
+            "parameters and buffers as stored.\n")
+
+
 def markdown(results: dict[str, Any]) -> str:
     text = label(results)
     note = ("Each recipe ran in its own process: sizes in the order shown, after a 1-step warm-up; s/step is the "
@@ -173,6 +211,9 @@ def markdown(results: dict[str, Any]) -> str:
     env = envelopes_table(results)
     if env:
         parts += ["", env]
+    quant = quant_markdown(results)
+    if quant:
+        parts += ["", quant]
     return "\n".join(parts).strip() + "\n"
 
 
@@ -254,6 +295,9 @@ def write_all(results_path: Path, targets: bool = True) -> str:
     results = json.loads(results_path.read_text())
     text = markdown(results)
     results_path.with_suffix(".md").write_text(text)
+    quant = quant_markdown(results)
+    if quant and targets:  # package data: notebooks 05-07 print it, on Colab too
+        (COURSE_RESULTS / f"quant-{results_path.stem}.md").write_text(quant)
     if any(r.get("sizes") for r in results["recipes"].values()):  # nothing to chart otherwise
         chart(results, results_path.with_suffix(".png"))
     if targets:

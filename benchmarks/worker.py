@@ -21,7 +21,8 @@ from benchmarks.recipes import DEFAULT_SIZES, RECIPES, Context
 from fluxnb.memory import GIB, MemoryTracker, device_used_bytes
 
 PEAK_FIELDS = ("vram_device_gib", "vram_allocated_gib", "vram_reserved_gib", "ram_anon_gib")
-TIME_FIELDS = ("load_s", "compile_s", "on_the_fly_s", "prequantized_s")  # what recipes put in Context.extra
+TIME_FIELDS = ("load_s", "compile_s", "on_the_fly_s", "prequantized_s",  # what recipes put in Context.extra
+               "make_s", "relative_error", "reference_made", "weight_gib", "backend")
 # what multi-GPU and step-caching recipes add (kept only where a recipe set them)
 EXTRA_FIELDS = ("gpus", "images_at_once", "per_gpu_peaks_gib", "per_gpu_stages", "blocks_per_gpu", "exact",
                 "cache", "computed_steps", "ranks")

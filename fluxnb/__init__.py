@@ -5,7 +5,8 @@ the checkpoint switch and offline stand-ins (:mod:`fluxnb.checkpoints`), bitsand
 tiny course (:mod:`fluxnb.cpu_bitsandbytes`), and the staged recipe the notebooks teach
 (:mod:`fluxnb.stages`), pre-quantized downloads (:mod:`fluxnb.prequantized`), and the course runner
 with its small-machine envelopes (:mod:`fluxnb.course`, :mod:`fluxnb.envelopes`) and dry run
-(:mod:`fluxnb.fit`), and errors that say what to do next (:mod:`fluxnb.errors`).
+(:mod:`fluxnb.fit`), errors that say what to do next (:mod:`fluxnb.errors`),
+and every quantization backend as one call (:mod:`fluxnb.quantization`, notebooks 05-07).
 """
 
 from fluxnb.quiet import silence_torchvision_fallback
