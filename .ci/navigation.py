@@ -25,6 +25,7 @@ COURSE = [  # (file, title): the course, in order
     ("02_load_transformer_vae_4bit.ipynb", "02 · Load the transformer in 4 bits, and the VAE"),
     ("03_generate.ipynb", "03 · Generate"),
     ("04_memory_profiling.ipynb", "04 · Memory profiling"),
+    ("11_studio.ipynb", "11 · The Studio"),
 ]
 START, END = "<!-- fluxnb:nav:start -->", "<!-- fluxnb:nav:end -->"
 FOOTER = "<!-- fluxnb:footer -->"

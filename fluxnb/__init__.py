@@ -42,6 +42,7 @@ from fluxnb.stages import (
     save_image,
     set_compute_dtype,
 )
+from fluxnb.studio import Studio
 from fluxnb.prequantized import (
     download_gb,
     download_plan,
@@ -61,4 +62,5 @@ __all__ = [
     "load_transformer_offload", "machine_info", "missing_resources", "output_dir", "pick_dtype",
     "prequantized_checkpoint", "resolve_checkpoint", "save_embeddings", "save_image", "saved_quantized_dir",
     "set_compute_dtype",
+    "Studio",
 ]

@@ -107,6 +107,37 @@ def memory_readout() -> str:
     return f"VRAM {used / GIB:.2f} GiB in use, {free_vram_gib():.2f} GiB free · {ram}"
 
 
+def weights_gib(checkpoint: str, prequantized: str | None) -> dict[str, float]:
+    """GiB of safetensors weights per model part that the Studio loads (from the files, before loading)."""
+    from fluxnb.prequantized import download_plan
+
+    sizes = dict.fromkeys(ENCODER_PARTS + DENOISER_PARTS, 0.0)
+    for item in download_plan(checkpoint, prequantized):
+        part = item.path.split("/")[0]
+        if part in sizes and item.path.endswith(".safetensors"):
+            sizes[part] += item.size / GIB
+    return sizes
+
+
+def both_models_fit(checkpoint: str, prequantized: str | None) -> tuple[bool, str]:
+    """Whether the text encoders can stay loaded next to the denoiser, and a sentence saying why.
+
+    On a CPU they stay (host RAM holds both). On a GPU they stay if its free VRAM now holds every
+    part's weights (their file sizes) plus :data:`ACTIVATION_HEADROOM_GIB`; else the staged flow.
+    """
+    if not torch.cuda.is_available():
+        return True, "No GPU: the text encoders stay loaded in host RAM next to the denoiser."
+    weights = sum(weights_gib(checkpoint, prequantized).values())
+    free = free_vram_gib() or 0.0
+    need = weights + ACTIVATION_HEADROOM_GIB
+    if free >= need:
+        return True, (f"Both models' weights ({weights:.1f} GiB) plus {ACTIVATION_HEADROOM_GIB:.0f} GiB for "
+                      f"activations fit in the {free:.1f} GiB of free VRAM: the text encoders stay loaded.")
+    return False, (f"Both models' weights ({weights:.1f} GiB) plus {ACTIVATION_HEADROOM_GIB:.0f} GiB for "
+                   f"activations do not fit in the {free:.1f} GiB of free VRAM: T5 is freed before the "
+                   "transformer loads (the staged flow), and a new prompt reloads the transformer.")
+
+
 def png_settings(path: str | Path) -> dict[str, str]:
     """The settings a Studio (or notebook 03) PNG carries in its text chunks."""
     with Image.open(path) as image:
@@ -227,6 +258,7 @@ class Studio:
         self.generate_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         self.code_button.on_click(lambda _: self.show_code())
+        self.selected.observe(self._selection_changed, "value")
         self.widget = w.VBox([
             self.prompt,
             w.HBox([self.seed, self.random_seed]),
@@ -236,6 +268,7 @@ class Studio:
             self.progress, self.status, self.memory, self.gallery,
             w.HBox([self.selected, self.code_button]), self.code, self.log,
         ])
+        self.widget.add_class("fluxnb-studio")
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
@@ -352,19 +385,9 @@ class Studio:
     def _decide_keep_encoders(self) -> bool:
         """Keep the text encoders loaded next to the denoiser? Yes on a CPU; on a GPU only if both fit."""
         if self.keep_text_encoders is None:
-            if not torch.cuda.is_available():
-                self.keep_text_encoders = True
-            else:
-                from fluxnb.prequantized import download_plan
-
-                plan = download_plan(self.checkpoint, self.prequantized)
-                weights = sum(i.size for i in plan if i.path.split("/")[0] in ENCODER_PARTS + DENOISER_PARTS
-                              and i.path.endswith(".safetensors"))
-                free = torch.cuda.mem_get_info()[0]
-                self.keep_text_encoders = free >= weights + ACTIVATION_HEADROOM_GIB * GIB
-                self._say(f"Both models' weights are {weights / GIB:.1f} GiB, {free / GIB:.1f} GiB VRAM is free: "
-                          + ("the text encoders stay loaded." if self.keep_text_encoders else
-                             "T5 is freed before the transformer loads (the staged flow)."))
+            keep, reason = both_models_fit(self.checkpoint, self.prequantized)
+            self.keep_text_encoders = keep
+            self._say(reason)
         return self.keep_text_encoders
 
     def _embeddings_for(self, prompt: str) -> dict[str, torch.Tensor]:
@@ -437,6 +460,10 @@ class Studio:
         self.gallery.children = (*self.gallery.children, w.VBox([picture, w.Label(path.name)]))
         self.selected.options = [*self.selected.options, (path.name, str(path))]
         self.selected.value = str(path)
+
+    def _selection_changed(self, change: dict[str, Any]) -> None:
+        if self.code.layout.display is None and change["new"]:  # the code is shown: keep it in step
+            self.show_code()
 
     def show_code(self) -> str:
         """The Show code button: the Python that makes the selected image again (also returned)."""

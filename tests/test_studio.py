@@ -106,6 +106,10 @@ def test_show_code_remakes_the_selected_image_exactly(checkpoint, tmp_path, monk
     code = studio.code_button.click() or studio.code.value
     assert code == reproduction_code(result.paths[0]) and "SEED, STEPS, GUIDANCE = 3, 2" in code
     assert studio.code.layout.display is None  # shown
+    second = studio.generate(prompt="a lighthouse at dusk", seed=4, steps=2, height=32, width=64, count=1)
+    assert studio.selected.value == str(second.paths[0]) and "SEED, STEPS, GUIDANCE = 4, 2" in studio.code.value
+    studio.selected.value = str(result.paths[0])  # picking an image in the list updates the code shown
+    assert studio.code.value == code
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FLUXNB_OUTPUT", str(tmp_path / "elsewhere"))  # no saved embeddings: encodes again
     exec(compile(code, "reproduction", "exec"), {})
