@@ -315,8 +315,7 @@ class Studio:
         except Exception as error:  # a thread has no caller: show the message, keep the full traceback
             self.last_error = error
             self._say(f"{type(error).__name__}: {error}", error=True)
-            with self.log:
-                traceback.print_exc()
+            self.log.append_stderr(traceback.format_exc())  # safe from a thread, unlike `with self.log:`
 
     def stop(self) -> None:
         """The Stop button: the current denoising ends after its current step; nothing half-made is saved."""

@@ -203,3 +203,23 @@ def test_reproduction_code_explains_a_png_without_studio_metadata(tmp_path):
     path = stages.save_image(Image.new("RGB", (16, 16)), tmp_path, prompt="x", seed=0)
     with pytest.raises(ValueError, match="not saved by the Studio"):
         reproduction_code(path)
+
+
+def test_a_failure_during_a_click_is_shown_and_the_studio_stays_usable(checkpoint, tmp_path, monkeypatch):
+    studio = make_studio(checkpoint, tmp_path)
+    fill(studio, prompt="a cat", steps=2, height=32, width=32)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("simulated: the transformer does not fit")
+
+    monkeypatch.setattr(stages, "load_transformer_4bit", no_memory)
+    studio.generate_button.click()
+    studio.wait(timeout=120)
+    assert isinstance(studio.last_error, MemoryError)
+    assert "MemoryError: simulated: the transformer does not fit" in studio.status.value
+    assert "Traceback" in studio.log.outputs[-1]["text"]  # the whole traceback, for whoever asks for help
+    assert not studio.generate_button.disabled and studio.stop_button.disabled
+    monkeypatch.undo()
+    studio.last_error = None
+    click_and_wait(studio)  # the lock was released: the next click works
+    assert len(studio.generations[-1].paths) == 1
