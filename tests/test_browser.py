@@ -12,6 +12,7 @@ Every wait is bounded; the server (and with it the kernel) is stopped at the end
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -186,4 +187,16 @@ def test_studio_generates_in_a_real_browser(lab, browser):
     assert studio.screenshot(str(shot)) and shot.stat().st_size > 10_000
     if os.environ.get("FLUXNB_BROWSER_SCREENSHOT"):
         shutil.copy(shot, os.environ["FLUXNB_BROWSER_SCREENSHOT"])
+
+    # Stop, from the browser, while the kernel generates in the Studio's thread
+    steps.send_keys(Keys.CONTROL, "a")
+    steps.send_keys("400", Keys.TAB)
+    button.click()
+    text = lambda: browser.find_element(By.CSS_SELECTOR, "div.fluxnb-studio").text
+    _wait("the first steps of a 400-step generation", lambda: re.search(r"Step [1-9]\d*/400", text()), timeout=60)
+    browser.find_element(By.XPATH, "//div[contains(@class,'fluxnb-studio')]//button[normalize-space()='Stop']").click()
+    stopped = _wait("the status saying the generation stopped",
+                    lambda: re.search(r"Stopped at step (\d+) of 400", text()), timeout=60)
+    assert int(stopped.group(1)) < 400
+    assert len(browser.find_elements(By.CSS_SELECTOR, gallery)) == 2 and len(list(images_dir.glob("*.png"))) == 2
     print(f"browser test: {time.monotonic() - started:.0f} s from opening the notebook")
