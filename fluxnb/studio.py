@@ -94,6 +94,9 @@ def validate_request(prompt: Any, seed: Any, steps: Any, guidance: Any, height: 
     if not 1 <= count <= MAX_IMAGES:
         raise ValueError(f"number of images={count} must be between 1 and {MAX_IMAGES}: each image is a full "
                          "generation; click Generate again for more.")
+    if seed + count - 1 > MAX_SEED:  # image k uses seed + k
+        raise ValueError(f"seed={seed} with {count} images would go past the largest seed, {MAX_SEED}: "
+                         f"use a seed of at most {MAX_SEED - count + 1}.")
     return Request(prompt.strip(), seed, steps, float(guidance), height, width, count)
 
 

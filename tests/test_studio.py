@@ -167,6 +167,7 @@ def test_bad_input_is_refused_with_a_message_before_anything_loads(checkpoint, t
     (dict(guidance="high"), "guidance must be a number"),
     (dict(guidance=float("nan")), "guidance must be a number"),
     (dict(prompt=None), "The prompt is empty"),
+    (dict(seed=4294967295, count=2), "seed=4294967295 with 2 images would go past the largest seed"),
 ])
 def test_validate_request_rejects_wrong_types(kwargs, message):
     good = dict(prompt="a cat", seed=0, steps=4, guidance=3.5, height=64, width=64, count=1)
