@@ -40,9 +40,11 @@ from fluxnb import stages
 from fluxnb.environment import available_ram_gib, check_generation_request, free_vram_gib
 from fluxnb.memory import GIB, StepTimer, anon_ram_bytes, device_used_bytes, flush
 
-# Room left for activations when deciding whether both models fit together: a 1024x1024 FLUX step
-# and the VAE's decode of it. The weights themselves are read from the checkpoint's files.
-ACTIVATION_HEADROOM_GIB = 2.0
+# Room left when deciding whether both models fit together: a 1024x1024 FLUX step, the VAE's decode of
+# it, and what loading adds over the files (CLIP and T5's unquantized layers load in fp32 on a T4). A
+# safety margin, not a measurement: too small risks an out-of-memory error on the first click, too large
+# only costs a transformer reload per new prompt. The weights themselves are read from the files.
+ACTIVATION_HEADROOM_GIB = 3.0
 MAX_IMAGES = 8  # per click: each image is a full generation
 MAX_SEED = 2**32 - 1  # torch.Generator.manual_seed takes 64 bits; 32 keep seeds short to copy
 ENCODER_PARTS = ("text_encoder", "text_encoder_2")
