@@ -31,6 +31,7 @@ COURSE = [  # (file, title): the course, in order
     ("08_offloading.ipynb", "08 · The smallest GPU: offloading, and a streamed 4-bit transformer"),
     ("09_faster.ipynb", "09 · Faster: torch.compile and step caching"),
     ("10_multi_gpu.ipynb", "10 · Two GPUs: split the model, share one image, or make two"),
+    ("11_studio.ipynb", "11 · The Studio"),
 ]
 START, END = "<!-- fluxnb:nav:start -->", "<!-- fluxnb:nav:end -->"
 FOOTER = "<!-- fluxnb:footer -->"

@@ -60,6 +60,7 @@ from fluxnb.stages import (
     save_image,
     set_compute_dtype,
 )
+from fluxnb.studio import Studio
 from fluxnb.prequantized import (
     download_gb,
     download_plan,
@@ -81,4 +82,5 @@ __all__ = [
     "set_compute_dtype",
     "NotEnoughVRAMError", "check_embeddings", "check_latents_size", "check_part", "check_size_fits", "estimate_vram_gib",
     "load_image_with_settings", "oom_advice", "prompt_truncation_notice",
+    "Studio",
 ]

@@ -1,0 +1,479 @@
+"""The Studio: a small ipywidgets app around the course's staged recipe (notebooks 03 and 11).
+
+A form (prompt, seed or "random", steps, guidance, width and height, number of images), a progress
+bar per denoising step, a gallery, a Stop button, a live VRAM/RAM readout, and a button that shows the
+Python code that makes the selected image again. Every image is a PNG that carries its settings
+(``fluxnb.save_image``: numbered, never overwritten).
+
+It only calls the functions the notebooks teach (:mod:`fluxnb.stages`), and loads each model once:
+
+* the **denoiser** (the 4-bit transformer and the VAE) loads on the first click and stays;
+* the **text encoders** (CLIP and the 4-bit T5) are needed only for a prompt not seen before. Each
+  prompt's embeddings are kept (in memory, and on disk where notebook 03's ``encode_and_save`` finds
+  them), so a new seed, size or step count never runs T5 again. Whether the encoders stay loaded
+  next to the denoiser is decided by memory (``keep_text_encoders``): on a CPU, or on a GPU whose free
+  VRAM holds both models' weights plus :data:`ACTIVATION_HEADROOM_GIB`, they stay (a new prompt costs
+  one T5 forward pass); otherwise the Studio runs the course's staged flow (T5 is freed before the
+  transformer loads), and a *new* prompt costs freeing the denoiser, encoding, and loading it again.
+
+The logic is testable without a browser: :meth:`Studio.generate` does one generation with the form's
+values (or explicit ones) and returns a :class:`Generation`; the Generate button runs the same
+method in a thread, so the kernel stays free to receive the Stop button's click.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import threading
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from fluxnb import stages
+from fluxnb.environment import available_ram_gib, check_generation_request, free_vram_gib
+from fluxnb.memory import GIB, StepTimer, anon_ram_bytes, device_used_bytes, flush
+
+# Room left when deciding whether both models fit together: a 1024x1024 FLUX step, the VAE's decode of
+# it, and what loading adds over the files (CLIP and T5's unquantized layers load in fp32 on a T4). A
+# safety margin, not a measurement: too small risks an out-of-memory error on the first click, too large
+# only costs a transformer reload per new prompt. The weights themselves are read from the files.
+ACTIVATION_HEADROOM_GIB = 3.0
+MAX_IMAGES = 8  # per click: each image is a full generation
+MAX_SEED = 2**32 - 1  # torch.Generator.manual_seed takes 64 bits; 32 keep seeds short to copy
+ENCODER_PARTS = ("text_encoder", "text_encoder_2")
+DENOISER_PARTS = ("transformer", "vae")
+
+
+@dataclass
+class Request:
+    """One click's settings, validated: what :meth:`Studio.generate` makes."""
+
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    count: int = 1
+
+
+@dataclass
+class Generation:
+    """What one call of :meth:`Studio.generate` made."""
+
+    request: Request
+    paths: list[Path] = field(default_factory=list)  # one PNG per finished image
+    seeds: list[int] = field(default_factory=list)
+    stopped: bool = False  # Stop was pressed: the image being denoised was dropped, nothing after it ran
+    seconds: float = 0.0
+
+
+def validate_request(prompt: Any, seed: Any, steps: Any, guidance: Any, height: Any, width: Any,
+                     count: Any = 1) -> Request:
+    """Check a form's values and return them as a :class:`Request`; ``ValueError`` says what to change.
+
+    Sizes, steps and guidance go through :func:`fluxnb.check_generation_request` (the same message as
+    the notebooks). Booleans are refused where numbers are expected (``True`` is an ``int`` in Python).
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("The prompt is empty: type what the image should show, e.g. 'a red bicycle in the snow'.")
+    for name, value in (("seed", seed), ("steps", steps), ("height", height), ("width", width),
+                        ("number of images", count)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}).")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed} must be between 0 and {MAX_SEED}; tick 'random seed' to draw one.")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance != guidance:
+        raise ValueError(f"guidance must be a number (FLUX.1-dev: 3.5, schnell: 0), got {guidance!r}.")
+    check_generation_request(height, width, steps, float(guidance))
+    if not 1 <= count <= MAX_IMAGES:
+        raise ValueError(f"number of images={count} must be between 1 and {MAX_IMAGES}: each image is a full "
+                         "generation; click Generate again for more.")
+    if seed + count - 1 > MAX_SEED:  # image k uses seed + k
+        raise ValueError(f"seed={seed} with {count} images would go past the largest seed, {MAX_SEED}: "
+                         f"use a seed of at most {MAX_SEED - count + 1}.")
+    return Request(prompt.strip(), seed, steps, float(guidance), height, width, count)
+
+
+def memory_readout() -> str:
+    """One line: the GPU's memory in use (CUDA context included) and this process's host RAM."""
+    ram = f"RAM {anon_ram_bytes() / GIB:.2f} GiB used by this kernel, {available_ram_gib():.1f} GiB available"
+    used = device_used_bytes()
+    if used is None:
+        gpu = "no GPU in use" if not torch.cuda.is_available() else "GPU not used yet"
+        return f"{gpu} · {ram}"
+    return f"VRAM {used / GIB:.2f} GiB in use, {free_vram_gib():.2f} GiB free · {ram}"
+
+
+def weights_gib(checkpoint: str, prequantized: str | None) -> dict[str, float]:
+    """GiB of safetensors weights per model part that the Studio loads (from the files, before loading)."""
+    from fluxnb.prequantized import download_plan
+
+    sizes = dict.fromkeys(ENCODER_PARTS + DENOISER_PARTS, 0.0)
+    for item in download_plan(checkpoint, prequantized):
+        part = item.path.split("/")[0]
+        if part in sizes and item.path.endswith(".safetensors"):
+            sizes[part] += item.size / GIB
+    return sizes
+
+
+def both_models_fit(checkpoint: str, prequantized: str | None) -> tuple[bool, str]:
+    """Whether the text encoders can stay loaded next to the denoiser, and a sentence saying why.
+
+    On a CPU they stay (host RAM holds both). On a GPU they stay if its free VRAM now holds every
+    part's weights (their file sizes) plus :data:`ACTIVATION_HEADROOM_GIB`; else the staged flow.
+    """
+    if not torch.cuda.is_available():
+        return True, "No GPU: the text encoders stay loaded in host RAM next to the denoiser."
+    weights = sum(weights_gib(checkpoint, prequantized).values())
+    free = free_vram_gib() or 0.0
+    need = weights + ACTIVATION_HEADROOM_GIB
+    if free >= need:
+        return True, (f"Both models' weights ({weights:.1f} GiB) plus {ACTIVATION_HEADROOM_GIB:.0f} GiB for "
+                      f"activations fit in the {free:.1f} GiB of free VRAM: the text encoders stay loaded.")
+    return False, (f"Both models' weights ({weights:.1f} GiB) plus {ACTIVATION_HEADROOM_GIB:.0f} GiB for "
+                   f"activations do not fit in the {free:.1f} GiB of free VRAM: T5 is freed before the "
+                   "transformer loads (the staged flow), and a new prompt reloads the transformer.")
+
+
+def png_settings(path: str | Path) -> dict[str, str]:
+    """The settings a Studio (or notebook 03) PNG carries in its text chunks."""
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
+def reproduction_code(path: str | Path) -> str:
+    """Python that makes the image at ``path`` again, with the course's functions, from its metadata alone."""
+    s = png_settings(path)
+    missing = [k for k in ("prompt", "seed", "steps", "guidance", "height", "width", "checkpoint", "dtype",
+                           "text_dtype", "max_sequence_length", "prequantized") if k not in s]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)} in its metadata: it was not saved by the Studio, "
+                         "so its settings cannot be read back.")
+    prequantized = None if s["prequantized"] == "None" else s["prequantized"]
+    source = s.get("transformer_source", s["prequantized"])
+    source = None if source == "None" else source
+    return "\n".join([
+        f"# Makes {Path(path).name} again (settings read from its PNG metadata; fluxnb {s.get('fluxnb', '?')}).",
+        "import torch",
+        "",
+        "import fluxnb",
+        "",
+        f"CHECKPOINT = {s['checkpoint']!r}  # model_id: {s.get('model_id', '?')}",
+        f"PREQUANTIZED = {prequantized!r}",
+        f"DTYPE, TEXT_DTYPE = {s['dtype']}, {s['text_dtype']}",
+        f"PROMPT = {s['prompt']!r}",
+        f"SEED, STEPS, GUIDANCE = {int(s['seed'])}, {int(s['steps'])}, {float(s['guidance'])}",
+        f"HEIGHT, WIDTH = {int(s['height'])}, {int(s['width'])}",
+        "",
+        "fluxnb.allow_bitsandbytes_on_cpu()  # no-op on a GPU",
+        "path = fluxnb.encode_and_save(CHECKPOINT, PROMPT, TEXT_DTYPE, fluxnb.output_dir('embeddings'),",
+        f"                              {int(s['max_sequence_length'])}, prequantized=PREQUANTIZED)",
+        "embeds, _ = fluxnb.load_embeddings(path)",
+        f"transformer = fluxnb.load_transformer_4bit(CHECKPOINT, DTYPE, prequantized={source!r})",
+        "pipe = fluxnb.load_denoising_pipeline(CHECKPOINT, transformer, DTYPE)",
+        "latents = fluxnb.denoise(pipe, embeds, HEIGHT, WIDTH, STEPS, GUIDANCE, SEED)",
+        "image = fluxnb.decode(pipe.vae, latents, HEIGHT, WIDTH)",
+        "image.save('remade.png')",
+    ])
+
+
+class _StepCallback(StepTimer):
+    """A ``callback_on_step_end``: times each step (StepTimer), moves the progress bar, honours Stop.
+
+    Stop uses diffusers' documented way to interrupt a pipeline from a callback (``pipe._interrupt =
+    True``, diffusers' "Pipeline callbacks" guide): the pipeline skips its remaining steps and returns.
+    """
+
+    def __init__(self, studio: "Studio") -> None:
+        super().__init__()
+        self.studio = studio
+        self.interrupted = False
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        callback_kwargs = super().__call__(pipe, step, timestep, callback_kwargs)
+        self.studio._on_step(step + 1)
+        if self.studio._stop.is_set():
+            pipe._interrupt = True
+            self.interrupted = True
+        return callback_kwargs
+
+
+class Studio:
+    """The course's staged FLUX.1 recipe behind a form. See the module docstring for the memory policy.
+
+    ``checkpoint``, ``dtype``, ``text_dtype``, ``prequantized``, ``max_sequence_length`` are the
+    notebooks' parameters (``CHECKPOINT``, ``DTYPE``, ...). ``transformer_source``: where the NF4
+    transformer loads from (notebook 03: the folder 02 saved, else ``prequantized``).
+    ``keep_text_encoders``: None decides from memory; True/False force it.
+    """
+
+    def __init__(self, checkpoint: str, dtype: torch.dtype, text_dtype: torch.dtype, output_dir: str | Path,
+                 model_id: str | None = None, prequantized: str | None = None,
+                 transformer_source: str | None = None, max_sequence_length: int = 512,
+                 defaults: dict[str, Any] | None = None, keep_text_encoders: bool | None = None) -> None:
+        import ipywidgets as w
+
+        self.checkpoint, self.model_id = str(checkpoint), model_id or str(checkpoint)
+        self.dtype, self.text_dtype = dtype, text_dtype
+        self.prequantized = prequantized
+        self.transformer_source = transformer_source or prequantized
+        self.max_sequence_length = max_sequence_length
+        self.output_dir = Path(output_dir)
+        self.keep_text_encoders = keep_text_encoders
+        self.loads: Counter[str] = Counter()  # how often each model was loaded: the test checks "once"
+        self.generations: list[Generation] = []
+        self._encoders: Any = None
+        self._denoiser: Any = None
+        self._embeddings: dict[str, dict[str, torch.Tensor]] = {}
+        self._stop = threading.Event()
+        self._busy = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.last_error: BaseException | None = None
+
+        d = {**dict(prompt="A cat holding a sign that says hello world", seed=0, steps=28, guidance=3.5,
+                    height=1024, width=1024, count=1), **(defaults or {})}
+        full = dict(layout=w.Layout(width="100%"))
+        self.prompt = w.Textarea(value=d["prompt"], description="Prompt", rows=2, **full)
+        self.seed = w.IntText(value=d["seed"], description="Seed")
+        self.random_seed = w.Checkbox(value=False, description="random seed", indent=False)
+        self.steps = w.IntText(value=d["steps"], description="Steps")
+        self.guidance = w.FloatText(value=d["guidance"], description="Guidance")
+        self.width = w.IntText(value=d["width"], step=16, description="Width", tooltip="a multiple of 16")
+        self.height = w.IntText(value=d["height"], step=16, description="Height", tooltip="a multiple of 16")
+        self.count = w.IntText(value=d["count"], description="Images")
+        self.generate_button = w.Button(description="Generate", button_style="primary", icon="play")
+        self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
+        self.progress = w.IntProgress(value=0, min=0, max=1, description="Step 0/0", **full)
+        self.status = w.HTML("Ready. Models load on the first click.")
+        self.memory = w.HTML(memory_readout())
+        self.gallery = w.HBox(layout=w.Layout(flex_flow="row wrap"))
+        self.gallery.add_class("fluxnb-gallery")
+        self.selected = w.Dropdown(options=[], description="Image")
+        self.code_button = w.Button(description="Show code", icon="code")
+        self.code = w.Textarea(value="", rows=12, layout=w.Layout(width="100%", display="none"))
+        self.log = w.Output()
+        self.generate_button.on_click(lambda _: self.start())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.code_button.on_click(lambda _: self.show_code())
+        self.selected.observe(self._selection_changed, "value")
+        self.widget = w.VBox([
+            self.prompt,
+            w.HBox([self.seed, self.random_seed]),
+            w.HBox([self.steps, self.guidance]),
+            w.HBox([self.width, self.height, self.count]),
+            w.HBox([self.generate_button, self.stop_button]),
+            self.progress, self.status, self.memory, self.gallery,
+            w.HBox([self.selected, self.code_button]), self.code, self.log,
+        ])
+        self.widget.add_class("fluxnb-studio")
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+    # --- the form -----------------------------------------------------------------------------
+
+    def request_from_form(self, **overrides: Any) -> Request:
+        """The form's values, with ``overrides``, as a validated :class:`Request`.
+
+        With "random seed" ticked (and no ``seed`` override) a new seed is drawn and shown in the form.
+        """
+        if self.random_seed.value and "seed" not in overrides:
+            self.seed.value = random.SystemRandom().randint(0, MAX_SEED)
+        form = dict(prompt=self.prompt.value, seed=self.seed.value, steps=self.steps.value,
+                    guidance=self.guidance.value, height=self.height.value, width=self.width.value,
+                    count=self.count.value)
+        return validate_request(**{**form, **overrides})
+
+    def start(self) -> None:
+        """The Generate button: validate, then generate in a thread (the kernel stays free for Stop)."""
+        if self._busy.locked():
+            self._say("Already generating: wait, or press Stop.", error=True)
+            return
+        try:
+            request = self.request_from_form()
+        except ValueError as error:  # bad input: the message says what to change
+            self._say(str(error), error=True)
+            return
+        self.thread = threading.Thread(target=self._run_from_button, args=(request,), daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the generation the button started has finished (tests, non-interactive runs)."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                raise TimeoutError(f"the generation did not finish within {timeout} s")
+
+    def _run_from_button(self, request: Request) -> None:
+        try:
+            self.generate(request)
+        except Exception as error:  # a thread has no caller: show the message, keep the full traceback
+            self.last_error = error
+            self._say(f"{type(error).__name__}: {error}", error=True)
+            self.log.append_stderr(traceback.format_exc())  # safe from a thread, unlike `with self.log:`
+
+    def stop(self) -> None:
+        """The Stop button: the current denoising ends after its current step; nothing half-made is saved."""
+        if self._busy.locked():
+            self._stop.set()
+            self._say("Stopping after this step...")
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def generate(self, request: Request | None = None, **settings: Any) -> Generation:
+        """Make ``request.count`` images (default: the form's values; keywords override single fields).
+
+        Image ``k`` uses seed ``seed + k``; each is saved as a PNG with its settings in the metadata.
+        Raises ``ValueError`` for bad settings, ``RuntimeError`` if a generation is running already.
+        """
+        request = request or self.request_from_form(**settings)
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("The Studio is generating already: wait for it, or press Stop.")
+        self._stop.clear()
+        result = Generation(request)
+        started = time.perf_counter()
+        self.generate_button.disabled, self.stop_button.disabled = True, False
+        try:
+            embeds = self._embeddings_for(request.prompt)
+            pipe = self._load_denoiser()
+            for k in range(request.count):
+                seed = request.seed + k
+                self.progress.value, self.progress.max = 0, request.steps
+                self._say(f"Image {k + 1}/{request.count}: denoising, seed {seed}...")
+                callback = _StepCallback(self)
+                latents = stages.denoise(pipe, embeds, request.height, request.width, request.steps,
+                                         request.guidance, seed, step_timer=callback)
+                if callback.interrupted:
+                    result.stopped = True
+                    self._say(f"Stopped at step {len(callback.ends)} of {request.steps}: image {k + 1} was "
+                              f"dropped; {len(result.paths)} image(s) saved.")
+                    break
+                image = stages.decode(pipe.vae, latents, request.height, request.width)
+                del latents
+                path = stages.save_image(image, self.output_dir / "images", **self._metadata(request, seed))
+                result.paths.append(path)
+                result.seeds.append(seed)
+                self._add_to_gallery(image, path)
+                self._say(f"Saved {path.name} ({callback.seconds_per_step:.2f} s/step).")
+        finally:
+            result.seconds = time.perf_counter() - started
+            self.generations.append(result)
+            self.generate_button.disabled, self.stop_button.disabled = False, True
+            self.memory.value = memory_readout()
+            self._busy.release()
+        if not result.stopped:
+            self._say(f"Done: {len(result.paths)} image(s) in {result.seconds:.1f} s, saved in "
+                      f"{self.output_dir / 'images'}.")
+        return result
+
+    def _metadata(self, request: Request, seed: int) -> dict[str, Any]:
+        from fluxnb import __version__
+
+        return dict(prompt=request.prompt, seed=seed, steps=request.steps, guidance=request.guidance,
+                    height=request.height, width=request.width, checkpoint=self.checkpoint,
+                    model_id=self.model_id, dtype=self.dtype, text_dtype=self.text_dtype,
+                    prequantized=self.prequantized, transformer_source=self.transformer_source,
+                    max_sequence_length=self.max_sequence_length,
+                    fluxnb=__version__, made_by="fluxnb.Studio")
+
+    def _decide_keep_encoders(self) -> bool:
+        """Keep the text encoders loaded next to the denoiser? Yes on a CPU; on a GPU only if both fit."""
+        if self.keep_text_encoders is None:
+            keep, reason = both_models_fit(self.checkpoint, self.prequantized)
+            self.keep_text_encoders = keep
+            self._say(reason)
+        return self.keep_text_encoders
+
+    def _embeddings_for(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The prompt's embeddings: kept from an earlier click, read from disk, or encoded now."""
+        if prompt in self._embeddings:
+            return self._embeddings[prompt]
+        settings = dict(prompt=prompt, checkpoint=self.checkpoint, max_sequence_length=self.max_sequence_length,
+                        dtype=str(self.text_dtype), prequantized=self.prequantized)  # as encode_and_save
+        path = stages.embeddings_path(self.output_dir / "embeddings", **settings)
+        if not path.exists():
+            keep = self._decide_keep_encoders()
+            if self._denoiser is not None and not keep:
+                self._say("New prompt: freeing the transformer to load T5 (both do not fit on this GPU)...")
+                self._denoiser = None
+                flush()
+            if self._encoders is None:
+                self._say("Loading the text encoders (CLIP, 4-bit T5)...")
+                self._encoders = stages.load_text_encoders_4bit(self.checkpoint, self.text_dtype, self.prequantized)
+                self.loads["text encoders"] += 1
+            self._say("Encoding the prompt...")
+            embeds = stages.encode_prompt(self._encoders, prompt, self.max_sequence_length)
+            path = stages.save_embeddings(embeds, self.output_dir / "embeddings", **settings)
+            del embeds
+            if not keep:
+                self._encoders = None
+                flush()
+        embeds, _ = stages.load_embeddings(path)
+        self._embeddings[prompt] = embeds
+        self.memory.value = memory_readout()
+        return embeds
+
+    def _load_denoiser(self) -> Any:
+        if self._denoiser is None:
+            self._say("Loading the 4-bit transformer and the VAE...")
+            transformer = stages.load_transformer_4bit(self.checkpoint, self.dtype, prequantized=self.transformer_source)
+            self._denoiser = stages.load_denoising_pipeline(self.checkpoint, transformer, self.dtype)
+            self._denoiser.set_progress_bar_config(disable=True)  # the Studio has its own bar
+            self.loads["denoiser"] += 1
+            self.memory.value = memory_readout()
+        return self._denoiser
+
+    def close(self) -> None:
+        """Free every model the Studio holds (to run something else in the same kernel)."""
+        self._encoders = self._denoiser = None
+        self._embeddings.clear()
+        flush()
+
+    # --- the display --------------------------------------------------------------------------
+
+    def _on_step(self, step: int) -> None:
+        self.progress.value = step
+        self.progress.description = f"Step {step}/{self.progress.max}"
+        self.memory.value = memory_readout()
+
+    def _say(self, text: str, error: bool = False) -> None:
+        import html
+
+        colour = "#b00020" if error else "inherit"
+        self.status.value = f'<span style="color:{colour}">{html.escape(text)}</span>'
+
+    def _add_to_gallery(self, image: Image.Image, path: Path) -> None:
+        import ipywidgets as w
+
+        thumb = image.copy()
+        thumb.thumbnail((256, 256))
+        buffer = io.BytesIO()
+        thumb.save(buffer, format="PNG")
+        picture = w.Image(value=buffer.getvalue(), format="png", width=min(256, thumb.width))
+        picture.add_class("fluxnb-gallery-image")
+        self.gallery.children = (*self.gallery.children, w.VBox([picture, w.Label(path.name)]))
+        self.selected.options = [*self.selected.options, (path.name, str(path))]
+        self.selected.value = str(path)
+
+    def _selection_changed(self, change: dict[str, Any]) -> None:
+        if self.code.layout.display is None and change["new"]:  # the code is shown: keep it in step
+            self.show_code()
+
+    def show_code(self) -> str:
+        """The Show code button: the Python that makes the selected image again (also returned)."""
+        if not self.selected.value:
+            self._say("No image yet: generate one first, then select it.", error=True)
+            return ""
+        self.code.value = reproduction_code(self.selected.value)
+        self.code.layout.display = None
+        return self.code.value

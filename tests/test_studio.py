@@ -1,0 +1,226 @@
+"""The Studio (fluxnb/studio.py) driven as a user would, without a browser: fill the form, click, read the files.
+
+Runs on the tiny stand-in (conftest.py sets FLUXNB_CHECKPOINT=tiny and a scratch cache).
+"""
+
+import html
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fluxnb
+from fluxnb import stages
+from fluxnb.studio import Studio, png_settings, reproduction_code, validate_request
+
+MODEL_ID = "black-forest-labs/FLUX.1-dev"
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    fluxnb.allow_bitsandbytes_on_cpu()
+    ck = fluxnb.resolve_checkpoint(MODEL_ID)
+    return ck, fluxnb.prequantized_checkpoint(MODEL_ID, fluxnb.pick_dtype())
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Counts real loads by wrapping the course's loaders (independent of the Studio's own counter)."""
+    counts = Counter()
+    for name in ("load_text_encoders_4bit", "load_transformer_4bit"):
+        real = getattr(stages, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(stages, name, counted)
+    return counts
+
+
+def make_studio(checkpoint, tmp_path, **kwargs):
+    ck, pq = checkpoint
+    dtype = fluxnb.pick_dtype()
+    return Studio(ck, dtype, dtype, tmp_path, model_id=MODEL_ID, prequantized=pq, **kwargs)
+
+
+def fill(studio, **values):
+    for name, value in values.items():
+        getattr(studio, name).value = value
+
+
+def click_and_wait(studio):
+    studio.generate_button.click()
+    studio.wait(timeout=120)
+    assert studio.last_error is None, studio.last_error
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_two_clicks_make_two_pngs_with_their_settings_and_load_each_model_once(checkpoint, tmp_path, loads):
+    studio = make_studio(checkpoint, tmp_path)
+    fill(studio, prompt="a red bicycle in the snow", seed=7, steps=3, guidance=2.5, height=64, width=48, count=1)
+    click_and_wait(studio)
+    fill(studio, random_seed=True)  # second click: a random seed, drawn and shown in the form
+    click_and_wait(studio)
+
+    first, second = studio.generations
+    assert not first.stopped and not second.stopped
+    paths = first.paths + second.paths
+    assert len(paths) == 2 and paths[0] != paths[1] and all(p.is_file() for p in paths)
+    assert [p.parent for p in paths] == [tmp_path / "images"] * 2
+    assert second.seeds == [studio.seed.value]
+    for path, seed in zip(paths, first.seeds + second.seeds):
+        meta = png_settings(path)
+        assert meta["prompt"] == "a red bicycle in the snow" and meta["seed"] == str(seed)
+        assert (meta["steps"], meta["guidance"], meta["height"], meta["width"]) == ("3", "2.5", "64", "48")
+        assert meta["checkpoint"] == checkpoint[0] and meta["model_id"] == MODEL_ID
+        assert Image.open(path).size == (48, 64)
+    if first.seeds != second.seeds:  # 1 in 2**32 that the random seed is 7
+        assert not np.array_equal(pixels(paths[0]), pixels(paths[1]))
+    assert loads == {"load_text_encoders_4bit": 1, "load_transformer_4bit": 1}
+    assert studio.loads == {"text encoders": 1, "denoiser": 1}
+    assert len(studio.gallery.children) == 2 and studio.selected.value == str(paths[1])
+    assert "Done: 1 image(s)" in studio.status.value
+    assert "RAM" in studio.memory.value
+
+
+def test_more_images_per_click_use_consecutive_seeds_and_never_overwrite(checkpoint, tmp_path):
+    studio = make_studio(checkpoint, tmp_path)
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "image-0001.png")  # made earlier: must survive
+    before = (tmp_path / "images" / "image-0001.png").read_bytes()
+    result = studio.generate(prompt="three boats", seed=10, steps=2, height=32, width=32, count=3)
+    assert result.seeds == [10, 11, 12]
+    assert [p.name for p in result.paths] == ["image-0002.png", "image-0003.png", "image-0004.png"]
+    assert (tmp_path / "images" / "image-0001.png").read_bytes() == before
+    assert [png_settings(p)["seed"] for p in result.paths] == ["10", "11", "12"]
+
+
+def test_show_code_remakes_the_selected_image_exactly(checkpoint, tmp_path, monkeypatch):
+    studio = make_studio(checkpoint, tmp_path / "studio")
+    result = studio.generate(prompt="a lighthouse at dusk", seed=3, steps=2, height=32, width=64, count=1)
+    code = studio.code_button.click() or studio.code.value
+    assert code == reproduction_code(result.paths[0]) and "SEED, STEPS, GUIDANCE = 3, 2" in code
+    assert studio.code.layout.display is None  # shown
+    second = studio.generate(prompt="a lighthouse at dusk", seed=4, steps=2, height=32, width=64, count=1)
+    assert studio.selected.value == str(second.paths[0]) and "SEED, STEPS, GUIDANCE = 4, 2" in studio.code.value
+    studio.selected.value = str(result.paths[0])  # picking an image in the list updates the code shown
+    assert studio.code.value == code
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLUXNB_OUTPUT", str(tmp_path / "elsewhere"))  # no saved embeddings: encodes again
+    exec(compile(code, "reproduction", "exec"), {})
+    assert np.array_equal(pixels(tmp_path / "remade.png"), pixels(result.paths[0]))
+
+
+def test_stop_ends_the_generation_cleanly_and_the_next_click_works(checkpoint, tmp_path):
+    studio = make_studio(checkpoint, tmp_path)
+    fill(studio, prompt="a slow picture", seed=1, steps=30, height=32, width=32, count=2)
+
+    def press_stop_at_step_2(change):
+        if change["new"] == 2:
+            studio.stop_button.click()
+
+    studio.progress.observe(press_stop_at_step_2, "value")
+    assert studio.stop_button.disabled  # nothing to stop yet
+    click_and_wait(studio)
+    stopped = studio.generations[-1]
+    assert stopped.stopped and stopped.paths == []
+    assert not (tmp_path / "images").exists() or not list((tmp_path / "images").glob("*.png"))
+    assert "Stopped at step 2 of 30" in studio.status.value
+    assert studio.progress.value == 2 and not studio.generate_button.disabled and studio.stop_button.disabled
+
+    studio.progress.unobserve(press_stop_at_step_2, "value")
+    fill(studio, steps=3, count=1)
+    click_and_wait(studio)
+    assert len(studio.generations[-1].paths) == 1 and studio.progress.value == 3
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("prompt", "   ", "The prompt is empty"),
+    ("height", 1000, "height=1000 must be a positive multiple of 16"),
+    ("width", 0, "width=0 must be a positive multiple of 16"),
+    ("steps", 0, "num_inference_steps=0 must be an integer >= 1"),
+    ("guidance", -1.0, "guidance_scale=-1.0 must be >= 0"),
+    ("count", 0, "number of images=0 must be between 1 and 8"),
+    ("count", 9, "number of images=9 must be between 1 and 8"),
+    ("seed", -5, "seed=-5 must be between 0 and 4294967295"),
+])
+def test_bad_input_is_refused_with_a_message_before_anything_loads(checkpoint, tmp_path, loads, field, value, message):
+    studio = make_studio(checkpoint, tmp_path)
+    fill(studio, **{**dict(steps=2, height=32, width=32), field: value})
+    studio.generate_button.click()
+    assert studio.thread is None  # nothing started
+    assert html.escape(message) in studio.status.value and "#b00020" in studio.status.value  # shown, in red
+    assert not loads and not (tmp_path / "images").exists()
+    with pytest.raises(ValueError, match=message.split("=")[0]):
+        studio.generate()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps="20"), "steps must be a whole number, got '20'"),
+    (dict(seed=True), "seed must be a whole number, got True"),
+    (dict(height=512.0), "height must be a whole number"),
+    (dict(guidance="high"), "guidance must be a number"),
+    (dict(guidance=float("nan")), "guidance must be a number"),
+    (dict(prompt=None), "The prompt is empty"),
+    (dict(seed=4294967295, count=2), "seed=4294967295 with 2 images would go past the largest seed"),
+])
+def test_validate_request_rejects_wrong_types(kwargs, message):
+    good = dict(prompt="a cat", seed=0, steps=4, guidance=3.5, height=64, width=64, count=1)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        validate_request(**{**good, **kwargs})
+
+
+def test_a_second_generation_while_one_runs_is_refused(checkpoint, tmp_path):
+    studio = make_studio(checkpoint, tmp_path)
+    studio._busy.acquire()  # as while a click's thread is generating
+    try:
+        with pytest.raises(RuntimeError, match="generating already"):
+            studio.generate(prompt="a cat", steps=2, height=32, width=32)
+        studio.generate_button.click()
+        assert "Already generating" in studio.status.value and studio.thread is None
+    finally:
+        studio._busy.release()
+
+
+def test_small_gpu_policy_frees_t5_before_the_transformer_and_reuses_embeddings(checkpoint, tmp_path, loads):
+    """keep_text_encoders=False is the staged flow of a GPU too small for both: a repeated prompt loads nothing."""
+    studio = make_studio(checkpoint, tmp_path, keep_text_encoders=False)
+    small = dict(steps=2, height=32, width=32)
+    studio.generate(prompt="first prompt", **small)
+    assert studio._encoders is None and studio._denoiser is not None  # T5 freed before the transformer
+    studio.generate(prompt="first prompt", seed=1, **small)  # same prompt: embeddings kept, nothing loads
+    assert loads == {"load_text_encoders_4bit": 1, "load_transformer_4bit": 1}
+    studio.generate(prompt="second prompt", **small)  # new prompt: transformer out, T5 in and out, back
+    assert loads == {"load_text_encoders_4bit": 2, "load_transformer_4bit": 2}
+    assert studio._encoders is None
+
+
+def test_reproduction_code_explains_a_png_without_studio_metadata(tmp_path):
+    path = stages.save_image(Image.new("RGB", (16, 16)), tmp_path, prompt="x", seed=0)
+    with pytest.raises(ValueError, match="not saved by the Studio"):
+        reproduction_code(path)
+
+
+def test_a_failure_during_a_click_is_shown_and_the_studio_stays_usable(checkpoint, tmp_path, monkeypatch):
+    studio = make_studio(checkpoint, tmp_path)
+    fill(studio, prompt="a cat", steps=2, height=32, width=32)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("simulated: the transformer does not fit")
+
+    monkeypatch.setattr(stages, "load_transformer_4bit", no_memory)
+    studio.generate_button.click()
+    studio.wait(timeout=120)
+    assert isinstance(studio.last_error, MemoryError)
+    assert "MemoryError: simulated: the transformer does not fit" in studio.status.value
+    assert "Traceback" in studio.log.outputs[-1]["text"]  # the whole traceback, for whoever asks for help
+    assert not studio.generate_button.disabled and studio.stop_button.disabled
+    monkeypatch.undo()
+    studio.last_error = None
+    click_and_wait(studio)  # the lock was released: the next click works
+    assert len(studio.generations[-1].paths) == 1
