@@ -104,7 +104,7 @@ def _load_transformer(ctx: Context, quant: str) -> Any:
 
     return FluxTransformer2DModel.from_pretrained(
         ctx.checkpoint, subfolder="transformer", quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-        dtype=ctx.dtype,
+        dtype=ctx.dtype, use_safetensors=True,
     )
 
 
@@ -126,10 +126,12 @@ def _load_text_encoders_8bit(ctx: Context) -> Any:
     from transformers import BitsAndBytesConfig, CLIPTextModel, T5EncoderModel
 
     t5 = T5EncoderModel.from_pretrained(ctx.checkpoint, subfolder="text_encoder_2",
-                                        quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=ctx.dtype)
-    clip = CLIPTextModel.from_pretrained(ctx.checkpoint, subfolder="text_encoder", dtype=ctx.dtype)
+                                        quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=ctx.dtype,
+                                        use_safetensors=True)
+    clip = CLIPTextModel.from_pretrained(ctx.checkpoint, subfolder="text_encoder", dtype=ctx.dtype, use_safetensors=True)
     return FluxPipeline.from_pretrained(ctx.checkpoint, text_encoder=clip.to(fluxnb.execution_device()),
-                                        text_encoder_2=t5, transformer=None, vae=None, dtype=ctx.dtype)
+                                        text_encoder_2=t5, transformer=None, vae=None, dtype=ctx.dtype,
+                                        use_safetensors=True)
 
 
 def compile_transformer(transformer: Any, how: str) -> None:
@@ -199,7 +201,7 @@ def _load_pipeline_4bit_offload(ctx: Context) -> Any:
     encoders = fluxnb.load_text_encoders_4bit(ctx.checkpoint, ctx.dtype)
     pipe = FluxPipeline.from_pretrained(
         ctx.checkpoint, text_encoder=encoders.text_encoder, text_encoder_2=encoders.text_encoder_2,
-        transformer=fluxnb.load_transformer_4bit(ctx.checkpoint, ctx.dtype), dtype=ctx.dtype,
+        transformer=fluxnb.load_transformer_4bit(ctx.checkpoint, ctx.dtype), dtype=ctx.dtype, use_safetensors=True,
     )
     pipe.enable_model_cpu_offload()
     return pipe
@@ -590,10 +592,11 @@ def group_offload(quant: str, offload_type: str, use_stream: bool, from_cpu: boo
         def load() -> Any:
             if quant == "bf16":
                 transformer = FluxTransformer2DModel.from_pretrained(ctx.checkpoint, subfolder="transformer",
-                                                                     dtype=ctx.dtype)
+                                                                     dtype=ctx.dtype, use_safetensors=True)
             elif from_cpu:
                 transformer = FluxTransformer2DModel.from_pretrained(_prequantized(ctx), subfolder="transformer",
-                                                                     dtype=ctx.dtype, device_map="cpu")
+                                                                     dtype=ctx.dtype, device_map="cpu",
+                                                                     use_safetensors=True)
                 fluxnb.set_compute_dtype(transformer, ctx.dtype)
             else:
                 transformer = fluxnb.load_transformer_4bit(ctx.checkpoint, ctx.dtype)
@@ -622,7 +625,7 @@ def vae_tiling(ctx: Context) -> None:
     """Decode a large image (each size) from random latents with the VAE plain, sliced+tiled."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(ctx.checkpoint, subfolder="vae", dtype=ctx.dtype).to("cuda")
+    vae = AutoencoderKL.from_pretrained(ctx.checkpoint, subfolder="vae", dtype=ctx.dtype, use_safetensors=True).to("cuda")
     for height, width in ctx.sizes:
         latents = torch.randn(1, (height // 16) * (width // 16), 64, generator=torch.Generator().manual_seed(0))
         latents = latents.to("cuda", ctx.dtype)

@@ -200,7 +200,7 @@ def load_text_encoders_split(checkpoint: str, dtype: torch.dtype, max_memory: di
     from diffusers import FluxPipeline
 
     return FluxPipeline.from_pretrained(checkpoint, transformer=None, vae=None, device_map="balanced",
-                                        max_memory=max_memory, dtype=dtype)
+                                        max_memory=max_memory, dtype=dtype, use_safetensors=True)
 
 
 def load_transformer_split(checkpoint: str, dtype: torch.dtype, max_memory: dict[int, str]) -> Any:
@@ -209,7 +209,7 @@ def load_transformer_split(checkpoint: str, dtype: torch.dtype, max_memory: dict
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer", device_map="auto",
-                                                  max_memory=max_memory, dtype=dtype)
+                                                  max_memory=max_memory, dtype=dtype, use_safetensors=True)
 
 
 def run_split(checkpoint: str, dtype: torch.dtype, vram_gib: float, height: int = 1024, width: int = 1024,
@@ -279,7 +279,8 @@ def _load_transformer(checkpoint: str, dtype: torch.dtype, quant: str, device: t
         return fluxnb.load_transformer_4bit(checkpoint, dtype)  # bitsandbytes loads onto the current device
     from diffusers import FluxTransformer2DModel
 
-    return FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer", dtype=dtype).to(device)
+    return FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer", dtype=dtype,
+                                                  use_safetensors=True).to(device)
 
 
 def worker(mode: str, checkpoint: str, dtype: torch.dtype, quant: str, height: int, width: int, steps: int,

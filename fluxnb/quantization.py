@@ -213,7 +213,7 @@ def load_transformer(checkpoint: str | os.PathLike[str], recipe: str, dtype: tor
             subfolder="transformer", dtype=dtype)
         return model.to(device)
     config = quantization_config(recipe, dtype, **options)
-    kwargs: dict[str, Any] = dict(subfolder="transformer", dtype=dtype)
+    kwargs: dict[str, Any] = dict(subfolder="transformer", dtype=dtype, use_safetensors=True)
     if config is not None:
         kwargs["quantization_config"] = config
     placed = recipe.startswith("bnb-") or (recipe.startswith("torchao-") and device.type == "cuda")

@@ -305,7 +305,7 @@ def load_transformer_streamed(checkpoint: str, dtype: torch.dtype, prequantized:
 
     if prequantized:
         transformer = FluxTransformer2DModel.from_pretrained(
-            prequantized, subfolder="transformer", dtype=dtype, device_map="cpu")
+            prequantized, subfolder="transformer", dtype=dtype, device_map="cpu", use_safetensors=True)
         set_compute_dtype(transformer, dtype)
     else:
         transformer = load_transformer_4bit(checkpoint, dtype)
