@@ -571,13 +571,6 @@ def streamed(resident_blocks: int | str) -> Callable[[Context], None]:
     return run
 
 
-def blocks_budget_bytes(card_gib: float) -> int:
-    """VRAM left for transformer blocks on a ``card_gib`` card: minus the CUDA context, the VAE, the
-    non-block layers and a 1024x1024 step's activations, as measured by ``python -m fluxnb.fit``."""
-    reserve_gib = 0.55 + 0.16 + 0.12 + 0.75  # context, VAE (bf16), embedders/norms/proj, denoise activations
-    return int((card_gib - reserve_gib) * 2**30)
-
-
 def group_offload(quant: str, offload_type: str, use_stream: bool, from_cpu: bool = False) -> Callable[[Context], None]:
     """diffusers' group offload (``enable_group_offload``) on the transformer, in bf16 or NF4.
 

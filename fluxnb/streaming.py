@@ -58,8 +58,12 @@ class _Entry:
     dtype: torch.dtype
     shape: torch.Size
 
+    def view(self, buffer: torch.Tensor) -> torch.Tensor:
+        """This tensor as it is packed in ``buffer`` (a block's host buffer, or a GPU slot)."""
+        return buffer[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
     def point_to(self, buffer: torch.Tensor) -> None:
-        view = buffer[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+        view = self.view(buffer)
         if self.attr is None:
             self.owner.data = view
         else:
@@ -168,11 +172,10 @@ class BlockStreamer:
             raise ValueError("slots must be at least 2: one block computes while the next one is copied")
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.streamed_indices = list(streamed)
         self.n_slots = slots
         self.profile = profile  # timed with CUDA events: on a GPU only
         self.stats = StreamStats()
-        self._pending: list[tuple[Any, Any, Any, Any, int]] = []  # profiled events, read lazily
+        self._pending: list[tuple[str, Any, Any, int]] = []  # profiled (kind, start, end, bytes), read lazily
         self._blocks: list[_Streamed] = []
         self._order: dict[int, int] = {}  # id(block) -> position among streamed blocks
         self._handles: list[Any] = []
@@ -272,7 +275,7 @@ class BlockStreamer:
             target.copy_(item.host, non_blocking=True)
             if self.profile:
                 end.record()
-                self._pending.append(("copy", start, end, item.nbytes, 0))
+                self._pending.append(("copy", start, end, item.nbytes))
             self._ready[slot].record()
 
     def _before(self, module: torch.nn.Module, args: Any) -> None:
@@ -305,7 +308,7 @@ class BlockStreamer:
             if self.profile:  # inside `if self.cuda`
                 end = torch.cuda.Event(enable_timing=True)
                 end.record()
-                self._pending.append(("compute", self._compute_start, end, 0, 0))
+                self._pending.append(("compute", self._compute_start, end, 0))
         for entry in item.entries:
             entry.point_to(item.host)
         item.slot = None
@@ -315,7 +318,7 @@ class BlockStreamer:
         """Copy and compute time per streamed block so far (synchronizes; needs ``profile=True``)."""
         if self._pending:
             torch.cuda.synchronize(self.device)
-            for kind, start, end, nbytes, _ in self._pending:
+            for kind, start, end, nbytes in self._pending:
                 ms = start.elapsed_time(end)
                 if kind == "copy":
                     self.stats.copy_ms.append(ms)
@@ -334,8 +337,7 @@ class BlockStreamer:
         self._handles.clear()
         for item in self._blocks:
             for entry in item.entries:
-                view = item.host[entry.offset:entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape)
-                moved = view.to(self.device, copy=True)
+                moved = entry.view(item.host).to(self.device, copy=True)
                 if entry.attr is None:
                     entry.owner.data = moved
                 else:
@@ -383,17 +385,20 @@ def resident_blocks_that_fit(transformer: torch.nn.Module, budget_bytes: int, sl
     buffers the size of the largest streamed block. 0 if even full streaming does not fit (then the
     caller's budget is too small for the slots alone, and it says so).
     """
-    blocks = transformer_blocks(transformer)
-    sizes = [block_bytes(b) for b in blocks]
-    n_double, n_single = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
-    for resident in range(len(blocks), -1, -1):
+    sizes = [block_bytes(b) for b in transformer_blocks(transformer)]
+    return _most_resident(sizes, len(transformer.transformer_blocks), budget_bytes, slots)
+
+
+def _most_resident(sizes: list[int], n_double: int, budget_bytes: int, slots: int = 2) -> int:
+    """:func:`resident_blocks_that_fit` on the blocks' packed sizes (run order, double-stream first)."""
+    n_single = len(sizes) - n_double
+    for resident in range(len(sizes), -1, -1):
         streamed = set(choose_streamed(n_double, n_single, resident))
         need = sum(s for i, s in enumerate(sizes) if i not in streamed)
         need += slots * max((sizes[i] for i in streamed), default=0)
         if need <= budget_bytes:
             return resident
     return 0
-
 
 # What a denoising step needs beyond the weights, fitted to `python -m benchmarks run --recipes
 # nf4-resident` (H100, random-dev, bf16, expandable segments, 2026-11-22: benchmarks/results/h100.json):
@@ -426,5 +431,5 @@ def blocks_to_keep(transformer: torch.nn.Module, height: int, width: int, free_b
     shortfall = denoise_headroom_bytes(height, width, text_tokens) - free_bytes
     if shortfall <= 0:
         return None
-    on_gpu = sum(block_bytes(b) for b in transformer_blocks(transformer))
-    return resident_blocks_that_fit(transformer, on_gpu - shortfall)
+    sizes = [block_bytes(b) for b in transformer_blocks(transformer)]
+    return _most_resident(sizes, len(transformer.transformer_blocks), sum(sizes) - shortfall)
