@@ -26,7 +26,7 @@ for part in "$@"; do
       rm -rf /tmp/course-09 "$FLUXNB_CACHE"/*-nf4-*
       mkdir -p "$OUT/colab-t4"
       FLUXNB_CHECKPOINT=random-dev timeout -k 10 "${COURSE_TIMEOUT:-520}" python3 -m fluxnb.course /tmp/course-09 \
-        --envelope colab-t4 --timeout 400 notebooks/09_faster.ipynb notebooks/10_multi_gpu.ipynb 2>&1 \
+        notebooks/09_faster.ipynb notebooks/10_multi_gpu.ipynb --envelope colab-t4 --timeout 400 2>&1 \
         | grep -v "Kernel is running over TCP" | tee "$OUT/colab-t4/log.txt"
       code=$(( code | ${PIPESTATUS[0]} ))
       cp /tmp/course-09/course-results.json "$OUT/colab-t4/" 2>/dev/null

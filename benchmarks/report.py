@@ -29,12 +29,15 @@ def _stage(recipe: dict[str, Any], prefix: str, height: int, width: int) -> dict
     return next((s for s in recipe.get("stages", []) if s["stage"] == name), {})
 
 
-def label(results: dict[str, Any]) -> str:
-    """"measured on <GPU> with random weights of the real shapes", with versions, date and command."""
+def label(results: dict[str, Any], only: str | None = None) -> str:
+    """"measured on <GPU> with random weights of the real shapes", with versions, date and command; with
+    ``only``, the commands of the recipes whose names start with it (one table's own commands)."""
     p = results["provenance"]
     what = ("the tiny stand-in (NOT the real shapes: a test of the harness)" if p.get("stand_in") == "tiny"
             else "random weights of the real FLUX.1-dev shapes")
     entries = [*results.get("recipes", {}).values(), *results.get("envelopes", {}).values()]
+    if only is not None:
+        entries = [e for name, e in results.get("recipes", {}).items() if name.startswith(only)]
     commands = dict.fromkeys(e["provenance"]["command"] for e in entries if e.get("provenance")) or [p["command"]]
     return (f"measured on {p['gpu']} with {what} "
             f"({p['date'][:10]}; driver {p['driver']}, CUDA {p.get('cuda')}, torch {p['libraries']['torch']}, diffusers "
@@ -43,12 +46,17 @@ def label(results: dict[str, Any]) -> str:
             + "; ".join(f"`{c}`" for c in commands) + ")")
 
 
+def _flow_recipes(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The whole-flow recipes: every result except the ``quant-*`` rows, which have their own table."""
+    return [r for name, r in results["recipes"].items() if not name.startswith("quant-")]
+
+
 def recipes_table(results: dict[str, Any]) -> str:
     """One row per recipe and size: speed, the denoise stage's VRAM, and the whole flow's peaks."""
     head = ("| recipe | compute | size | s/step | denoise VRAM device / reserved / allocated (GiB) "
             "| flow peak VRAM device (GiB) | flow peak RAM anon (GiB) | load (s) | compile (s) | finite |")
     rows = [head, "|" + "---|" * 10]
-    for r in results["recipes"].values():
+    for r in _flow_recipes(results):
         if r.get("skipped"):
             rows.append(f"| {r['recipe']} | - | - | skipped: {r['skipped']} | | | | | | |")
             continue
@@ -185,6 +193,11 @@ def quant_table(results: dict[str, Any]) -> str:
         rows.append(f"| {r['recipe']} | {r.get('backend') or '-'} | {_f(r.get('weight_gib'))} | {_f(peaks.get('vram_device_gib'))} "
                     f"| {_f(peaks.get('ram_anon_gib'))} | " + " | ".join(_f(speed.get(t), 3) for t in sizes)
                     + f" | {_f(r.get('load_s'), 1)} | {_f(r.get('make_s'), 1)} | {_f(r.get('relative_error'), 4)} | {note} |")
+    from fluxnb.quantization import RECIPES
+
+    for name in RECIPES:  # a recipe of the course with no row: say so rather than leave it out silently
+        if f"quant-{name}" not in rows_in:
+            rows.append(f"| quant-{name} | " + " | ".join(["-"] * (7 + len(sizes))) + " | not measured in these runs |")
     return "\n".join(rows)
 
 
@@ -193,7 +206,7 @@ def quant_markdown(results: dict[str, Any]) -> str:
     table = quant_table(results)
     if not table:
         return ""
-    return (f"Quantization recipes, {label(results)}.\n\n{table}\n\n"
+    return (f"Quantization recipes, {label(results, only='quant-')}.\n\n{table}\n\n"
             "Each row loads the full transformer with one recipe in its own process, times denoising with fixed "
             "embeddings (no text encoders, no decode) and runs one forward at a fixed 512x512 input; *rel. error* "
             "is ||out - ref|| / ||ref|| against the `quant-bf16` row's output from the same command. With random "
@@ -224,7 +237,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rec = [r for r in results["recipes"].values() if r.get("sizes")]
+    rec = [r for r in _flow_recipes(results) if r.get("sizes")]
     names = [r["recipe"] for r in rec]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
     ax1.barh(names, [r["peaks"]["vram_device_gib"] or 0 for r in rec], color="tab:blue")

@@ -122,6 +122,10 @@ def recipe_problem(recipe: str) -> str | None:
     problem = backend_problem(r.backend)
     if problem:
         return problem
+    if recipe == "quanto-fp8":
+        problem = quanto_kernel_problem()
+        if problem:
+            return problem
     if r.min_capability is not None:
         need = "sm{}{}".format(*r.min_capability)
         if not torch.cuda.is_available():
@@ -131,6 +135,32 @@ def recipe_problem(recipe: str) -> str | None:
             return (f"{recipe}: needs compute capability {need}+ (fp8 matmuls: L4, RTX 40xx, H100); "
                     f"this {torch.cuda.get_device_name()} is sm{have[0]}{have[1]} (a T4 is sm75)")
     return None
+
+
+def quanto_kernel_problem() -> str | None:
+    """Why optimum-quanto's fp8 weights should not run here now, or None.
+
+    On a CUDA GPU of compute capability 8.0 or newer, quanto stores fp8 weights for its Marlin kernel,
+    which it compiles with nvcc on first use (``torch.utils.cpp_extension.load``): minutes, and several
+    GiB of host RAM per compiler job. On an H100 capped as a Colab T4 that compile ran out of the 12 GiB
+    VM and the kernel was killed (``benchmarks/README.md``). A T4 (sm75) never uses that kernel, a CPU
+    neither. Set ``FLUXNB_BUILD_QUANTO_KERNELS=1`` to let quanto compile it (once per machine).
+    """
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        return None
+    if os.environ.get("FLUXNB_BUILD_QUANTO_KERNELS") == "1":
+        return None
+    spec = find_spec("optimum.quanto")
+    if spec is None or not spec.submodule_search_locations:
+        return None  # not installed: backend_problem says so first
+    built = Path(next(iter(spec.submodule_search_locations))) / "library" / "extensions" / "cuda" / "build"
+    version_file = built / "pytorch_version.txt"
+    if version_file.is_file() and version_file.read_text().strip() == torch.__version__:
+        return None
+    return ("quanto-fp8: on this sm{}{} GPU optimum-quanto runs fp8 weights through its Marlin kernel, which "
+            "it first compiles with nvcc (minutes, and more host RAM than a 12 GiB Colab VM leaves); set "
+            "FLUXNB_BUILD_QUANTO_KERNELS=1 to let it compile once (a T4 does not need it)"
+            ).format(*torch.cuda.get_device_capability())
 
 
 def require(recipe: str) -> None:

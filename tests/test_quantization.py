@@ -198,3 +198,19 @@ def test_benchmark_rows_compare_with_the_bf16_reference_of_the_same_command(tiny
     assert f"{nf4['relative_error']:.4f}" in table and "skipped: needs a GPU" in table
     assert "s/step 32x32 | s/step 16x32" in table
     assert report.quant_table({"recipes": {}}) == ""
+
+
+def test_quanto_fp8_is_skipped_where_its_kernel_would_be_compiled_first(monkeypatch):
+    """On sm80+ quanto compiles its fp8 Marlin kernel on first use (killed a 12 GiB VM on the H100): skip it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.delenv("FLUXNB_BUILD_QUANTO_KERNELS", raising=False)
+    problem = Q.quanto_kernel_problem()
+    assert problem and "sm90" in problem and "FLUXNB_BUILD_QUANTO_KERNELS=1" in problem
+    assert Q.recipe_problem("quanto-fp8") == problem
+    assert Q.recipe_problem("quanto-int8") is None  # int8 weights never use that kernel
+    monkeypatch.setenv("FLUXNB_BUILD_QUANTO_KERNELS", "1")
+    assert Q.quanto_kernel_problem() is None
+    monkeypatch.delenv("FLUXNB_BUILD_QUANTO_KERNELS")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))  # a T4: no Marlin path
+    assert Q.quanto_kernel_problem() is None
