@@ -241,6 +241,7 @@ def run_split(checkpoint: str, dtype: torch.dtype, vram_gib: float, height: int 
         transformer = load_transformer_split(checkpoint, dtype, max_memory)
         pipe = fluxnb.load_denoising_pipeline(checkpoint, transformer, dtype)
     device_map = dict(transformer.hf_device_map)
+    blocks = blocks_per_device(device_map, dict(transformer.config))  # now: the transformer is freed before decoding
     off_gpu = sorted({str(d) for d in device_map.values() if str(d) in ("cpu", "disk")})
     if off_gpu:
         raise RuntimeError(f"the transformer does not fit {max_memory} on the GPUs: accelerate put part of it on "
@@ -258,7 +259,7 @@ def run_split(checkpoint: str, dtype: torch.dtype, vram_gib: float, height: int 
         image = fluxnb.decode(vae, latents, height, width)
     return dict(dtype=str(dtype).replace("torch.", ""), text_dtype=str(text_dtype).replace("torch.", ""),
                 vram_cap_gib=vram_gib, cuda_context_gib=contexts, max_memory=max_memory, text_encoders=placement,
-                device_map=device_map, blocks_per_gpu=blocks_per_device(device_map, dict(transformer.config)), s_per_step=timer.seconds_per_step,
+                device_map=device_map, blocks_per_gpu=blocks, s_per_step=timer.seconds_per_step,
                 step_s=timer.step_seconds, latents_finite=bool(torch.isfinite(latents).all()), stages=tracker.records,
                 per_gpu_peaks_gib=tracker.peaks(), image=image)
 
@@ -317,6 +318,7 @@ def worker(mode: str, checkpoint: str, dtype: torch.dtype, quant: str, height: i
 
     die_with_parent()  # if torchrun is killed, this rank goes too
     rank, world, device = _init_distributed()
+    fluxnb.allow_bitsandbytes_on_cpu()  # no-op on a GPU; lets the NF4 T5 load on a CPU rank (tiny checkpoint)
     on_gpu = device.type == "cuda"
     context_gib = 0.0
     if on_gpu:  # only this rank's own GPU is queried: asking about another would open a context there too
@@ -367,6 +369,12 @@ def worker(mode: str, checkpoint: str, dtype: torch.dtype, quant: str, height: i
     dist.destroy_process_group()
 
 
+_TORCHRUN_DYING_WITH_PARENT = (  # PR_SET_PDEATHSIG (1) = SIGTERM, then torchrun as `python -m` would run it
+    "import ctypes, runpy, signal, sys; "
+    "sys.platform.startswith('linux') and ctypes.CDLL('libc.so.6').prctl(1, int(signal.SIGTERM)); "
+    "runpy.run_module('torch.distributed.run', run_name='__main__', alter_sys=True)")
+
+
 def launch(mode: str, nproc: int, checkpoint: str, json_path: str | Path, dtype: str = "bf16", quant: str = "none",
            height: int = 1024, width: int = 1024, steps: int = 5, seed: int = 0, timeout_s: int = 500) -> dict[str, Any]:
     """Run :func:`worker` on ``nproc`` GPUs with ``torchrun`` (one process each); return rank 0's result.
@@ -376,14 +384,15 @@ def launch(mode: str, nproc: int, checkpoint: str, json_path: str | Path, dtype:
     """
     json_path = Path(json_path)
     json_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    # torchrun, asking first for SIGTERM when this process dies (set in the child itself: a preexec_fn is not
+    # safe while this process runs sampling threads)
+    cmd = [sys.executable, "-c", _TORCHRUN_DYING_WITH_PARENT, "--standalone", f"--nproc_per_node={nproc}",
            "-m", "fluxnb.multigpu", mode, "--checkpoint", checkpoint, "--json", str(json_path), "--dtype", dtype,
            "--quant", quant, "--size", f"{height}x{width}", "--steps", str(steps), "--seed", str(seed)]
     env = {**os.environ, **NCCL_SAFE_ENV}
     # torchrun starts each rank in a session of its own, so only torchrun can end them: it does on SIGTERM.
     # It gets SIGTERM if this process dies (a runner's timeout), and on our own timeout below.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

@@ -2,6 +2,7 @@
 the two-GPU device map computed on empty weights, and the benchmark rows they feed."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,17 @@ def test_two_rank_context_parallel_gives_the_one_process_latents(tmp_path):
     reference = fluxnb.denoise(pipe, embeds, 128, 128, 2, 3.5, 3)
     assert cp_latents.shape == reference.shape
     torch.testing.assert_close(cp_latents, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_launch_runs_torchrun_ranks_on_cpu_and_gathers_them(tmp_path, monkeypatch):
+    """fluxnb.multigpu.launch end to end (torchrun, 2 gloo ranks, NF4 transformer, a seed each): rank 0's
+    JSON holds both ranks; a launch past its timeout raises, naming it, and leaves no rank behind."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    checkpoint = str(fluxnb.build_tiny("dev"))
+    out = multigpu.launch("replicas", 2, checkpoint, tmp_path / "r.json", "fp32", "nf4", 64, 64, 1, 0, timeout_s=120)
+    assert out["world_size"] == 2 and out["images_at_once"] == 2 and out["latents_finite"]
+    assert [r["rank"] for r in out["ranks"]] == [0, 1] and out["gpu"] == "cpu"
+    with pytest.raises(RuntimeError, match="ran past 2 s"):
+        multigpu.launch("replicas", 2, checkpoint, tmp_path / "t.json", "fp32", "nf4", 64, 64, 1, 0, timeout_s=2)
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "t.json")], capture_output=True, text=True).stdout
+    assert leftover == "", f"ranks outlived their launch: pids {leftover.split()}"
