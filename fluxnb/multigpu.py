@@ -392,7 +392,7 @@ def launch(mode: str, nproc: int, checkpoint: str, json_path: str | Path, dtype:
     env = {**os.environ, **NCCL_SAFE_ENV}
     # torchrun starts each rank in a session of its own, so only torchrun can end them: it does on SIGTERM.
     # It gets SIGTERM if this process dies (a runner's timeout), and on our own timeout below.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -403,10 +403,18 @@ def launch(mode: str, nproc: int, checkpoint: str, json_path: str | Path, dtype:
             proc.kill()  # the ranks die with it: each asked for SIGKILL when torchrun dies (worker())
             output, _ = proc.communicate()
         raise RuntimeError(f"torchrun {mode} on {nproc} processes ran past {timeout_s} s and was stopped with its "
-                           f"ranks; the end of its output:\n{output[-3000:]}") from None
+                           f"ranks; the end of its output:\n{output[-6000:]}") from None
     if proc.returncode != 0 or not json_path.is_file():
-        raise RuntimeError(f"torchrun {mode} on {nproc} processes exited {proc.returncode}:\n{output[-3000:]}")
+        raise RuntimeError(f"torchrun {mode} on {nproc} processes exited {proc.returncode}:\n{output[-6000:]}")
     return json.loads(json_path.read_text())
+
+
+def _record(fn: Any) -> Any:
+    """torchrun's ``@record``: a rank's exception goes into torchrun's failure summary, at the end of the
+    output that :func:`launch` shows (else only "To enable traceback see ...")."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(fn)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,4 +438,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_record(main)())

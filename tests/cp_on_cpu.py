@@ -16,4 +16,4 @@ from fluxnb import multigpu
 if __name__ == "__main__":
     torch.accelerator.device_count = lambda: 1
     fluxnb.allow_bitsandbytes_on_cpu()  # the worker's NF4 T5, as in the tiny course
-    sys.exit(multigpu.main(sys.argv[1:]))
+    sys.exit(multigpu._record(multigpu.main)(sys.argv[1:]))
