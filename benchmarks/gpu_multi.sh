@@ -1,36 +1,75 @@
 #!/usr/bin/env bash
-# Notebook 10's evidence on two GPUs (device kind nvidia-h200-x2), each part well under 9 minutes:
-#   bash benchmarks/gpu_multi.sh split      # split-bf16-2gpu (16 GiB caps), split-fp16-kaggle (14.74 GiB) -> $OUT/multi-split.json
-#   bash benchmarks/gpu_multi.sh parallel   # cp-bf16-1gpu, cp-bf16-2gpu, two-pipelines-nf4             -> $OUT/multi-parallel.json
-#   bash benchmarks/gpu_multi.sh notebook   # notebook 10 run plainly (no envelope: it needs both GPUs) -> $OUT/nb10/
-# Installs the wheels carried in .whl/ (as gpu_course.sh), builds random-dev with fluxnb's own code first.
-# NVLink multicast stays off (the lent machines' rule; fluxnb.multigpu.launch sets the same for torchrun).
+# Notebook 10's evidence on two GPUs (device kind nvidia-h200-x2), all of it inside one call:
+#   bash benchmarks/gpu_multi.sh all        # = recipe parallel split notebook, in that order
+#   bash benchmarks/gpu_multi.sh recipe     # recipes/two_gpus.py, 4 steps at 1024x1024    -> $OUT/recipes.jsonl (one line)
+#   bash benchmarks/gpu_multi.sh parallel   # cp-bf16-1gpu, cp-bf16-2gpu, two-pipelines-nf4 -> $OUT/multi-parallel.json (+ -log.txt)
+#   bash benchmarks/gpu_multi.sh split      # split-bf16-2gpu (16 GiB caps), split-fp16-kaggle -> $OUT/multi-split.json (+ -log.txt)
+#   bash benchmarks/gpu_multi.sh notebook   # notebook 10 run plainly (no envelope: it needs both GPUs) -> $OUT/nb10/ (3 files)
+# Parts run in the order given. Every part is bounded by `timeout` and by one budget for the whole script
+# (BUDGET_S, default 520 s from the start, random-dev build included): a part that would start with too
+# little time left is skipped and says so, so the call ends inside the device's limit with what it measured.
+# At most 8 files come back. NVLink multicast stays off (the lent machines' rule); fluxnb.multigpu.launch sets
+# the same for its torchrun children, and stops torchrun and its ranks on a timeout.
 set -uo pipefail
+start=$(date +%s)
+budget=${BUDGET_S:-520}
+left() { echo $(( budget - ($(date +%s) - start) )); }
+bound() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # a part's timeout: its own cap or what is left
+parts=("$@"); [[ ${#parts[@]} -eq 0 || ${parts[0]} == all ]] && parts=(recipe parallel split notebook)
+for part in "${parts[@]}"; do
+  case "$part" in recipe|parallel|split|notebook) ;; *) echo "unknown part '$part': use all, recipe, parallel, split and/or notebook" >&2; exit 2;; esac
+done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FLUXNB_CACHE=/root/fluxnb-cache
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -m compileall -q -j 0 /tmp/site fluxnb >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('GPUs:', torch.cuda.device_count())"
-start=$(date +%s)
-python3 -c "import fluxnb; print(fluxnb.build_random('dev'))" || exit 1
-echo "random-dev ready in $(( $(date +%s) - start )) s"
+timeout -k 10 "$(bound 200)" python3 -c "import fluxnb; print(fluxnb.build_random('dev'))" || exit 1
+echo "random-dev ready after $(( $(date +%s) - start )) s"
 code=0
-for part in "$@"; do
+for part in "${parts[@]}"; do
+  cap=$(case $part in recipe) echo 120;; parallel) echo 240;; split) echo 160;; notebook) echo 420;; esac)
+  t=$(bound "$cap")
+  if (( t < 45 )); then
+    echo "=== $part: SKIPPED, $(left) s of the ${budget} s budget left"; code=1
+    [[ $part == recipe ]] && echo '{"recipe_script": "two_gpus", "skipped": "out of time for this run"}' >> "$OUT/recipes.jsonl"
+    continue
+  fi
+  echo "=== $part (timeout $t s, $(( $(date +%s) - start )) s since the start)"
+  t0=$(date +%s)
   case "$part" in
+    recipe)
+      timeout -k 5 "$t" python3 recipes/two_gpus.py --checkpoint random-dev --steps 4 --height 1024 --width 1024 \
+        --seed 0 --out /tmp/recipes/two_gpus > /tmp/recipe-two_gpus.out 2>&1
+      rc=$?
+      grep -v "%|" /tmp/recipe-two_gpus.out | tail -40
+      python3 - "$rc" "$(( $(date +%s) - t0 ))" <<'PY' >> "$OUT/recipes.jsonl"
+import json, sys
+rc, wall = int(sys.argv[1]), int(sys.argv[2])
+lines = open("/tmp/recipe-two_gpus.out").read().strip().splitlines() or [""]
+row = {"recipe_script": "two_gpus", "exit_code": rc, "wall_s": wall}
+try:
+    row.update(json.loads(lines[-1]))
+except json.JSONDecodeError:
+    row["last_lines"] = lines[-3:]
+print(json.dumps(row))
+PY
+      code=$(( code | rc ));;
     split|parallel)
       recipes=$([[ $part == split ]] && echo split-bf16-2gpu,split-fp16-kaggle || echo cp-bf16-1gpu,cp-bf16-2gpu,two-pipelines-nf4)
-      timeout -k 10 "${ROWS_TIMEOUT:-440}" python3 -m benchmarks run --recipes "$recipes" --sizes 1024x1024 --steps 5 \
-        --results "$OUT/multi-$part.json" --no-docs --timeout 200 2>&1 | grep -v "%|" | tail -80 | tee "$OUT/multi-$part-log.txt"
+      timeout -k 10 "$t" python3 -m benchmarks run --recipes "$recipes" --sizes 1024x1024 --steps 5 \
+        --results "$OUT/multi-$part.json" --no-docs --timeout 150 2>&1 | grep -v "%|" | tail -80 | tee "$OUT/multi-$part-log.txt"
       code=$(( code | ${PIPESTATUS[0]} ));;
     notebook)
       rm -rf /tmp/course-10
       mkdir -p "$OUT/nb10"
-      FLUXNB_CHECKPOINT=random-dev timeout -k 10 "${COURSE_TIMEOUT:-500}" python3 -m fluxnb.course /tmp/course-10 \
-        --timeout 400 notebooks/10_multi_gpu.ipynb 2>&1 | grep -v "Kernel is running over TCP" | tee "$OUT/nb10/log.txt"
+      FLUXNB_CHECKPOINT=random-dev timeout -k 10 "$t" python3 -m fluxnb.course /tmp/course-10 \
+        --timeout $(( t - 20 < 400 ? t - 20 : 400 )) notebooks/10_multi_gpu.ipynb 2>&1 | grep -v "Kernel is running over TCP" | tee "$OUT/nb10/log.txt"
       code=$(( code | ${PIPESTATUS[0]} ))
       cp /tmp/course-10/course-results.json /tmp/course-10/10_multi_gpu.ipynb "$OUT/nb10/" 2>/dev/null;;
-    *) echo "unknown part '$part': use split, parallel and/or notebook" >&2; exit 2;;
   esac
+  echo "=== $part done in $(( $(date +%s) - t0 )) s"
 done
+echo "all parts done after $(( $(date +%s) - start )) s, exit $code"
 exit $code

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 import fluxnb
 from fluxnb.memory import GIB, StepTimer, flush
@@ -239,6 +241,7 @@ def run_split(checkpoint: str, dtype: torch.dtype, vram_gib: float, height: int 
         transformer = load_transformer_split(checkpoint, dtype, max_memory)
         pipe = fluxnb.load_denoising_pipeline(checkpoint, transformer, dtype)
     device_map = dict(transformer.hf_device_map)
+    blocks = blocks_per_device(device_map, dict(transformer.config))  # now: the transformer is freed before decoding
     off_gpu = sorted({str(d) for d in device_map.values() if str(d) in ("cpu", "disk")})
     if off_gpu:
         raise RuntimeError(f"the transformer does not fit {max_memory} on the GPUs: accelerate put part of it on "
@@ -256,7 +259,7 @@ def run_split(checkpoint: str, dtype: torch.dtype, vram_gib: float, height: int 
         image = fluxnb.decode(vae, latents, height, width)
     return dict(dtype=str(dtype).replace("torch.", ""), text_dtype=str(text_dtype).replace("torch.", ""),
                 vram_cap_gib=vram_gib, cuda_context_gib=contexts, max_memory=max_memory, text_encoders=placement,
-                device_map=device_map, blocks_per_gpu=blocks_per_device(device_map, dict(transformer.config)), s_per_step=timer.seconds_per_step,
+                device_map=device_map, blocks_per_gpu=blocks, s_per_step=timer.seconds_per_step,
                 step_s=timer.step_seconds, latents_finite=bool(torch.isfinite(latents).all()), stages=tracker.records,
                 per_gpu_peaks_gib=tracker.peaks(), image=image)
 
@@ -264,12 +267,31 @@ def run_split(checkpoint: str, dtype: torch.dtype, vram_gib: float, height: int 
 # --- one process per GPU: context parallelism and two pipelines -----------------------------------------------
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``), so a
+    killed launcher leaves no rank holding a GPU. Does nothing on other systems."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # 1 = PR_SET_PDEATHSIG
+
+
 def _init_distributed() -> tuple[int, int, torch.device]:
+    """Join torchrun's process group: NCCL on this rank's own GPU, or gloo on the CPU where there is no
+    GPU (the tiny checkpoint's test of this code; diffusers' context parallelism itself needs an
+    accelerator, see tests/test_faster_multigpu.py)."""
     import torch.distributed as dist
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    torch.cuda.set_device(device)
+    if not torch.cuda.is_available():
+        dist.init_process_group("gloo")
+        return rank, world, torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"rank {rank} needs GPU {local_rank} but this machine has {torch.cuda.device_count()}: "
+                           "start torchrun with --nproc_per_node at most the number of GPUs.")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)  # bitsandbytes and execution_device() use the current device
     dist.init_process_group("nccl", device_id=device)
     return rank, world, device
 
@@ -284,15 +306,25 @@ def _load_transformer(checkpoint: str, dtype: torch.dtype, quant: str, device: t
 
 
 def worker(mode: str, checkpoint: str, dtype: torch.dtype, quant: str, height: int, width: int, steps: int,
-           seed: int, json_path: Path, prompt: str = "A cat holding a sign that says hello world") -> None:
+           seed: int, json_path: Path, prompt: str = "A cat holding a sign that says hello world",
+           save_latents: bool = False) -> None:
     """One rank of ``torchrun``: ``cp`` (all ranks denoise one image together) or ``replicas`` (each
-    rank its own image, seed ``seed + rank``). Rank 0 gathers every rank's numbers into ``json_path``."""
+    rank its own image, seed ``seed + rank``). Rank 0 gathers every rank's numbers into ``json_path``
+    (and, with ``save_latents``, its latents into the same name ending ``.safetensors``).
+
+    Every rank runs the whole pipeline call with the same embeddings and seed: context parallelism
+    splits the tokens inside the transformer, so the inputs must be identical on every rank."""
     import torch.distributed as dist
 
+    die_with_parent()  # if torchrun is killed, this rank goes too
     rank, world, device = _init_distributed()
-    torch.zeros(1, device=device)  # this process's CUDA context exists now: measure it once
-    free, total = torch.cuda.mem_get_info(device)
-    context_gib = (total - free) / GIB
+    fluxnb.allow_bitsandbytes_on_cpu()  # no-op on a GPU; lets the NF4 T5 load on a CPU rank (tiny checkpoint)
+    on_gpu = device.type == "cuda"
+    context_gib = 0.0
+    if on_gpu:  # only this rank's own GPU is queried: asking about another would open a context there too
+        torch.zeros(1, device=device)  # this process's CUDA context exists now: measure it once
+        free, total = torch.cuda.mem_get_info(device)
+        context_gib = (total - free) / GIB  # device-level: any other process on this GPU is counted too
     text_dtype = torch.float32 if dtype == torch.float16 else dtype
     start = time.perf_counter()
     encoders = fluxnb.load_text_encoders_4bit(checkpoint, text_dtype)
@@ -317,38 +349,72 @@ def worker(mode: str, checkpoint: str, dtype: torch.dtype, quant: str, height: i
     wall_s = time.perf_counter() - wall
     mine = dict(rank=rank, device=str(device), s_per_step=timer.seconds_per_step, step_s=timer.step_seconds,
                 wall_s=wall_s, warmup_s=warmup_s, load_s=load_s, latents_finite=bool(torch.isfinite(latents).all()),
-                # the whole run's peak on this GPU: its CUDA context plus the most the allocator ever reserved
-                vram_device_gib=round(context_gib + torch.cuda.max_memory_reserved(device) / GIB, 3),
-                vram_allocated_gib=round(torch.cuda.max_memory_allocated(device) / GIB, 3))
+                # the whole run's peak on this GPU: what was in use when it started (its CUDA context) plus the
+                # most its allocator ever reserved
+                vram_device_gib=round(context_gib + torch.cuda.max_memory_reserved(device) / GIB, 3) if on_gpu else None,
+                vram_allocated_gib=round(torch.cuda.max_memory_allocated(device) / GIB, 3) if on_gpu else None)
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, mine)
     if rank == 0:
         images = world if mode == "replicas" else 1
         result = dict(mode=mode, world_size=world, dtype=str(dtype).replace("torch.", ""), quant=quant,
-                      height=height, width=width, steps=steps, gpu=torch.cuda.get_device_name(device),
+                      height=height, width=width, steps=steps,
+                      gpu=torch.cuda.get_device_name(device) if on_gpu else "cpu",
                       s_per_step=max(r["s_per_step"] for r in everyone), images_at_once=images,
                       latents_finite=all(r["latents_finite"] for r in everyone),
                       per_gpu_peaks_gib={r["device"]: r["vram_device_gib"] for r in everyone}, ranks=everyone)
         json_path.write_text(json.dumps(result, indent=1) + "\n")
+        if save_latents:
+            save_file({"latents": latents.detach().float().cpu().contiguous()}, str(json_path.with_suffix(".safetensors")))
     dist.destroy_process_group()
+
+
+_TORCHRUN_DYING_WITH_PARENT = (  # PR_SET_PDEATHSIG (1) = SIGTERM, then torchrun as `python -m` would run it
+    "import ctypes, runpy, signal, sys; "
+    "sys.platform.startswith('linux') and ctypes.CDLL('libc.so.6').prctl(1, int(signal.SIGTERM)); "
+    "runpy.run_module('torch.distributed.run', run_name='__main__', alter_sys=True)")
 
 
 def launch(mode: str, nproc: int, checkpoint: str, json_path: str | Path, dtype: str = "bf16", quant: str = "none",
            height: int = 1024, width: int = 1024, steps: int = 5, seed: int = 0, timeout_s: int = 500) -> dict[str, Any]:
     """Run :func:`worker` on ``nproc`` GPUs with ``torchrun`` (one process each); return rank 0's result.
 
-    Raises ``RuntimeError`` with the end of the ranks' output if they fail.
+    Raises ``RuntimeError`` with the end of the ranks' output if they fail or run past ``timeout_s``
+    (then torchrun and every rank are killed, so no rank is left holding a GPU).
     """
     json_path = Path(json_path)
     json_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    # torchrun, asking first for SIGTERM when this process dies (set in the child itself: a preexec_fn is not
+    # safe while this process runs sampling threads)
+    cmd = [sys.executable, "-c", _TORCHRUN_DYING_WITH_PARENT, "--standalone", f"--nproc_per_node={nproc}",
            "-m", "fluxnb.multigpu", mode, "--checkpoint", checkpoint, "--json", str(json_path), "--dtype", dtype,
            "--quant", quant, "--size", f"{height}x{width}", "--steps", str(steps), "--seed", str(seed)]
     env = {**os.environ, **NCCL_SAFE_ENV}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    # torchrun starts each rank in a session of its own, so only torchrun can end them: it does on SIGTERM.
+    # It gets SIGTERM if this process dies (a runner's timeout), and on our own timeout below.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its ranks (SIGTERM, then SIGKILL after its own grace period)
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # the ranks die with it: each asked for SIGKILL when torchrun dies (worker())
+            output, _ = proc.communicate()
+        raise RuntimeError(f"torchrun {mode} on {nproc} processes ran past {timeout_s} s and was stopped with its "
+                           f"ranks; the end of its output:\n{output[-6000:]}") from None
     if proc.returncode != 0 or not json_path.is_file():
-        raise RuntimeError(f"torchrun {mode} on {nproc} GPUs exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        raise RuntimeError(f"torchrun {mode} on {nproc} processes exited {proc.returncode}:\n{output[-6000:]}")
     return json.loads(json_path.read_text())
+
+
+def _record(fn: Any) -> Any:
+    """torchrun's ``@record``: a rank's exception goes into torchrun's failure summary, at the end of the
+    output that :func:`launch` shows (else only "To enable traceback see ...")."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(fn)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,13 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1024x1024", help="height x width")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-latents", action="store_true", help="rank 0's latents next to --json")
     ns = parser.parse_args(argv)
     if "RANK" not in os.environ:
         parser.error("start it with torchrun (one process per GPU): torchrun --nproc_per_node=2 -m fluxnb.multigpu ...")
     height, _, width = ns.size.partition("x")
-    worker(ns.mode, ns.checkpoint, DTYPES[ns.dtype], ns.quant, int(height), int(width), ns.steps, ns.seed, ns.json)
+    worker(ns.mode, ns.checkpoint, DTYPES[ns.dtype], ns.quant, int(height), int(width), ns.steps, ns.seed, ns.json,
+           save_latents=ns.save_latents)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_record(main)())

@@ -4,8 +4,9 @@ Two GPUs of 15 GB hold what one cannot, if each model is split across them (diff
 sharding" guide):
 
 1. the text encoders with ``device_map="balanced"`` (T5 on one GPU, CLIP on the other), encode, free;
-2. the transformer with ``device_map="auto"`` and ``max_memory`` per GPU: accelerate places its blocks
-   on GPU 0 until ``max_memory[0]`` is used, then on GPU 1; the activations pass from one to the other;
+2. the transformer with ``device_map="auto"`` and ``max_memory`` per GPU: diffusers balances it (about
+   half of its blocks per GPU, within ``max_memory``; accelerate's ``get_balanced_memory``), then fills
+   GPU 0 and GPU 1 in order; the activations pass from one to the other;
 3. the VAE on GPU 0 decodes.
 
 bf16 where the GPUs have it, else fp16 with the text encoders in float32 (a T4; T5 overflows in fp16).
@@ -117,8 +118,8 @@ def main() -> None:
         checkpoint, subfolder="transformer", device_map="auto", max_memory=max_memory, dtype=DTYPE,
         use_safetensors=True,
     )
-    print("transformer blocks per GPU:", {d: list(transformer.hf_device_map.values()).count(d)
-                                          for d in sorted(set(transformer.hf_device_map.values()), key=str)})
+    print("transformer.hf_device_map entries (blocks or whole block lists) per GPU:",
+          {d: list(transformer.hf_device_map.values()).count(d) for d in sorted(set(transformer.hf_device_map.values()), key=str)})
     pipe = FluxPipeline.from_pretrained(
         checkpoint, transformer=transformer, vae=None, text_encoder=None, text_encoder_2=None,
         tokenizer=None, tokenizer_2=None, dtype=DTYPE, use_safetensors=True,

@@ -1,6 +1,10 @@
 """Notebook 09's and 10's helpers on a CPU: step caches on the tiny stand-in, compile payback arithmetic,
 the two-GPU device map computed on empty weights, and the benchmark rows they feed."""
 
+import json
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -107,3 +111,48 @@ def test_the_report_states_the_two_gpu_and_cache_results_it_is_given():
     assert f"{2 * 60 / (50 * 0.2):.2f} images/minute" in text
     rows = {r["recipe"]: r for r in report.recipe_rows(results)}
     assert rows["split-bf16-2gpu"]["vram_peak_gib"] == 15.1 and rows["two-pipelines-nf4"]["images_at_once"] == 2
+
+
+def test_two_rank_context_parallel_gives_the_one_process_latents(tmp_path):
+    """The real torchrun worker, 2 CPU ranks over gloo, context parallel on the tiny checkpoint: the
+    latents equal a plain one-process denoise with the same embeddings and seed."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    checkpoint = str(fluxnb.build_tiny("dev"))
+    out = tmp_path / "cp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("cp_on_cpu.py")), "cp", "--checkpoint", checkpoint, "--json", str(out), "--dtype", "fp32",
+           "--size", "128x128", "--steps", "2", "--seed", "3", "--save-latents"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **multigpu.NCCL_SAFE_ENV}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and result["latents_finite"] and len(result["ranks"]) == 2
+    cp_latents = load_file(str(out.with_suffix(".safetensors")))["latents"]
+
+    fluxnb.allow_bitsandbytes_on_cpu()
+    encoders = fluxnb.load_text_encoders_4bit(checkpoint, torch.float32)
+    embeds = fluxnb.encode_prompt(encoders, "A cat holding a sign that says hello world")
+    transformer = multigpu._load_transformer(checkpoint, torch.float32, "none", torch.device("cpu"))
+    pipe = fluxnb.load_denoising_pipeline(checkpoint, transformer, torch.float32)
+    reference = fluxnb.denoise(pipe, embeds, 128, 128, 2, 3.5, 3)
+    assert cp_latents.shape == reference.shape
+    torch.testing.assert_close(cp_latents, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_launch_runs_torchrun_ranks_on_cpu_and_gathers_them(tmp_path, monkeypatch):
+    """fluxnb.multigpu.launch end to end (torchrun, 2 gloo ranks, NF4 transformer, a seed each): rank 0's
+    JSON holds both ranks; a launch past its timeout raises, naming it, and leaves no rank behind."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    checkpoint = str(fluxnb.build_tiny("dev"))
+    out = multigpu.launch("replicas", 2, checkpoint, tmp_path / "r.json", "fp32", "nf4", 64, 64, 1, 0, timeout_s=120)
+    assert out["world_size"] == 2 and out["images_at_once"] == 2 and out["latents_finite"]
+    assert [r["rank"] for r in out["ranks"]] == [0, 1] and out["gpu"] == "cpu"
+    with pytest.raises(RuntimeError, match="ran past 2 s"):
+        multigpu.launch("replicas", 2, checkpoint, tmp_path / "t.json", "fp32", "nf4", 64, 64, 1, 0, timeout_s=2)
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "t.json")], capture_output=True, text=True).stdout
+    assert leftover == "", f"ranks outlived their launch: pids {leftover.split()}"
