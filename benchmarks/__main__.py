@@ -287,12 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     mrg.add_argument("inputs", nargs="+", type=Path)
     mrg.add_argument("--out", type=Path, required=True)
     mrg.add_argument("--no-docs", dest="update_docs", action="store_false")
+    outs = sub.add_parser("outputs", help="an executed notebook's printed results as markdown (committed evidence)")
+    outs.add_argument("executed", type=Path)
+    outs.add_argument("--course-results", type=Path, help="python -m fluxnb.course's JSON of that run")
+    outs.add_argument("--out", type=Path, required=True)
     rep = sub.add_parser("report")
     rep.add_argument("--results", type=Path, default=None)
     rep.add_argument("--no-docs", dest="update_docs", action="store_false")
     args = sys.argv[1:] if argv is None else argv
     ns = parser.parse_args(args)
     ns.command_line = "python -m benchmarks " + " ".join(shlex.quote(a) for a in args)
+    if ns.command == "outputs":
+        ns.out.write_text(report.notebook_outputs(ns.executed, ns.course_results))
+        print(f"wrote {ns.out}")
+        return 0
     if ns.command == "report":
         path = ns.results or next(iter(sorted(p for p in RESULTS.glob("*.json") if not p.stem.endswith("-offload"))), None)
         if path is None:

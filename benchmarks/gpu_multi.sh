@@ -2,9 +2,10 @@
 # Notebook 10's evidence on two GPUs (device kind nvidia-h200-x2), all of it inside one call:
 #   bash benchmarks/gpu_multi.sh all        # = recipe parallel split notebook, in that order
 #   bash benchmarks/gpu_multi.sh recipe     # recipes/two_gpus.py, 4 steps at 1024x1024    -> $OUT/recipes.jsonl (one line)
-#   bash benchmarks/gpu_multi.sh parallel   # cp-bf16-1gpu, cp-bf16-2gpu, two-pipelines-nf4 -> $OUT/multi-parallel.json (+ -log.txt)
-#   bash benchmarks/gpu_multi.sh split      # split-bf16-2gpu (16 GiB caps), split-fp16-kaggle -> $OUT/multi-split.json (+ -log.txt)
-#   bash benchmarks/gpu_multi.sh notebook   # notebook 10 run plainly (no envelope: it needs both GPUs) -> $OUT/nb10/ (3 files)
+#   bash benchmarks/gpu_multi.sh parallel   # cp-bf16-1gpu, cp-bf16-2gpu, two-pipelines-nf4 -> $OUT/multi-parallel.json
+#   bash benchmarks/gpu_multi.sh split      # split-bf16-2gpu (16 GiB caps), split-fp16-kaggle -> $OUT/multi-split.json
+#   bash benchmarks/gpu_multi.sh notebook   # notebook 10 run plainly (no envelope: it needs both GPUs) -> $OUT/nb10/ (2 files)
+#   bash benchmarks/gpu_multi.sh quant06    # notebook 06 in the colab-t4 envelope on GPU 0 alone (issue 8) -> $OUT/q06/ (2 files)
 # Parts run in the order given. Every part is bounded by `timeout` and by one budget for the whole script
 # (BUDGET_S, default 520 s from the start, random-dev build included): a part that would start with too
 # little time left is skipped and says so, so the call ends inside the device's limit with what it measured.
@@ -12,12 +13,13 @@
 # the same for its torchrun children, and stops torchrun and its ranks on a timeout.
 set -uo pipefail
 start=$(date +%s)
+exec > >(grep --line-buffered -v "%|\|Kernel is running over TCP\|MissingIDFieldWarning\|_validate(nbdict" | tee "$OUT/log.txt") 2>&1  # one log
 budget=${BUDGET_S:-520}
 left() { echo $(( budget - ($(date +%s) - start) )); }
 bound() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # a part's timeout: its own cap or what is left
 parts=("$@"); [[ ${#parts[@]} -eq 0 || ${parts[0]} == all ]] && parts=(recipe parallel split notebook)
 for part in "${parts[@]}"; do
-  case "$part" in recipe|parallel|split|notebook) ;; *) echo "unknown part '$part': use all, recipe, parallel, split and/or notebook" >&2; exit 2;; esac
+  case "$part" in recipe|parallel|split|notebook|quant06) ;; *) echo "unknown part '$part': use all, recipe, parallel, split, notebook and/or quant06" >&2; exit 2;; esac
 done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FLUXNB_CACHE=/root/fluxnb-cache
@@ -29,7 +31,7 @@ timeout -k 10 "$(bound 200)" python3 -c "import fluxnb; print(fluxnb.build_rando
 echo "random-dev ready after $(( $(date +%s) - start )) s"
 code=0
 for part in "${parts[@]}"; do
-  cap=$(case $part in recipe) echo 120;; parallel) echo 240;; split) echo 160;; notebook) echo 420;; esac)
+  cap=$(case $part in recipe) echo 120;; parallel) echo 240;; split) echo 160;; notebook) echo 420;; quant06) echo 170;; esac)
   t=$(bound "$cap")
   if (( t < 45 )); then
     echo "=== $part: SKIPPED, $(left) s of the ${budget} s budget left"; code=1
@@ -59,17 +61,24 @@ PY
     split|parallel)
       recipes=$([[ $part == split ]] && echo split-bf16-2gpu,split-fp16-kaggle || echo cp-bf16-1gpu,cp-bf16-2gpu,two-pipelines-nf4)
       timeout -k 10 "$t" python3 -m benchmarks run --recipes "$recipes" --sizes 1024x1024 --steps 5 \
-        --results "$OUT/multi-$part.json" --no-docs --timeout 150 2>&1 | grep -v "%|" | tail -80 | tee "$OUT/multi-$part-log.txt"
+        --results "$OUT/multi-$part.json" --no-docs --timeout 150 2>&1 | tail -80
       code=$(( code | ${PIPESTATUS[0]} ));;
     notebook)
       rm -rf /tmp/course-10
       mkdir -p "$OUT/nb10"
       FLUXNB_CHECKPOINT=random-dev timeout -k 10 "$t" python3 -m fluxnb.course /tmp/course-10 \
-        --timeout $(( t - 20 < 400 ? t - 20 : 400 )) notebooks/10_multi_gpu.ipynb 2>&1 | grep -v "Kernel is running over TCP" | tee "$OUT/nb10/log.txt"
-      code=$(( code | ${PIPESTATUS[0]} ))
+        notebooks/10_multi_gpu.ipynb --timeout $(( t - 20 < 400 ? t - 20 : 400 ))
+      code=$(( code | $? ))
       cp /tmp/course-10/course-results.json /tmp/course-10/10_multi_gpu.ipynb "$OUT/nb10/" 2>/dev/null;;
+    quant06)  # issue 8's notebook 06 as a fresh Colab T4 VM runs it, on one GPU (the other is idle meanwhile)
+      rm -rf /tmp/course-06
+      mkdir -p "$OUT/q06"
+      CUDA_VISIBLE_DEVICES=0 FLUXNB_CHECKPOINT=random-dev timeout -k 10 "$t" python3 -m fluxnb.course /tmp/course-06 \
+        notebooks/06_quantization_backends.ipynb --envelope colab-t4 --timeout $(( t - 20 < 400 ? t - 20 : 400 ))
+      code=$(( code | $? ))
+      cp /tmp/course-06/course-results.json /tmp/course-06/06_quantization_backends.ipynb "$OUT/q06/" 2>/dev/null;;
   esac
   echo "=== $part done in $(( $(date +%s) - t0 )) s"
 done
-echo "all parts done after $(( $(date +%s) - start )) s, exit $code"
+echo "all parts done after $(( $(date +%s) - start )) s, exit $code"; sleep 2  # let the log flush
 exit $code

@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--envelope", choices=sorted(ENVELOPES),
                         help="run inside a small machine's limits (GPU machine; root for the RAM cap)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell (default 1800)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # notebooks may follow the options
     notebooks = args.notebooks or sorted(NOTEBOOKS.glob("[0-9]*.ipynb"))
     if not notebooks:
         parser.error(f"no notebooks found in {NOTEBOOKS}")

@@ -179,3 +179,11 @@ def test_committed_course_runs_are_what_readme_and_notebook_04_show():
     for name in ("colab-t4", "8gb-card"):
         run = fluxnb.committed_run(name)
         assert run["envelope"]["name"] == name and run["ram_enforced"] is True and run["provenance"]["gpu"]
+
+
+def test_notebooks_may_follow_the_options(tmp_path, capsys):
+    """`python -m fluxnb.course OUT --envelope colab-t4 NB.ipynb` (notebooks last) parses: it once failed on the GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path")
+    assert course.main([str(tmp_path), "--envelope", "colab-t4", "--timeout", "5", "notebooks/09_faster.ipynb"]) == 2
+    assert "run it on a machine with a GPU" in capsys.readouterr().err  # got past the parser
