@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_multi.sh parallel   # cp-bf16-1gpu, cp-bf16-2gpu, two-pipelines-nf4 -> $OUT/multi-parallel.json
 #   bash benchmarks/gpu_multi.sh split      # split-bf16-2gpu (16 GiB caps), split-fp16-kaggle -> $OUT/multi-split.json
 #   bash benchmarks/gpu_multi.sh notebook   # notebook 10 run plainly (no envelope: it needs both GPUs) -> $OUT/nb10/ (2 files)
+#   bash benchmarks/gpu_multi.sh cp2048     # context parallel on 1 and 2 GPUs at 2048x2048, 3 steps: does it scale with tokens? (log)
 #   bash benchmarks/gpu_multi.sh quant06    # notebook 06 in the colab-t4 envelope on GPU 0 alone (issue 8) -> $OUT/q06/ (2 files)
 # Parts run in the order given. Every part is bounded by `timeout` and by one budget for the whole script
 # (BUDGET_S, default 520 s from the start, random-dev build included): a part that would start with too
@@ -19,7 +20,7 @@ left() { echo $(( budget - ($(date +%s) - start) )); }
 bound() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # a part's timeout: its own cap or what is left
 parts=("$@"); [[ ${#parts[@]} -eq 0 || ${parts[0]} == all ]] && parts=(recipe parallel split notebook)
 for part in "${parts[@]}"; do
-  case "$part" in recipe|parallel|split|notebook|quant06) ;; *) echo "unknown part '$part': use all, recipe, parallel, split, notebook and/or quant06" >&2; exit 2;; esac
+  case "$part" in recipe|parallel|split|notebook|quant06|cp2048) ;; *) echo "unknown part '$part': use all, recipe, parallel, split, notebook and/or quant06" >&2; exit 2;; esac
 done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FLUXNB_CACHE=/root/fluxnb-cache
@@ -31,7 +32,7 @@ timeout -k 10 "$(bound 200)" python3 -c "import fluxnb; print(fluxnb.build_rando
 echo "random-dev ready after $(( $(date +%s) - start )) s"
 code=0
 for part in "${parts[@]}"; do
-  cap=$(case $part in recipe) echo 120;; parallel) echo 240;; split) echo 160;; notebook) echo 420;; quant06) echo 170;; esac)
+  cap=$(case $part in recipe) echo 120;; parallel) echo 240;; split) echo 160;; notebook) echo 420;; quant06) echo 170;; cp2048) echo 200;; esac)
   t=$(bound "$cap")
   if (( t < 45 )); then
     echo "=== $part: SKIPPED, $(left) s of the ${budget} s budget left"; code=1
@@ -70,6 +71,19 @@ PY
         notebooks/10_multi_gpu.ipynb --timeout $(( t - 20 < 400 ? t - 20 : 400 ))
       code=$(( code | $? ))
       cp /tmp/course-10/course-results.json /tmp/course-10/10_multi_gpu.ipynb "$OUT/nb10/" 2>/dev/null;;
+    cp2048)  # four times the tokens of 1024x1024: the same launches as the cp rows, printed to the log
+      timeout -k 10 "$t" python3 - <<'PY'
+import tempfile
+import fluxnb
+from fluxnb import multigpu
+checkpoint = str(fluxnb.build_random("dev"))
+for n in (1, 2):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = multigpu.launch("cp", n, checkpoint, f"{tmp}/out.json", "bf16", "none", 2048, 2048, 3, 0, timeout_s=150)
+    print(f"cp-bf16 2048x2048 on {n} GPU(s): {out['s_per_step']:.4f} s/step, step_s {out['ranks'][0]['step_s']}, "
+          f"peaks {out['per_gpu_peaks_gib']} GiB, latents finite {out['latents_finite']}", flush=True)
+PY
+      code=$(( code | $? ));;
     quant06)  # issue 8's notebook 06 as a fresh Colab T4 VM runs it, on one GPU (the other is idle meanwhile)
       rm -rf /tmp/course-06
       mkdir -p "$OUT/q06"

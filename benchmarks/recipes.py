@@ -344,6 +344,8 @@ def torchrun(mode: str, nproc: int, quant: str) -> Callable[[Context], None]:
             ctx.sizes_out.append(dict(height=height, width=width, warmup_s=round(rank0["warmup_s"], 3),
                                       s_per_step=round(out["s_per_step"], 4),
                                       step_s=[round(t, 4) for t in rank0["step_s"]], latents_finite=out["latents_finite"]))
+
+    return run
 QUANT_INPUT = (512, 512)  # height x width of the fixed input the relative error is measured on (+512 text tokens)
 
 

@@ -212,3 +212,10 @@ def test_a_timed_out_worker_log_is_text_and_names_its_stage(tmp_path, monkeypatc
     assert partial["error"] == "TIMEOUT after 5 s in stage 'warm-up 512x768'"
     cli.mark_killed(partial, -9, "no stage lines in this log")
     assert partial["error"] == "worker exited -9 in stage 'after denoise 1024x1024'"
+
+
+def test_every_recipe_has_a_callable_run():
+    """A recipe factory that forgot to return its function fails on the GPU only ('NoneType' object is not callable)."""
+    from benchmarks.recipes import RECIPES
+
+    assert [name for name, r in RECIPES.items() if not callable(r.run)] == []
