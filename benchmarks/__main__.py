@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     outs = sub.add_parser("outputs", help="an executed notebook's printed results as markdown (committed evidence)")
     outs.add_argument("executed", type=Path)
     outs.add_argument("--course-results", type=Path, help="python -m fluxnb.course's JSON of that run")
+    outs.add_argument("--ran-by", help="what ran the notebook, where --course-results is a benchmark results JSON")
     outs.add_argument("--out", type=Path, required=True)
     rep = sub.add_parser("report")
     rep.add_argument("--results", type=Path, default=None)
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(args)
     ns.command_line = "python -m benchmarks " + " ".join(shlex.quote(a) for a in args)
     if ns.command == "outputs":
-        ns.out.write_text(report.notebook_outputs(ns.executed, ns.course_results))
+        ns.out.write_text(report.notebook_outputs(ns.executed, ns.course_results, ns.ran_by))
         print(f"wrote {ns.out}")
         return 0
     if ns.command == "report":

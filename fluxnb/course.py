@@ -215,7 +215,8 @@ def signal_name(returncode: int) -> str:
 
 
 def _process_tree_anon_bytes(pid: int) -> int:
-    """Anonymous RAM of a process and its children (0 once they are gone)."""
+    """Anonymous RAM of a process and its children (0 once they are gone), summed over the processes: a page
+    a forked child still shares with its parent (copy-on-write) counts once in each."""
     total = 0
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
@@ -339,8 +340,9 @@ def provenance(command: str) -> dict[str, Any]:
     if torch.cuda.is_available() and shutil.which("nvidia-smi"):
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, check=False, timeout=30)
-        driver = out.stdout.strip() or None
+        driver = out.stdout.strip().splitlines()[0] if out.stdout.strip() else None  # one line per GPU: the same
     return dict(gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, driver=driver,
+                gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0,
                 cuda=torch.version.cuda, libraries=library_versions(), python=sys.version.split()[0],
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), command=command,
                 checkpoint=os.environ.get("FLUXNB_CHECKPOINT", ""))
@@ -420,7 +422,9 @@ def results_markdown(results: dict[str, Any]) -> str:
                     f"| {_f(r['ram_anon_peak_gib'])} | {r['seconds']:.0f} |")
     note = ("*VRAM* is the kernel's own device memory (CUDA context included), sampled every 50 ms by the runner; "
             "*RAM, cgroup* is the kernel's cgroup `memory.peak`, which also counts the file pages it read "
-            "(the OS can drop those under pressure); *RAM, anon* is its sampled anonymous memory.")
+            "(the OS can drop those under pressure); *RAM, anon* is the sampled anonymous memory of the kernel and "
+            "its child processes, summed: pages a forked child shares with its parent count twice, so it can "
+            "exceed the cgroup's figure, which is the one a RAM cap enforces.")
     return "\n".join([head, "", *rows, "", note]) + "\n"
 
 

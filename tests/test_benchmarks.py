@@ -219,3 +219,34 @@ def test_every_recipe_has_a_callable_run():
     from benchmarks.recipes import RECIPES
 
     assert [name for name, r in RECIPES.items() if not callable(r.run)] == []
+
+
+def test_notebook_outputs_keep_the_results_and_drop_progress_bars(tmp_path):
+    """`python -m benchmarks outputs`: an executed notebook's printed results, headed by where they ran."""
+    import nbformat
+
+    from benchmarks import report
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("print(speed)\nmore()")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="  0%|          | 0/5 [00:00<?, ?it/s]\n"),
+                    nbformat.v4.new_output("stream", name="stdout", text="regional compile: 23.0 s, 1.36x\n")]
+    quiet = nbformat.v4.new_code_cell("x = 1")
+    failed = nbformat.v4.new_code_cell("1 / 0")
+    failed.outputs = [nbformat.v4.new_output("error", ename="ZeroDivisionError", evalue="division by zero", traceback=[])]
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), cell, quiet, failed]
+    executed = tmp_path / "09_faster.ipynb"
+    nbformat.write(nb, executed)
+    libs = dict(torch="2.11.0", diffusers="0.42.1", transformers="5.17.0", bitsandbytes="0.50.2")
+    results = dict(provenance=dict(gpu="NVIDIA H100 80GB HBM3", driver="580", cuda="13.0", libraries=libs,
+                                   date="2026-11-22T07:00:00+00:00", command="python -m fluxnb.course OUT", checkpoint="random-dev"),
+                   envelope=dict(name="colab-t4"),
+                   notebooks=[dict(notebook="09_faster.ipynb", passed=True, seconds=319.1, vram_device_peak_gib=10.97,
+                                   ram_anon_peak_gib=11.98)])
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    text = report.notebook_outputs(executed, tmp_path / "r.json")
+    assert "executed on NVIDIA H100 80GB HBM3 (2026-11-22" in text and "inside the `colab-t4` envelope" in text
+    assert "passed in 319 s, device VRAM peak 10.97 GiB" in text
+    assert "regional compile: 23.0 s, 1.36x" in text and "it/s]" not in text
+    assert "**cell 3** `1 / 0`" in text and "ZeroDivisionError: division by zero" in text
+    assert "x = 1" not in text  # a cell that printed nothing is left out
