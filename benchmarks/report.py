@@ -423,16 +423,30 @@ def recipe_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def course_rows(folder: Path = COURSE_RESULTS) -> list[dict[str, Any]]:
-    """The committed whole-course runs inside an envelope, one line each."""
-    rows = []
+    """The committed course runs inside each envelope (``fluxnb/results/course-*.json``), one row per
+    envelope: every notebook's latest run there (a notebook fixed and run again replaces its failure)."""
+    latest: dict[str, dict[str, tuple[str, dict[str, Any], dict[str, Any]]]] = {}
+    envelopes: dict[str, dict[str, Any]] = {}
     for path in sorted(folder.glob("course-*.json")):
         run = json.loads(path.read_text())
-        nbs, env, p = run["notebooks"], run.get("envelope") or {}, run["provenance"]
-        rows.append(dict(envelope=env.get("name"), vram_gib=env.get("vram_gib"), ram_gib=env.get("ram_gib"),
-                         bf16=env.get("bf16"), passed=sum(n["passed"] for n in nbs), notebooks=len(nbs),
-                         failed=[n["notebook"] for n in nbs if not n["passed"]],
-                         vram_peak_gib=max((n["vram_device_peak_gib"] or 0) for n in nbs if n["passed"]),
-                         gpu=p["gpu"], date=p["date"][:10], command=p["command"]))
+        env, p = run.get("envelope") or {}, run["provenance"]
+        envelopes.setdefault(env.get("name"), env)
+        for nb in run["notebooks"]:
+            seen = latest.setdefault(env.get("name"), {}).get(nb["notebook"])
+            if seen is None or p["date"] > seen[0]:
+                latest[env.get("name")][nb["notebook"]] = (p["date"], nb, p)
+    rows = []
+    for name, by_notebook in latest.items():
+        env, runs = envelopes[name], [by_notebook[k] for k in sorted(by_notebook)]
+        nbs = [nb for _, nb, _ in runs]
+        dates = sorted(date[:10] for date, _, _ in runs)
+        rows.append(dict(envelope=name, vram_gib=env.get("vram_gib"), ram_gib=env.get("ram_gib"),
+                         bf16=env.get("bf16"), passed=sum(nb["passed"] for nb in nbs), notebooks=len(nbs),
+                         failed=[nb["notebook"] for nb in nbs if not nb["passed"]],
+                         vram_peak_gib=max([nb["vram_device_peak_gib"] or 0 for nb in nbs if nb["passed"]] or [0]),
+                         gpu=", ".join(sorted({p["gpu"] for _, _, p in runs})),
+                         date=dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}",
+                         notebook_names=[nb["notebook"][:2] for nb in nbs]))
     return rows
 
 

@@ -180,11 +180,13 @@ def plan(vram_gib: float | None = None, ram_gib: float | None = None, gpu_count:
                      + ("" if len(fitting) <= 4 else f", and {len(fitting) - 4} more") + ".")
     for run in data.get("course", []):
         if vram_gib >= run["vram_gib"] and ram_gib >= run["ram_gib"] and (bf16 or not run["bf16"]):
-            verdict = ("all notebooks passed" if not run["failed"]
+            names = run.get("notebook_names")
+            which = f"notebooks {', '.join(names)}" if names else f"{run['notebooks']} notebooks"
+            verdict = (f"all {run['notebooks']} passed" if not run["failed"]
                        else f"{run['passed']} of {run['notebooks']} passed ({', '.join(run['failed'])} did not)")
-            notes.append(f"the whole course inside the `{run['envelope']}` envelope ({run['vram_gib']} GiB, "
-                         f"{run['ram_gib']} GiB RAM, a machine no larger than this one): {verdict} "
-                         f"(measured {run['date']} on {run['gpu']}).")
+            notes.append(f"the course inside the `{run['envelope']}` envelope ({run['vram_gib']} GiB, "
+                         f"{run['ram_gib']} GiB RAM, a machine no larger than this one), {which}, each in its "
+                         f"latest run: {verdict} (measured {run['date']} on {run['gpu']}).")
     return Plan(machine, best, fitting, None, notes)
 
 

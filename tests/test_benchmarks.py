@@ -250,3 +250,23 @@ def test_notebook_outputs_keep_the_results_and_drop_progress_bars(tmp_path):
     assert "regional compile: 23.0 s, 1.36x" in text and "it/s]" not in text
     assert "**cell 3** `1 / 0`" in text and "ZeroDivisionError: division by zero" in text
     assert "x = 1" not in text  # a cell that printed nothing is left out
+
+
+def test_course_rows_take_each_notebooks_latest_run_per_envelope(tmp_path):
+    """A notebook fixed and run again replaces its failure; other envelopes stay apart."""
+    from benchmarks import report
+
+    def write(name, envelope, date, gpu, notebooks):
+        run = dict(envelope=dict(name=envelope, vram_gib=14.74, ram_gib=12.0, bf16=False),
+                   provenance=dict(gpu=gpu, date=date, command="python -m fluxnb.course OUT"),
+                   notebooks=[dict(notebook=n, passed=ok, vram_device_peak_gib=v) for n, ok, v in notebooks])
+        (tmp_path / f"course-{name}.json").write_text(json.dumps(run))
+
+    write("a", "colab-t4", "2026-11-22T07:37:00", "H100", [("05_x.ipynb", True, 4.1), ("06_y.ipynb", False, 3.3)])
+    write("b", "colab-t4", "2026-11-22T08:01:00", "H200", [("06_y.ipynb", True, 3.3)])
+    write("c", "8gb-card", "2026-11-22T05:00:00", "H100", [("06_y.ipynb", False, 7.9)])
+    rows = {r["envelope"]: r for r in report.course_rows(tmp_path)}
+    t4 = rows["colab-t4"]
+    assert (t4["passed"], t4["notebooks"], t4["failed"]) == (2, 2, [])
+    assert t4["gpu"] == "H100, H200" and t4["notebook_names"] == ["05", "06"] and t4["vram_peak_gib"] == 4.1
+    assert rows["8gb-card"]["failed"] == ["06_y.ipynb"]

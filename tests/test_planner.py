@@ -41,7 +41,7 @@ def test_a_t4_gets_the_staged_nf4_flow_in_fp16_with_a_rough_speed_for_a_t4():
     text = str(p)
     assert "measured on NVIDIA H100 80GB HBM3" in text and "on your Tesla T4 roughly" in text
     assert f"{0.204 * 989 / 65:.2f} s/step" in text  # scaled by the datasheet ratio it names
-    assert "8.26 GiB VRAM" in text and "colab-t4" in text and "all notebooks passed" in text
+    assert "8.26 GiB VRAM" in text and "colab-t4" in text and "all 5 passed" in text
 
 
 def test_an_8gb_card_gets_what_fits_with_the_margin():
