@@ -290,7 +290,7 @@ def course_markdown(folder: Path = COURSE_RESULTS) -> str:
 
     order = {name: i for i, name in enumerate(ENVELOPES)}
     runs = [json.loads(p.read_text()) for p in folder.glob("course-*.json")]
-    runs.sort(key=lambda r: order.get((r.get("envelope") or {}).get("name"), len(order)))
+    runs.sort(key=lambda r: (order.get((r.get("envelope") or {}).get("name"), len(order)), r["provenance"]["date"]))
     return "\n".join(results_markdown(r) for r in runs)
 
 

@@ -413,7 +413,8 @@ def results_markdown(results: dict[str, Any]) -> str:
              if env else "no envelope")
     head = (f"`{p['command']}` with `FLUXNB_CHECKPOINT={p['checkpoint'] or '(unset)'}`, {where}, on "
             f"{p['gpu'] or 'a CPU'} ({p['date'][:10]}; driver {p['driver']}, CUDA {p['cuda']}, torch {lib['torch']}, "
-            f"diffusers {lib['diffusers']}, transformers {lib['transformers']}, bitsandbytes {lib['bitsandbytes']}):")
+            f"diffusers {lib['diffusers']}, transformers {lib['transformers']}, bitsandbytes {lib['bitsandbytes']})"
+            + (f"; {results['source']}" if results.get("source") else "") + ":")
     rows = ["| notebook | result | VRAM peak, device (GiB) | RAM peak, cgroup (GiB) | RAM peak, anon (GiB) | time (s) |",
             "|---|---|---|---|---|---|"]
     for r in results["notebooks"]:
