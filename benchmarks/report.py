@@ -29,6 +29,12 @@ def _stage(recipe: dict[str, Any], prefix: str, height: int, width: int) -> dict
     return next((s for s in recipe.get("stages", []) if s["stage"] == name), {})
 
 
+def gpu_name(provenance: dict[str, Any]) -> str:
+    """The GPU a run was made on, as ``2x NVIDIA H200`` where the machine had several."""
+    gpus = provenance.get("gpus", 1)
+    return f"{gpus}x {provenance['gpu']}" if gpus > 1 else provenance["gpu"]
+
+
 def label(results: dict[str, Any], only: str | None = None) -> str:
     """"measured on <GPU> with random weights of the real shapes", with versions, date and command; with
     ``only``, the commands of the recipes whose names start with it (one table's own commands)."""
@@ -39,7 +45,7 @@ def label(results: dict[str, Any], only: str | None = None) -> str:
     if only is not None:
         entries = [e for name, e in results.get("recipes", {}).items() if name.startswith(only)]
     commands = dict.fromkeys(e["provenance"]["command"] for e in entries if e.get("provenance")) or [p["command"]]
-    gpu = f"{p['gpus']}x {p['gpu']}" if p.get("gpus", 1) > 1 else p["gpu"]
+    gpu = gpu_name(p)
     return (f"measured on {gpu} with {what} "
             f"({p['date'][:10]}; driver {p['driver']}, CUDA {p.get('cuda')}, torch {p['libraries']['torch']}, diffusers "
             f"{p['libraries']['diffusers']}, transformers {p['libraries']['transformers']}, bitsandbytes "
@@ -485,7 +491,7 @@ def notebook_outputs(executed: Path, course_results: Path | None = None, command
         p = res["provenance"]
         run = next((n for n in res.get("notebooks", []) if n["notebook"] == Path(executed).name), None)
         envelope = res.get("envelope", {}).get("name") if res.get("envelope") else None
-        gpu = f"{p['gpus']}x {p['gpu']}" if p.get("gpus", 1) > 1 else p["gpu"]
+        gpu = gpu_name(p)
         checkpoint = p["checkpoint"] if run else "random-dev"
         head += (f", executed on {gpu} ({p['date'][:10]}; driver {p['driver']}, CUDA {p.get('cuda')}, torch "
                  f"{p['libraries']['torch']}, diffusers {p['libraries']['diffusers']}, transformers "
