@@ -366,6 +366,7 @@ def worker(mode: str, checkpoint: str, dtype: torch.dtype, quant: str, height: i
         json_path.write_text(json.dumps(result, indent=1) + "\n")
         if save_latents:
             save_file({"latents": latents.detach().float().cpu().contiguous()}, str(json_path.with_suffix(".safetensors")))
+    dist.barrier()  # every rank leaves together: none closes its connections while another still uses them
     dist.destroy_process_group()
 
 
@@ -403,10 +404,30 @@ def launch(mode: str, nproc: int, checkpoint: str, json_path: str | Path, dtype:
             proc.kill()  # the ranks die with it: each asked for SIGKILL when torchrun dies (worker())
             output, _ = proc.communicate()
         raise RuntimeError(f"torchrun {mode} on {nproc} processes ran past {timeout_s} s and was stopped with its "
-                           f"ranks; the end of its output:\n{output[-6000:]}") from None
+                           f"ranks; its output:\n{failure_excerpt(output)}") from None
     if proc.returncode != 0 or not json_path.is_file():
-        raise RuntimeError(f"torchrun {mode} on {nproc} processes exited {proc.returncode}:\n{output[-6000:]}")
+        raise RuntimeError(f"torchrun {mode} on {nproc} processes exited {proc.returncode}:\n{failure_excerpt(output)}")
     return json.loads(json_path.read_text())
+
+
+_FIRST_FAILURE_MARKS = ("terminate called", "Fatal Python error", "Traceback (most recent call last)")
+
+
+def failure_excerpt(output: str, chars: int = 6000) -> str:
+    """What a failed torchrun printed, cut to ``chars``: the first rank's own failure (a C++ ``terminate``,
+    a ``Fatal Python error`` with its Python stacks, or a traceback) and then the end of the output.
+
+    torchrun appends a long summary after a rank dies, so the end alone often hides why it died."""
+    if len(output) <= chars:
+        return output
+    starts = [i for i in (output.find(mark) for mark in _FIRST_FAILURE_MARKS) if i >= 0]
+    if not starts:
+        return output[-chars:]
+    first = min(starts)
+    half = chars // 2
+    if first + half >= len(output) - half:
+        return output[first:][-chars:]
+    return f"{output[first:first + half]}\n[... {len(output) - first - 2 * half} characters left out ...]\n{output[-half:]}"
 
 
 def _record(fn: Any) -> Any:

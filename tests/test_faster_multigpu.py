@@ -129,7 +129,16 @@ def test_two_rank_context_parallel_gives_the_one_process_latents(tmp_path):
            "--size", "128x128", "--steps", "2", "--seed", "3", "--save-latents"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **multigpu.NCCL_SAFE_ENV}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    if proc.returncode != 0 and "(SIGABRT)" in proc.stdout + proc.stderr:
+        # In one CI run (2026-11-22) a gloo CPU rank aborted (SIGABRT; its stack was cut from the log) while
+        # the other was alive; 29 local runs, some under load, never did. Gloo on CPU is a test stand-in for NCCL, and its aborts are a known flake
+        # (pytorch/pytorch#65237, #60662). Say so loudly, then run once more: a second failure fails the test.
+        import warnings
+
+        warnings.warn("the two-rank gloo run aborted once; its output:\n"
+                      + multigpu.failure_excerpt(proc.stdout + proc.stderr, 4000))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, multigpu.failure_excerpt(proc.stdout + proc.stderr)
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["latents_finite"] and len(result["ranks"]) == 2
     cp_latents = load_file(str(out.with_suffix(".safetensors")))["latents"]
@@ -156,3 +165,14 @@ def test_launch_runs_torchrun_ranks_on_cpu_and_gathers_them(tmp_path, monkeypatc
         multigpu.launch("replicas", 2, checkpoint, tmp_path / "t.json", "fp32", "nf4", 64, 64, 1, 0, timeout_s=2)
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "t.json")], capture_output=True, text=True).stdout
     assert leftover == "", f"ranks outlived their launch: pids {leftover.split()}"
+
+
+def test_failure_excerpt_keeps_the_first_rank_failure_and_the_end():
+    """A dead rank's own words come first in torchrun's output, its long summary last: both are kept."""
+    summary = "ChildFailedError summary line\n" * 400
+    output = "loading...\n" * 50 + "terminate called after throwing an instance of 'gloo::IoException'\n" + summary + "THE END"
+    excerpt = multigpu.failure_excerpt(output, chars=2000)
+    assert excerpt.startswith("terminate called after throwing") and excerpt.endswith("THE END")
+    assert "characters left out" in excerpt and len(excerpt) < 2100
+    assert multigpu.failure_excerpt("short") == "short"
+    assert multigpu.failure_excerpt("x" * 5000, chars=100) == "x" * 100
