@@ -4,7 +4,8 @@
     python -m benchmarks run --recipes staged-nf4,bf16-resident
     python -m benchmarks envelope            # the Colab T4 (15 GiB VRAM, 12 GiB RAM, fp16) and 8 GiB envelopes
     python -m benchmarks merge a.json b.json --out results/h100.json   # runs split over GPU sessions
-    python -m benchmarks report              # regenerate table, chart, README and notebook 04 from the JSON
+    python -m benchmarks report              # regenerate table, chart, README and notebook 04 from the JSON,
+                                             # and the fact spans of the notebooks' prose
 
 "Will it fit?" on your own GPU, before a 34 GB download, is ``python -m fluxnb.fit`` (in the package,
 so a Colab install has it).

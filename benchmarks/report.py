@@ -289,6 +289,72 @@ def update_notebook(path: Path, body: str, start: str = START, end: str = END) -
     raise ValueError(f"{path}: no markdown cell with {start}")
 
 
+# --- figures in notebook prose: computed, never typed ------------------------------------------------
+# Prose states a few facts of the model and the targets ("the transformer in bf16 is 23.8 GB"). Each
+# stands in a span, <!-- fact:NAME -->value<!-- /fact --> (the comments do not render), and
+# ``python -m benchmarks report`` rewrites every value from the configs and envelopes below.
+
+FACT = re.compile(r"<!-- fact:([a-z0-9_]+) -->(.*?)<!-- /fact -->", re.S)
+
+
+def model_facts() -> dict[str, str]:
+    """Every fact a span may name, formatted as prose shows it: parameter counts and bf16 sizes of
+    FLUX.1-dev's models (:func:`fluxnb.parameter_counts`, from the real configs) and the free Colab
+    T4's limits (:data:`fluxnb.envelopes.ENVELOPES`)."""
+    import fluxnb
+    from fluxnb.envelopes import COLAB_VM_RAM_GIB, ENVELOPES
+
+    n = fluxnb.parameter_counts("dev")
+    bf16 = {name: 2 * count for name, count in n.items()}  # 2 bytes per parameter
+    t4 = ENVELOPES["colab-t4"]
+    return {
+        "flux_bf16_gb": f"{sum(bf16.values()) / 1e9:.1f} GB",  # what a download of the four models is
+        "transformer_params": f"{n['transformer'] / 1e9:.1f}B",
+        "transformer_bf16_gb": f"{bf16['transformer'] / 1e9:.1f} GB",
+        "transformer_bf16_gib": f"{bf16['transformer'] / 2**30:.1f} GiB",
+        "t5_params": f"{n['text_encoder_2'] / 1e9:.2f}B",
+        "t5_bf16_gb": f"{bf16['text_encoder_2'] / 1e9:.1f} GB",
+        "t5_bf16_gib": f"{bf16['text_encoder_2'] / 2**30:.1f} GiB",
+        "clip_params": f"{n['text_encoder'] / 1e9:.2f}B",
+        "vae_params": f"{n['vae'] / 1e6:.0f}M",
+        "vae_bf16_gb": f"{bf16['vae'] / 1e9:.2f} GB",
+        "t4_vram_gib": f"{t4.vram_gib} GiB",  # as PyTorch sees it, CUDA context included
+        "colab_vm_ram_gib": f"{COLAB_VM_RAM_GIB} GiB",
+        "colab_kernel_ram_gib": f"{t4.ram_gib:g} GiB",  # what the envelope leaves a notebook's kernel
+    }
+
+
+def fill_facts(text: str, facts: dict[str, str]) -> str:
+    """``text`` with every fact span's value rewritten; an unknown name is an error, not a blank."""
+    unknown = sorted({m.group(1) for m in FACT.finditer(text)} - set(facts))
+    if unknown:
+        raise ValueError(f"no fact named {', '.join(unknown)}; known: {', '.join(sorted(facts))}")
+    return FACT.sub(lambda m: f"<!-- fact:{m.group(1)} -->{facts[m.group(1)]}<!-- /fact -->", text)
+
+
+def write_facts(facts: dict[str, str] | None = None) -> list[Path]:
+    """Rewrite the fact spans of README.md and every notebook's markdown; return the files changed."""
+    facts = facts or model_facts()
+    changed = []
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if fill_facts(text, facts) != text:
+        readme.write_text(fill_facts(text, facts))
+        changed.append(readme)
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        dirty = False
+        for cell in nb["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] == "markdown" and fill_facts(source, facts) != source:
+                cell["source"] = fill_facts(source, facts).splitlines(keepends=True)
+                dirty = True
+        if dirty:
+            path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+            changed.append(path)
+    return changed
+
+
 def course_markdown(folder: Path = COURSE_RESULTS) -> str:
     """The committed course runs (``fluxnb/results/course-*.json``), one table each, envelopes in order."""
     from fluxnb.course import results_markdown
@@ -327,6 +393,7 @@ def write_all(results_path: Path, targets: bool = True) -> str:
         update_notebook(ROOT / "notebooks" / "04_memory_profiling.ipynb", text)
         write_course_docs()
         write_recipes_json()
+        write_facts()
     return text
 
 

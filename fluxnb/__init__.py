@@ -13,7 +13,14 @@ from fluxnb.quiet import silence_torchvision_fallback
 
 silence_torchvision_fallback()  # before diffusers is imported: a warning a learner cannot act on (fluxnb/quiet.py)
 
-from fluxnb.checkpoints import build_random, build_tiny, generation_settings, is_stand_in, resolve_checkpoint  # noqa: E402
+from fluxnb.checkpoints import (  # noqa: E402
+    build_random,
+    build_tiny,
+    generation_settings,
+    is_stand_in,
+    parameter_counts,
+    resolve_checkpoint,
+)
 from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
 from fluxnb.envelopes import committed_run
 from fluxnb.environment import (
@@ -77,7 +84,8 @@ __all__ = [
     "embeddings_path", "encode_and_save", "encode_prompt", "execution_device", "export_prequantized",
     "find_hub_token", "flush", "free_vram_gib", "generation_settings", "is_stand_in", "load_denoising_pipeline",
     "load_embeddings", "load_pipeline_all_at_once", "load_text_encoders_4bit", "load_transformer_4bit",
-    "load_transformer_offload", "load_transformer_streamed", "machine_info", "missing_resources", "output_dir", "pick_dtype",
+    "load_transformer_offload", "load_transformer_streamed", "machine_info", "missing_resources", "output_dir",
+    "parameter_counts", "pick_dtype",
     "prequantized_checkpoint", "resident_blocks_that_fit", "resolve_checkpoint", "save_embeddings", "save_image", "saved_quantized_dir",
     "set_compute_dtype",
     "NotEnoughVRAMError", "check_embeddings", "check_latents_size", "check_part", "check_size_fits", "estimate_vram_gib",

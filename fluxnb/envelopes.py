@@ -26,6 +26,9 @@ ENV_VAR = "FLUXNB_ENVELOPE"
 OTHERS_VAR = "FLUXNB_VRAM_OTHERS_BYTES"  # device memory held by other processes when the kernel started
 
 
+COLAB_VM_RAM_GIB = 12.7  # host RAM of a free Colab VM in all; the colab-t4 envelope leaves its kernel ram_gib of it
+
+
 @dataclass(frozen=True)
 class Envelope:
     """One target machine's limits, as a notebook on it meets them."""
@@ -43,7 +46,7 @@ class Envelope:
 ENVELOPES: dict[str, Envelope] = {e.name: e for e in [
     Envelope("colab-t4", vram_gib=14.74, ram_gib=12.0, bf16=False,
              description="free Colab T4: PyTorch sees 14.74 GiB in all (its out-of-memory messages say so), "
-                         "compute capability 7.5 (no bf16: fp16), a 12.7 GiB VM of which about 12 GiB is left "
+                         f"compute capability 7.5 (no bf16: fp16), a {COLAB_VM_RAM_GIB} GiB VM of which about 12 GiB is left "
                          "for the notebook's kernel"),
     Envelope("8gb-card", vram_gib=7.6, ram_gib=16.0, bf16=True,
              description="an 8 GB consumer card with a desktop running: about 7.8 GiB for PyTorch on a headless "

@@ -95,11 +95,16 @@ def test_tiny_loads_offline_with_real_classes(fresh_cache):
 
 
 def test_full_size_configs_have_flux_dev_parameter_counts():
-    with torch.device("meta"):
-        counts = {name: sum(p.numel() for p in checkpoints._make_part(name, "dev", tiny=False).parameters())
-                  for name in ("transformer", "text_encoder_2", "text_encoder", "vae")}
+    """The counts of FLUX.1-dev's published safetensors; schnell lacks only the guidance embedder."""
+    counts = fluxnb.parameter_counts("dev")
     assert counts == {"transformer": 11_901_408_320, "text_encoder_2": 4_762_310_656,
                       "text_encoder": 123_060_480, "vae": 83_819_683}
+    schnell = fluxnb.parameter_counts("schnell")
+    with torch.device("meta"):
+        guidance = checkpoints._make_part("transformer", "dev", tiny=False).time_text_embed.guidance_embedder
+    assert counts["transformer"] - schnell["transformer"] == sum(p.numel() for p in guidance.parameters())
+    with pytest.raises(ValueError, match="variant must be 'dev' or 'schnell'"):
+        fluxnb.parameter_counts("pro")
 
 
 def test_random_build_checks_disk_first(monkeypatch, fresh_cache):

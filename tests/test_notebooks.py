@@ -3,6 +3,7 @@
 import ast
 import inspect
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,45 @@ def test_every_code_cell_parses_on_this_python(path):
         if cell["cell_type"] == "code":
             source = "\n".join(line for line in _source(cell).splitlines() if not line.lstrip().startswith("%"))
             ast.parse(source)
+
+
+# Figures in prose: a size or parameter count in a notebook's markdown is either inside a generated
+# region (<!-- fluxnb:NAME:start --> ... :end -->, a table made from committed results) or a fact span
+# (<!-- fact:NAME -->, computed by benchmarks.report.model_facts); only these kinds of figure are typed:
+FIGURE = re.compile(r"\d+(?:\.\d+)?\s?(?:GiB|GB|MiB|MB)\b|\d+(?:\.\d+)?\s?[BM]\b|\d+(?:\.\d+)?-billion")
+TYPED_ON_PURPOSE = re.compile(
+    r"\b(?:4|8|16)\sGB\scards?\b"  # a class of card, named as people name it ("an 8 GB card")
+    r"|\b8\sGiB\scard\b|\b8\sGB\s(?:card's|walkthrough)"
+    r"|\b[12]\sGiB\s(?:come\sand\sgo|above\sthe\ssecond|tensor)"  # notebook 00's demo tensor: the code makes 1 GiB
+    r"|about\s12\sGB/s"  # PCIe 3.0 x16, a datasheet figure given in an exercise
+)
+REGION = re.compile(r"<!-- fluxnb:([a-z-]+):start -->.*?<!-- fluxnb:\1:end -->", re.S)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_hand_typed_figures_in_prose(path):
+    from benchmarks.report import FACT
+
+    for cell in _cells(path):
+        if cell["cell_type"] != "markdown":
+            continue
+        prose = TYPED_ON_PURPOSE.sub("", FACT.sub("", REGION.sub("", _source(cell))))
+        typed = [prose[max(0, m.start() - 40):m.end() + 10] for m in FIGURE.finditer(prose)]
+        assert not typed, f"{path.name}: typed figures {typed}; make them fact spans or generated tables"
+
+
+def test_fact_spans_are_current_and_the_scan_can_fail():
+    from benchmarks import report
+
+    facts = report.model_facts()
+    assert facts["transformer_params"] == "11.9B" and facts["t4_vram_gib"] == "14.74 GiB"
+    for path in [*NOTEBOOKS, report.ROOT / "README.md"]:
+        texts = [_source(c) for c in _cells(path) if c["cell_type"] == "markdown"] if path.suffix == ".ipynb" \
+            else [path.read_text()]
+        for text in texts:
+            assert report.fill_facts(text, facts) == text, f"{path.name}: run python -m benchmarks report"
+    stale = "in bf16 it is <!-- fact:transformer_bf16_gb -->99 GB<!-- /fact -->."
+    assert report.fill_facts(stale, facts) == "in bf16 it is <!-- fact:transformer_bf16_gb -->23.8 GB<!-- /fact -->."
+    with pytest.raises(ValueError, match="no fact named t4_vram"):
+        report.fill_facts("<!-- fact:t4_vram -->15 GiB<!-- /fact -->", facts)
+    assert FIGURE.search("a T4 has 15 GiB") and not FIGURE.search(TYPED_ON_PURPOSE.sub("", "an 8 GB card"))
