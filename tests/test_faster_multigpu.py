@@ -158,7 +158,15 @@ def test_launch_runs_torchrun_ranks_on_cpu_and_gathers_them(tmp_path, monkeypatc
     JSON holds both ranks; a launch past its timeout raises, naming it, and leaves no rank behind."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     checkpoint = str(fluxnb.build_tiny("dev"))
-    out = multigpu.launch("replicas", 2, checkpoint, tmp_path / "r.json", "fp32", "nf4", 64, 64, 1, 0, timeout_s=120)
+    try:
+        out = multigpu.launch("replicas", 2, checkpoint, tmp_path / "r.json", "fp32", "nf4", 64, 64, 1, 0, timeout_s=120)
+    except RuntimeError as error:  # a gloo CPU rank's rare abort (see the test above): said, then run once more
+        if "(SIGABRT)" not in str(error):
+            raise
+        import warnings
+
+        warnings.warn(f"the two-rank gloo run aborted once:\n{error}")
+        out = multigpu.launch("replicas", 2, checkpoint, tmp_path / "r.json", "fp32", "nf4", 64, 64, 1, 0, timeout_s=120)
     assert out["world_size"] == 2 and out["images_at_once"] == 2 and out["latents_finite"]
     assert [r["rank"] for r in out["ranks"]] == [0, 1] and out["gpu"] == "cpu"
     with pytest.raises(RuntimeError, match="ran past 2 s"):
