@@ -7,7 +7,9 @@ Python code that makes the selected image again. Every image is a PNG that carri
 
 It only calls the functions the notebooks teach (:mod:`fluxnb.stages`), and loads each model once:
 
-* the **denoiser** (the 4-bit transformer and the VAE) loads on the first click and stays;
+* the **denoiser** (the 4-bit transformer and the VAE) loads on the first click and stays; where a
+  step of the chosen size does not fit next to all its blocks (an 8 GB card at large sizes), a few
+  blocks stream from host RAM (:func:`fluxnb.blocks_to_keep`, as in notebooks 03 and 08);
 * the **text encoders** (CLIP and the 4-bit T5) are needed only for a prompt not seen before. Each
   prompt's embeddings are kept (in memory, and on disk where notebook 03's ``encode_and_save`` finds
   them), so a new seed, size or step count never runs T5 again. Whether the encoders stay loaded
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from fluxnb import stages
+from fluxnb import stages, streaming
 from fluxnb.environment import available_ram_gib, check_generation_request, free_vram_gib
 from fluxnb.memory import GIB, StepTimer, anon_ram_bytes, device_used_bytes, flush
 
@@ -233,6 +235,7 @@ class Studio:
         self._encoders: Any = None
         self._denoiser: Any = None
         self._embeddings: dict[str, dict[str, torch.Tensor]] = {}
+        self._room_for: tuple[int, int] | None = None  # the step size the transformer's blocks were placed for
         self._stop = threading.Event()
         self._busy = threading.Lock()
         self.thread: threading.Thread | None = None
@@ -346,6 +349,7 @@ class Studio:
         try:
             embeds = self._embeddings_for(request.prompt)
             pipe = self._load_denoiser()
+            self._make_room(pipe.transformer, request.height, request.width)
             for k in range(request.count):
                 seed = request.seed + k
                 self.progress.value, self.progress.max = 0, request.steps
@@ -405,7 +409,7 @@ class Studio:
             keep = self._decide_keep_encoders()
             if self._denoiser is not None and not keep:
                 self._say("New prompt: freeing the transformer to load T5 (both do not fit on this GPU)...")
-                self._denoiser = None
+                self._denoiser, self._room_for = None, None
                 flush()
             if self._encoders is None:
                 self._say("Loading the text encoders (CLIP, 4-bit T5)...")
@@ -433,9 +437,31 @@ class Studio:
             self.memory.value = memory_readout()
         return self._denoiser
 
+    def _make_room(self, transformer: Any, height: int, width: int) -> None:
+        """Stream some transformer blocks from host RAM when a ``height`` x ``width`` step does not fit
+        next to all of them (an 8 GB card at large sizes), as notebooks 03 and 04 do (notebook 08 explains).
+
+        :func:`fluxnb.blocks_to_keep` decides for a transformer whose blocks are all on the GPU, so a new
+        size first puts back the blocks an earlier size streamed. On a CPU, or where the step fits, nothing
+        streams."""
+        if self._room_for == (height, width):
+            return
+        streamer = getattr(transformer, "_fluxnb_streamer", None)
+        if streamer is not None and streamer.active:
+            streamer.remove()  # every block back on the GPU, as it was loaded
+            flush()
+        keep = streaming.blocks_to_keep(transformer, height, width)
+        self._room_for = (height, width)
+        if keep is None:
+            return
+        total = len(streaming.transformer_blocks(transformer))
+        host = streaming.enable_block_streaming(transformer, resident_blocks=keep).host_bytes
+        self._say(f"A {width}x{height} step does not fit next to all {total} transformer blocks: streaming "
+                  f"{total - keep} of them from host RAM ({host / GIB:.2f} GiB; notebook 08 shows how).")
+
     def close(self) -> None:
         """Free every model the Studio holds (to run something else in the same kernel)."""
-        self._encoders = self._denoiser = None
+        self._encoders = self._denoiser = self._room_for = None
         self._embeddings.clear()
         flush()
 

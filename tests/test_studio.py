@@ -224,3 +224,35 @@ def test_a_failure_during_a_click_is_shown_and_the_studio_stays_usable(checkpoin
     studio.last_error = None
     click_and_wait(studio)  # the lock was released: the next click works
     assert len(studio.generations[-1].paths) == 1
+
+
+def test_a_size_that_does_not_fit_streams_blocks_and_the_image_is_unchanged(checkpoint, tmp_path, monkeypatch):
+    """As on an 8 GB card at a large size: blocks_to_keep asks for fewer resident blocks, the Studio streams
+    the rest from host RAM (same pixels as all-resident), and a size that fits puts them back."""
+    from fluxnb import streaming
+
+    plain = make_studio(checkpoint, tmp_path / "plain")
+    reference = plain.generate(prompt="a cat", steps=2, height=64, width=64, seed=5).paths[0]
+    plain.close()
+
+    asked = []
+
+    def small_card(transformer, height, width, **kwargs):  # the tiny model has 2 blocks: keep 1 at 64x64
+        asked.append((height, width))
+        return 1 if (height, width) == (64, 64) else None
+
+    monkeypatch.setattr(streaming, "blocks_to_keep", small_card)
+    studio = make_studio(checkpoint, tmp_path / "small")
+    said = []
+    real_say = studio._say
+    studio._say = lambda text, error=False: (said.append(text), real_say(text, error))
+    path = studio.generate(prompt="a cat", steps=2, height=64, width=64, seed=5).paths[0]
+    streamer = studio._denoiser.transformer._fluxnb_streamer
+    assert streamer.active and streamer.host_bytes > 0
+    assert any("all 2 transformer blocks: streaming 1 of them from host RAM" in text for text in said), said
+    np.testing.assert_array_equal(pixels(path), pixels(reference))
+    studio.generate(prompt="a cat", steps=2, height=64, width=64, seed=6)  # same size: nothing re-placed
+    assert asked == [(64, 64)]
+    studio.generate(prompt="a cat", steps=2, height=32, width=32, seed=5)  # fits: every block back
+    assert asked == [(64, 64), (32, 32)] and not streamer.active
+    assert studio.loads["denoiser"] == 1
