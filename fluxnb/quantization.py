@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
@@ -73,6 +73,7 @@ class QuantRecipe:
     description: str
     bits: float  # nominal bits per quantized weight (scales excluded)
     min_capability: tuple[int, int] | None = None
+    check: Callable[[], str | None] | None = None  # a recipe's own "why not here" (None: nothing beyond the above)
 
 
 RECIPES: dict[str, QuantRecipe] = {r.name: r for r in [
@@ -84,7 +85,8 @@ RECIPES: dict[str, QuantRecipe] = {r.name: r for r in [
     QuantRecipe("torchao-int8wo", "torchao", "torchao int8 weight-only, one scale per output channel", 8),
     QuantRecipe("torchao-fp8", "torchao", "torchao fp8 (e4m3) weights and activations, per-row scales", 8, (8, 9)),
     QuantRecipe("quanto-int8", "quanto", "optimum-quanto int8 weights", 8),
-    QuantRecipe("quanto-fp8", "quanto", "optimum-quanto float8 (e4m3) weights", 8),
+    QuantRecipe("quanto-fp8", "quanto", "optimum-quanto float8 (e4m3) weights", 8,
+                check=lambda: quanto_kernel_problem()),  # its kernel compiles on first use (see there)
     QuantRecipe("gguf-q8_0", "gguf", "GGUF Q8_0: blocks of 32 int8 + an fp16 scale, made here with `gguf`", 8.5),
     QuantRecipe("gguf-q4_0", "gguf", "GGUF Q4_0: blocks of 32 4-bit + an fp16 scale, made here with `gguf`", 4.5),
     QuantRecipe("fp8-layerwise", "layerwise", "diffusers layerwise casting: fp8 (e4m3) storage, compute upcast", 8),
@@ -122,10 +124,9 @@ def recipe_problem(recipe: str) -> str | None:
     problem = backend_problem(r.backend)
     if problem:
         return problem
-    if recipe == "quanto-fp8":
-        problem = quanto_kernel_problem()
-        if problem:
-            return problem
+    problem = r.check() if r.check is not None else None
+    if problem:
+        return problem
     if r.min_capability is not None:
         need = "sm{}{}".format(*r.min_capability)
         if not torch.cuda.is_available():

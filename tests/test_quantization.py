@@ -211,6 +211,7 @@ def test_quanto_fp8_is_skipped_where_its_kernel_would_be_compiled_first(monkeypa
     assert problem and "sm90" in problem and "FLUXNB_BUILD_QUANTO_KERNELS=1" in problem
     assert Q.recipe_problem("quanto-fp8") == problem
     assert Q.recipe_problem("quanto-int8") is None  # int8 weights never use that kernel
+    assert [name for name, r in Q.RECIPES.items() if r.check is not None] == ["quanto-fp8"]
     monkeypatch.setenv("FLUXNB_BUILD_QUANTO_KERNELS", "1")
     assert Q.quanto_kernel_problem() is None
     monkeypatch.delenv("FLUXNB_BUILD_QUANTO_KERNELS")
