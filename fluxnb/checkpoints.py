@@ -227,7 +227,7 @@ def parameter_counts(variant: str = "dev") -> dict[str, int]:
     """Parameters of each FLUX.1 model (keys of :data:`COMPONENTS`), counted without any weights.
 
     Each model is built from the real config (the ones above, equal to the Hub's ``config.json``) on
-    PyTorch's ``meta`` device: every tensor has its shape but no memory, so counting FLUX's 17B
+    PyTorch's ``meta`` device: every tensor has its shape but no memory, so counting all of FLUX's
     parameters takes a second and no download, on any machine."""
     if variant not in ("dev", "schnell"):
         raise ValueError(f"variant must be 'dev' or 'schnell', not {variant!r}")
