@@ -45,11 +45,9 @@ def label(results: dict[str, Any], only: str | None = None) -> str:
     if only is not None:
         entries = [e for name, e in results.get("recipes", {}).items() if name.startswith(only)]
     commands = dict.fromkeys(e["provenance"]["command"] for e in entries if e.get("provenance")) or [p["command"]]
-    gpu = gpu_name(p)
-    return (f"measured on {gpu} with {what} "
-            f"({p['date'][:10]}; driver {p['driver']}, CUDA {p.get('cuda')}, torch {p['libraries']['torch']}, diffusers "
-            f"{p['libraries']['diffusers']}, transformers {p['libraries']['transformers']}, bitsandbytes "
-            f"{p['libraries']['bitsandbytes']}, accelerate {p['libraries']['accelerate']}; made by "
+    from fluxnb.course import versions_line
+
+    return (f"measured on {gpu_name(p)} with {what} ({versions_line(p, ('accelerate',))}; made by "
             + "; ".join(f"`{c}`" for c in commands) + ")")
 
 
@@ -278,13 +276,18 @@ def replace_marked(text: str, body: str, start: str = START, end: str = END) -> 
     return pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text)
 
 
+def _write_notebook(path: Path, nb: dict[str, Any]) -> None:
+    """Write a notebook as the repository keeps them (``.ci/strip_notebooks.py``'s format)."""
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
 def update_notebook(path: Path, body: str, start: str = START, end: str = END) -> None:
     nb = json.loads(path.read_text())
     for cell in nb["cells"]:
         source = "".join(cell["source"])
         if cell["cell_type"] == "markdown" and start in source:
             cell["source"] = replace_marked(source, body, start, end).splitlines(keepends=True)
-            path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+            _write_notebook(path, nb)
             return
     raise ValueError(f"{path}: no markdown cell with {start}")
 
@@ -338,19 +341,21 @@ def write_facts(facts: dict[str, str] | None = None) -> list[Path]:
     changed = []
     readme = ROOT / "README.md"
     text = readme.read_text()
-    if fill_facts(text, facts) != text:
-        readme.write_text(fill_facts(text, facts))
+    filled = fill_facts(text, facts)
+    if filled != text:
+        readme.write_text(filled)
         changed.append(readme)
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
         nb = json.loads(path.read_text())
         dirty = False
         for cell in nb["cells"]:
             source = "".join(cell["source"])
-            if cell["cell_type"] == "markdown" and fill_facts(source, facts) != source:
-                cell["source"] = fill_facts(source, facts).splitlines(keepends=True)
+            filled = fill_facts(source, facts) if cell["cell_type"] == "markdown" else source
+            if filled != source:
+                cell["source"] = filled.splitlines(keepends=True)
                 dirty = True
         if dirty:
-            path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+            _write_notebook(path, nb)
             changed.append(path)
     return changed
 
@@ -551,6 +556,8 @@ def notebook_outputs(executed: Path, course_results: Path | None = None, command
     and library warnings dropped) under the first line of its source, headed by where it ran: the GPU,
     versions, date and command of ``course_results`` (``python -m fluxnb.course``'s JSON, or a benchmark
     results JSON made on the same machine in the same call, with ``command`` saying what ran the notebook)."""
+    from fluxnb.course import versions_line
+
     nb = json.loads(Path(executed).read_text())
     head = f"Outputs of `{Path(executed).name}`"
     if course_results is not None:
@@ -558,12 +565,8 @@ def notebook_outputs(executed: Path, course_results: Path | None = None, command
         p = res["provenance"]
         run = next((n for n in res.get("notebooks", []) if n["notebook"] == Path(executed).name), None)
         envelope = res.get("envelope", {}).get("name") if res.get("envelope") else None
-        gpu = gpu_name(p)
         checkpoint = p["checkpoint"] if run else "random-dev"
-        head += (f", executed on {gpu} ({p['date'][:10]}; driver {p['driver']}, CUDA {p.get('cuda')}, torch "
-                 f"{p['libraries']['torch']}, diffusers {p['libraries']['diffusers']}, transformers "
-                 f"{p['libraries']['transformers']}, bitsandbytes {p['libraries']['bitsandbytes']}) with "
-                 f"`{checkpoint}`" + (f" inside the `{envelope}` envelope" if envelope else "")
+        head += (f", executed on {gpu_name(p)} ({versions_line(p)}) with `{checkpoint}`" + (f" inside the `{envelope}` envelope" if envelope else "")
                  + f", by `{command or p['command']}`")
         if run:
             head += (f": {'passed' if run['passed'] else 'FAILED'} in {run['seconds']:.0f} s, device VRAM peak "

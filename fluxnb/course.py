@@ -403,17 +403,23 @@ def _line(r: NotebookResult) -> str:
 # --- the results as a table (README and notebook 04 show it, generated) --------------------------
 
 
+def versions_line(p: dict[str, Any], extra: tuple[str, ...] = ()) -> str:
+    """What a run's numbers depend on, from its :func:`provenance`: "date; driver, CUDA, torch, diffusers,
+    transformers, bitsandbytes" (and the ``extra`` libraries), as every results table states it."""
+    names = ("torch", "diffusers", "transformers", "bitsandbytes", *extra)
+    return (f"{p['date'][:10]}; driver {p['driver']}, CUDA {p.get('cuda')}, "
+            + ", ".join(f"{name} {p['libraries'][name]}" for name in names))
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """A markdown table of a course run, with what it ran on: nothing in it is typed by hand."""
     p, env = results["provenance"], results.get("envelope")
-    lib = p["libraries"]
     where = (f"envelope `{env['name']}` ({env['vram_gib']} GiB VRAM with the CUDA context, "
              f"{'no bf16 (fp16)' if not env['bf16'] else 'bf16'}, host RAM {env['ram_gib']:g} GiB "
              f"{'enforced by a cgroup v2 memory.max, swap off' if results.get('ram_enforced') else 'NOT enforced'})"
              if env else "no envelope")
     head = (f"`{p['command']}` with `FLUXNB_CHECKPOINT={p['checkpoint'] or '(unset)'}`, {where}, on "
-            f"{p['gpu'] or 'a CPU'} ({p['date'][:10]}; driver {p['driver']}, CUDA {p['cuda']}, torch {lib['torch']}, "
-            f"diffusers {lib['diffusers']}, transformers {lib['transformers']}, bitsandbytes {lib['bitsandbytes']})"
+            f"{p['gpu'] or 'a CPU'} ({versions_line(p)})"
             + (f"; {results['source']}" if results.get("source") else "") + ":")
     rows = ["| notebook | result | VRAM peak, device (GiB) | RAM peak, cgroup (GiB) | RAM peak, anon (GiB) | time (s) |",
             "|---|---|---|---|---|---|"]
