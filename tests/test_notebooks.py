@@ -93,7 +93,7 @@ FIGURE = re.compile(r"\d+(?:\.\d+)?\s?(?:GiB|GB|MiB|MB)\b|\d+(?:\.\d+)?\s?[BM]\b
 TYPED_ON_PURPOSE = re.compile(
     r"\b(?:4|8|16)\s+GB\s+cards?\b"  # a class of card, named as people name it ("an 8 GB card")
     r"|\b8\s+GiB\s+card\b|\b8\s+GB\s+(?:card's|walkthrough)"
-    r"|\b[12]\s+GiB\s+(?:come\s+and\s+go|above\s+the\s+second|tensor)"  # notebook 00's demo tensor: the code makes 1 GiB
+    r"|\b[12]\s+GiB\s+(?:come\s+and\s+go|tensor)"  # notebook 00's demo tensor: the code makes 1 GiB
     r"|about\s+12\s+GB/s"  # PCIe 3.0 x16, a datasheet figure given in an exercise
 )
 REGION = re.compile(r"<!-- fluxnb:([a-z-]+):start -->.*?<!-- fluxnb:\1:end -->", re.S)
