@@ -20,7 +20,7 @@ left() { echo $(( budget - ($(date +%s) - start) )); }
 bound() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # a part's timeout: its own cap or what is left
 parts=("$@"); [[ ${#parts[@]} -eq 0 || ${parts[0]} == all ]] && parts=(recipe parallel split notebook)
 for part in "${parts[@]}"; do
-  case "$part" in recipe|parallel|split|notebook|quant06|cp2048) ;; *) echo "unknown part '$part': use all, recipe, parallel, split, notebook and/or quant06" >&2; exit 2;; esac
+  case "$part" in recipe|parallel|split|notebook|quant06|cp2048) ;; *) echo "unknown part '$part': use all, recipe, parallel, split, notebook, quant06 and/or cp2048" >&2; exit 2;; esac
 done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FLUXNB_CACHE=/root/fluxnb-cache
