@@ -544,7 +544,7 @@ def streamed(resident_blocks: int | str) -> Callable[[Context], None]:
 
     def run(ctx: Context) -> None:
         from fluxnb.stages import load_transformer_streamed
-        from fluxnb.streaming import resident_blocks_that_fit
+        from fluxnb.streaming import active_streamer
 
         def load() -> Any:
             keep = resident_blocks
@@ -560,7 +560,7 @@ def streamed(resident_blocks: int | str) -> Callable[[Context], None]:
                 fluxnb.enable_block_streaming(transformer, "cuda", resident_blocks=keep)
             else:
                 transformer = load_transformer_streamed(ctx.checkpoint, ctx.dtype, _prequantized(ctx), int(keep))
-            streamer = transformer._fluxnb_streamer
+            streamer = active_streamer(transformer)
             streamer.profile = True
             ctx.extra.setdefault("info", {}).update(resident_blocks=int(keep), host_gib=round(streamer.host_bytes / 2**30, 3),
                                                     slots_gib=round(streamer.device_bytes / 2**30, 3))
@@ -568,7 +568,7 @@ def streamed(resident_blocks: int | str) -> Callable[[Context], None]:
 
         pipe = _denoise_transformer(ctx, load, f"NF4 transformer (streamed, {resident_blocks} resident)",
                                     tiled_decode=resident_blocks == 0)
-        ctx.extra["info"]["per_block"] = pipe.transformer._fluxnb_streamer.timings().summary()
+        ctx.extra["info"]["per_block"] = active_streamer(pipe.transformer).timings().summary()
 
     return run
 

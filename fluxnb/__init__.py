@@ -13,6 +13,7 @@ from fluxnb.quiet import silence_torchvision_fallback
 
 silence_torchvision_fallback()  # before diffusers is imported: a warning a learner cannot act on (fluxnb/quiet.py)
 
+from fluxnb import capacity, planner  # noqa: E402  (fluxnb.capacity.step_bytes, fluxnb.planner.eta in the notebooks)
 from fluxnb.checkpoints import (  # noqa: E402
     build_random,
     build_tiny,

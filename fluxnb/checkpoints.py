@@ -7,11 +7,14 @@ The notebooks always name the real model (``black-forest-labs/FLUX.1-dev``) and 
 * ``tiny``: a tiny FLUX pipeline with random weights (real diffusers/transformers classes, real
   tokenizers made locally), built in about a second on a CPU. Every notebook runs end to end on it;
 * ``random-dev`` / ``random-schnell``: the real FLUX.1-dev / schnell shapes (11.9B-parameter
-  transformer, T5-XXL, CLIP-L, VAE) with random weights, about 34 GB on disk. Memory and speed
-  depend on shapes, not on values, so this rehearses a run before the 34 GB download. Its images
-  are noise: it says nothing about image quality. The transformer and T5 are streamed to disk a
-  shard at a time (:func:`write_streamed`), so building needs about 2 GB of memory, not 24 GB: a free
-  Colab T4 (15 GB of VRAM, 12.7 GB of RAM) can build it;
+  transformer, T5-XXL, CLIP-L, VAE) with random weights, about 34 GB on disk, laid out as the Hub's
+  repositories are: the same file names, shards of the same sizes (to the byte, see
+  :data:`REAL_MAX_SHARD_BYTES`), index files of the same form, and the repositories' own
+  ``config.json`` files (``fluxnb/configs``). Memory and speed depend on shapes, not on values, so this
+  rehearses a run -- loading 10 GB shards on a 12.7 GB VM included -- before the 34 GB download. Its
+  images are noise: it says nothing about image quality. The weights are written one tensor at a time
+  (:func:`save_file_streamed`), so building needs a few hundred MB of memory, not 24 GB. It is built
+  only where a GPU can use it (:func:`build_random` refuses a machine without one, unless asked);
 * anything else: a Hub id or a local folder, used as given.
 
 Stand-ins are built once, into ``FLUXNB_CACHE`` (default ``~/.cache/fluxnb``), written to a temporary
@@ -21,9 +24,13 @@ folder first and renamed when complete, so an interrupted build never leaves a h
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
+import time
 import zlib
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -31,15 +38,26 @@ from typing import Any
 import torch
 
 from fluxnb.environment import check_free_disk
+from fluxnb.errors import NeedsGPUError
 from fluxnb.quiet import no_progress_bars
 
 ENV_VAR = "FLUXNB_CHECKPOINT"
+WITHOUT_GPU_VAR = "FLUXNB_BUILD_WITHOUT_GPU"  # 1: build random-dev/-schnell on a machine without a GPU anyway
 STAND_INS = ("tiny", "random-dev", "random-schnell")
 _DONE = "fluxnb_done.json"
+RANDOM_LAYOUT = 2  # 2: the Hub's file layout and configs; 1 (or none): fluxnb's own 2 GB shards, rebuilt on use
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The real repositories' config files, as the Hub serves them (``FLUX.1-dev/transformer/config.json`` ...),
+and their weight files' byte sizes (``FLUX.1-dev.files.json``). They were gathered from public copies of
+those files, since no machine of this project can download the gated repository: see ``fluxnb/configs/README.md``."""
+REPOSITORIES = {"dev": "FLUX.1-dev", "schnell": "FLUX.1-schnell"}
 
 # --- configs ------------------------------------------------------------------------------------
 # The full-size configs are those of black-forest-labs/FLUX.1-dev and FLUX.1-schnell (diffusers
-# format). Only the transformer's guidance embedding and the scheduler differ between the two.
+# format): the keyword arguments that build each model, equal to the values in CONFIGS' files
+# (tests/test_checkpoints.py checks it). Only the transformer's guidance embedding and the scheduler
+# differ between the two. The random stand-ins write those files themselves, not configs saved anew.
 
 FULL_TRANSFORMER: dict[str, Any] = dict(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -81,6 +99,18 @@ SCHEDULER_DEV: dict[str, Any] = dict(
     base_image_seq_len=256, max_image_seq_len=4096,
 )
 SCHEDULER_SCHNELL: dict[str, Any] = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+
+
+def real_config(variant: str, part: str) -> dict[str, Any]:
+    """The Hub repository's own config of ``part`` ("transformer", "text_encoder_2", ..., "scheduler",
+    or "model_index") for FLUX.1-``variant``, as its file holds it (``_diffusers_version`` and all)."""
+    name = {"model_index": "model_index.json", "scheduler": "scheduler/scheduler_config.json"}.get(part, f"{part}/config.json")
+    return json.loads((CONFIGS / REPOSITORIES[variant] / name).read_text())
+
+
+def real_files(variant: str) -> dict[str, int]:
+    """Byte sizes of FLUX.1-``variant``'s files on the Hub, by path (the weights, and for schnell the small files)."""
+    return json.loads((CONFIGS / f"{REPOSITORIES[variant]}.files.json").read_text())["files"]
 
 
 def cache_dir() -> Path:
@@ -184,7 +214,12 @@ _PARTS = ("scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder
 # The full-size build streams these two to disk (11.9B and 4.8B parameters); the others are small
 # (CLIP-L 0.12B, the VAE 0.08B: under 0.3 GB in bf16) and are made whole, as in the tiny build.
 STREAMED_PARTS = ("text_encoder_2", "transformer")
-SHARD_BYTES = 2 * 10**9  # the most bytes of weights a streamed build holds in memory at once
+# How big each weight file may get, as the libraries that wrote FLUX.1's repositories (2024-08) cut them:
+# diffusers' save_pretrained then and now writes shards of at most "10GB", transformers' then "5GB" (5.x
+# writes "50GB"). With these caps, in the models' own parameter order, the random stand-ins' shards
+# come out at the byte sizes of the Hub's files (real_files(); tests/test_checkpoints.py checks it).
+REAL_MAX_SHARD_BYTES = {"transformer": 10 * 10**9, "text_encoder_2": 5 * 10**9}
+SHARD_BYTES = 2 * 10**9  # write_streamed's default shard size, for other models
 INIT_STD = 0.02  # normal(0, 0.02) for Linear and Embedding weights: finite through FLUX's 57 blocks
 
 
@@ -269,24 +304,71 @@ def random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, rule: st
     return values.cpu()
 
 
-def write_streamed(model: Any, folder: str | os.PathLike[str], seed: int, device: str | torch.device = "cpu",
-                   max_shard_bytes: int = SHARD_BYTES) -> None:
-    """Save ``model`` -- a diffusers or transformers model instantiated on the ``meta`` device -- with
-    random weights, in the layout its ``save_pretrained`` writes, so plain ``from_pretrained`` loads it.
+_SAFETENSORS_DTYPES = {  # safetensors' names, in the order its writer sorts tensors (the largest dtypes first)
+    torch.float64: "F64", torch.int64: "I64", torch.float32: "F32", torch.int32: "I32", torch.bfloat16: "BF16",
+    torch.float16: "F16", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
-    The weights are made one tensor at a time (:func:`random_tensor`, on ``device``: a GPU is faster)
-    and written one safetensors shard at a time, so memory holds at most one shard
-    (``max_shard_bytes``, or one tensor if a tensor is larger). Files: the config
-    (``config.json``), the shards and, if there are several, the index
-    (``diffusion_pytorch_model.safetensors.index.json`` or ``model.safetensors.index.json``).
-    Deterministic: the same ``seed`` and ``device`` give the same files.
+
+def safetensors_header(specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                       metadata: dict[str, str] | None = None) -> tuple[bytes, list[str]]:
+    """The header ``safetensors.torch.save_file`` writes for tensors of these shapes and dtypes (its
+    8-byte length included), and the order the tensors' bytes follow it in: ``__metadata__`` first,
+    tensors by dtype (largest first) then name, JSON without spaces, padded with spaces to 8 bytes."""
+    order = sorted(specs, key=lambda name: (list(_SAFETENSORS_DTYPES).index(specs[name][1]), name))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        shape, dtype = specs[name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, order
+
+
+def safetensors_size(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None = None) -> int:
+    """Bytes of the safetensors file these tensors make (header and data), without making them."""
+    header, _ = safetensors_header(specs, metadata)
+    return len(header) + sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+
+
+def save_file_streamed(path: str | os.PathLike[str], specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                       make: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose tensors are made one at a time by ``make(name)``.
+
+    ``specs`` gives each tensor's shape and dtype, so the header is written first and each tensor's
+    bytes follow as soon as it is made: memory holds one tensor, not the file. The bytes are exactly
+    what ``safetensors.torch.save_file`` writes for the same tensors (tests/test_checkpoints.py
+    compares them).
     """
+    header, order = safetensors_header(specs, metadata)
+    with open(path, "wb") as f:
+        f.write(header)
+        for name in order:
+            tensor = make(name)
+            if tuple(tensor.shape) != tuple(specs[name][0]) or tensor.dtype != specs[name][1]:
+                raise ValueError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, the header says "
+                                 f"{tuple(specs[name][0])} {specs[name][1]}")
+            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """JSON as the Hub's configs and indexes are written: two-space indent, sorted keys, a final newline."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def shard_layout(model: Any, max_shard_bytes: int = SHARD_BYTES) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """The weight files :func:`write_streamed` writes for ``model`` (on any device, ``meta`` too):
+    ``{file name: {tensor name: (shape, dtype)}}``, cut at ``max_shard_bytes`` the way ``save_pretrained``
+    cuts them (huggingface_hub's splitter, the parameters in the model's own order), and the name of
+    the index file if there are several files (else None)."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
     from transformers import PreTrainedModel
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     buffers = sorted(name for name, _ in model.named_buffers() if name in state)
     if buffers:  # their values come from the module's code, not from an initialisation rule
@@ -300,45 +382,66 @@ def write_streamed(model: Any, folder: str | os.PathLike[str], seed: int, device
         first_name.setdefault(id(param), name)
     kept = set(first_name.values())
     state = {key: value for key, value in state.items() if key in kept}
-
-    is_transformers = isinstance(model, PreTrainedModel)
-    if is_transformers:  # what transformers' save_pretrained writes besides the weights
+    if isinstance(model, PreTrainedModel):  # what transformers' save_pretrained leaves out
         for key in model._keys_to_ignore_on_save or ():
             state.pop(key, None)
+        pattern, index_name = "model{suffix}.safetensors", "model.safetensors.index.json"
+    else:
+        pattern, index_name = "diffusion_pytorch_model{suffix}.safetensors", "diffusion_pytorch_model.safetensors.index.json"
+    split = split_torch_state_dict_into_shards(state, filename_pattern=pattern, max_shard_size=max_shard_bytes)
+    files = {filename: {key: (tuple(state[key].shape), state[key].dtype) for key in keys}
+             for filename, keys in split.filename_to_tensors.items()}
+    return files, index_name if split.is_sharded else None
+
+
+def write_streamed(model: Any, folder: str | os.PathLike[str], seed: int, device: str | torch.device = "cpu",
+                   max_shard_bytes: int = SHARD_BYTES, config: dict[str, Any] | None = None) -> None:
+    """Save ``model`` -- a diffusers or transformers model instantiated on the ``meta`` device -- with
+    random weights, in the layout its ``save_pretrained`` writes, so plain ``from_pretrained`` loads it.
+
+    Each weight is made (:func:`random_tensor`, on ``device``: a GPU is faster) just before its bytes
+    are written (:func:`save_file_streamed`), so memory holds one tensor, whatever ``max_shard_bytes``.
+    Files: the config (``config.json``: ``config`` as given, e.g. the real repository's, else the model's
+    own), the weight files of :func:`shard_layout`, and, if there are several, the index
+    (``diffusion_pytorch_model.safetensors.index.json`` or ``model.safetensors.index.json``, with
+    ``metadata.total_size`` as the Hub's FLUX.1 indexes have it). Deterministic: the same ``seed`` and
+    ``device`` give the same files.
+    """
+    from transformers import PreTrainedModel
+
+    folder = Path(folder)
+    files, index_name = shard_layout(model, max_shard_bytes)
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        _write_json(folder / "config.json", config)
+    elif isinstance(model, PreTrainedModel):  # what transformers' save_pretrained writes besides the weights
         model.config.dtype = str(model.dtype).split(".")[1]
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(folder)
         if model.can_generate():
             model.generation_config.save_pretrained(folder)
-        pattern, index_name = "model{suffix}.safetensors", "model.safetensors.index.json"
     else:
         model.save_config(folder)
-        pattern = "diffusion_pytorch_model{suffix}.safetensors"
-        index_name = "diffusion_pytorch_model.safetensors.index.json"
-
-    split = split_torch_state_dict_into_shards(state, filename_pattern=pattern, max_shard_size=max_shard_bytes)
-    for filename, keys in split.filename_to_tensors.items():
-        shard = {key: random_tensor(key, tuple(state[key].shape), state[key].dtype, init_rule(model, key), seed, device)
-                 for key in keys}
-        save_file(shard, folder / filename, metadata={"format": "pt"})
-        del shard
-    if split.is_sharded:
-        metadata = dict(split.metadata)
-        if is_transformers:
-            metadata = {"total_parameters": model.num_parameters(), **metadata}
-        index = {"metadata": metadata, "weight_map": split.tensor_to_filename}
-        (folder / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for filename, specs in files.items():
+        save_file_streamed(folder / filename, specs, metadata={"format": "pt"}, make=lambda key: random_tensor(
+            key, specs[key][0], specs[key][1], init_rule(model, key), seed, device))
+    if index_name is not None:
+        total = sum(math.prod(shape) * dtype.itemsize for specs in files.values() for shape, dtype in specs.values())
+        weight_map = {key: filename for filename, specs in files.items() for key in specs}
+        _write_json(folder / index_name, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _write_pipeline(folder: Path, variant: str, tiny: bool, device: str, dtype: torch.dtype) -> None:
     """Build and save the components one at a time, so peak memory is one model, not five.
 
-    In the full-size build the transformer and T5 are streamed (:func:`write_streamed`): peak memory
-    is then about one shard, whatever the device.
+    In the full-size build the transformer and T5 are streamed (:func:`write_streamed`), cut into the
+    real repository's shards, and every component gets the real repository's config file: the folder
+    then looks, file by file, like the Hub's FLUX.1 (but for the locally made tokenizers).
     """
     index: dict[str, Any] = {"_class_name": "FluxPipeline", "_diffusers_version": version("diffusers")}
     for seed, name in enumerate(_PARTS):
         stream = not tiny and name in STREAMED_PARTS
+        real = None if tiny or name.startswith("tokenizer") else real_config(variant, name)
         torch.manual_seed(seed)  # a component's weights depend on its own seed only
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -348,18 +451,32 @@ def _write_pipeline(folder: Path, variant: str, tiny: bool, device: str, dtype: 
         finally:
             torch.set_default_dtype(previous)
         if stream:
-            write_streamed(part, folder / name, seed=seed, device=device)
+            write_streamed(part, folder / name, seed=seed, device=device, max_shard_bytes=REAL_MAX_SHARD_BYTES[name],
+                           config=real)
         elif name == "scheduler":
             part.save_config(folder / name)
         else:
             with no_progress_bars():  # "Writing model shards": fluxnb's bookkeeping, not the learner's
                 part.save_pretrained(folder / name)
+        if real is not None and not stream:  # the Hub's own file, not the one saved anew
+            _write_json(folder / name / ("scheduler_config.json" if name == "scheduler" else "config.json"), real)
         library = "transformers" if type(part).__module__.startswith("transformers") else "diffusers"
         index[name] = [library, type(part).__name__]
         del part
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tiny:
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    else:
+        _write_json(folder / "model_index.json", real_config(variant, "model_index"))
+
+
+def _is_complete(folder: Path, kind: str) -> bool:
+    """A finished build of ours, in the current layout (random stand-ins of an older layout are rebuilt)."""
+    marker = folder / _DONE
+    if not marker.is_file():
+        return False
+    return kind != "random" or json.loads(marker.read_text()).get("layout") == RANDOM_LAYOUT
 
 
 def _build(kind: str, variant: str, device: str, dtype: torch.dtype, need_gb: float) -> Path:
@@ -367,7 +484,7 @@ def _build(kind: str, variant: str, device: str, dtype: torch.dtype, need_gb: fl
     if variant not in ("dev", "schnell"):
         raise ValueError(f"variant must be 'dev' or 'schnell', not {variant!r}")
     final = stand_in_dir(kind, variant)
-    if (final / _DONE).is_file():
+    if _is_complete(final, kind):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     check_free_disk(final.parent, need_gb, what=f"the {kind} FLUX.1-{variant} stand-in")
@@ -376,8 +493,9 @@ def _build(kind: str, variant: str, device: str, dtype: torch.dtype, need_gb: fl
     staging.mkdir()
     _write_pipeline(staging, variant, tiny=kind == "tiny", device=device, dtype=dtype)
     (staging / "README.md").write_text(_CARD.format(kind=kind, variant=variant))
-    (staging / _DONE).write_text(json.dumps({"kind": kind, "variant": variant}) + "\n")
-    if final.exists():  # only a folder without the marker, i.e. an incomplete one of ours
+    marker = {"kind": kind, "variant": variant, **({"layout": RANDOM_LAYOUT} if kind == "random" else {})}
+    (staging / _DONE).write_text(json.dumps(marker) + "\n")
+    if final.exists():  # ours (it has our marker, or none): incomplete, or of an older layout
         shutil.rmtree(final)
     staging.rename(final)
     return final
@@ -391,16 +509,52 @@ def build_tiny(variant: str = "dev") -> Path:
     return _build("tiny", variant, device="cpu", dtype=torch.float32, need_gb=0.1)
 
 
-def build_random(variant: str = "dev", device: str | None = None) -> Path:
-    """Build (once) FLUX.1 with the real shapes and random bf16 weights: about 34 GB of disk.
+def random_stand_in_gb(variant: str = "dev") -> float:
+    """GB (10^9 bytes) of weights the random stand-in writes: those of the real repository's files."""
+    return sum(size for path, size in real_files(variant).items() if path.endswith(".safetensors")) / 1e9
 
-    The transformer and T5 are streamed to disk a 2 GB shard at a time, so the build needs about
-    2-3 GB of RAM (and, on a GPU, a few hundred MB of VRAM) whatever the machine: a free Colab T4 can
-    build it. The random numbers are made on the GPU when there is one (about a minute, mostly disk
-    writes), else on the CPU (a few minutes: about 100 million numbers a second per core).
+
+def _cpu_random_numbers_per_second() -> float:
+    """How fast this CPU makes bf16 normal random numbers, as :func:`random_tensor` does (timed now, ~0.05 s)."""
+    values = torch.empty(2**22, dtype=torch.bfloat16)
+    generator = torch.Generator("cpu").manual_seed(0)
+    start = time.perf_counter()
+    values.normal_(0.0, INIT_STD, generator=generator)
+    return values.numel() / max(time.perf_counter() - start, 1e-6)
+
+
+def no_gpu_message(variant: str = "dev") -> str:
+    """Why the random stand-in is not built on a machine without a GPU, what it would cost, and what to do."""
+    numbers = sum(parameter_counts(variant).values())
+    minutes = numbers / _cpu_random_numbers_per_second() / 60
+    return (f"FLUXNB_CHECKPOINT=random-{variant} is FLUX.1-{variant}'s real shapes with random weights: it would "
+            f"write {random_stand_in_gb(variant):.1f} GB to {cache_dir()} (at least {max(minutes, 0.1):.1f} min here "
+            f"for the random numbers alone, timed just now on this CPU's {os.cpu_count()} cores, plus the disk's "
+            "time), and nothing in the course can run it without a GPU. This machine has none: use "
+            "FLUXNB_CHECKPOINT=tiny, which runs every notebook on a CPU in seconds. To build it anyway (to rehearse "
+            f"the disk space and the files), set {WITHOUT_GPU_VAR}=1 or call fluxnb.build_random(..., without_gpu=True).")
+
+
+def build_random(variant: str = "dev", device: str | None = None, without_gpu: bool | None = None) -> Path:
+    """Build (once) FLUX.1 with the real shapes and random bf16 weights, in the Hub's file layout: ~34 GB.
+
+    The weights are written one tensor at a time, so the build needs a few hundred MB of RAM (and, on
+    a GPU, a few hundred MB of VRAM) whatever the machine: a free Colab T4 can build it. The random
+    numbers are made on the GPU when there is one (about a minute, mostly disk writes).
     The same ``device`` gives the same files; the CPU and a GPU give different random values.
+
+    On a machine without a GPU nothing can run it, so the build is refused before anything is written
+    (:class:`fluxnb.errors.NeedsGPUError`, with its size and time) unless ``without_gpu`` is True or
+    ``FLUXNB_BUILD_WITHOUT_GPU=1``. A complete earlier build is returned anywhere.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if variant not in ("dev", "schnell"):
+        raise ValueError(f"variant must be 'dev' or 'schnell', not {variant!r}")
+    cuda = torch.cuda.is_available()
+    if not cuda and not _is_complete(stand_in_dir("random", variant), "random"):
+        allowed = os.environ.get(WITHOUT_GPU_VAR, "").strip() == "1" if without_gpu is None else without_gpu
+        if not allowed:
+            raise NeedsGPUError(no_gpu_message(variant))
+    device = device or ("cuda" if cuda else "cpu")
     return _build("random", variant, device=device, dtype=torch.bfloat16, need_gb=36.0)
 
 
@@ -410,4 +564,6 @@ Random weights in the diffusers layout of FLUX.1-{variant}, built offline by flu
 (`fluxnb.checkpoints`). This is NOT FLUX.1: its images are noise. It exists so that notebooks, tests
 and memory/speed measurements run where the real weights cannot be downloaded.
 The tokenizers are real CLIP and T5 tokenizer classes with a small character-level vocabulary.
+The random (full-size) stand-ins otherwise look like the Hub's repository file by file: the same weight
+files and shard sizes, index files and config files (copied from `fluxnb/configs`).
 """

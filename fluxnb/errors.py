@@ -26,7 +26,6 @@ import re
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,16 @@ import torch
 from fluxnb.quiet import DropMessages
 
 GIB = 1024**3
+
+
+class FluxnbError(Exception):
+    """An error fluxnb raises on purpose: its message says what is wrong and what to do next."""
+
+
+class NeedsGPUError(FluxnbError, RuntimeError):
+    """What was asked for is of no use without a GPU (e.g. building the 34 GB random stand-in on a CPU)."""
+
+
 MAX_SIDE = 4096  # FLUX.1 was trained up to about 2 megapixels; beyond 4096 px a side is not a FLUX image
 MAX_STEPS = 1000  # the scheduler's training timesteps: more steps than that repeat timesteps
 MAX_T5_TOKENS = 512  # FLUX.1's T5 was trained on at most 512 tokens (schnell: 256)
@@ -117,90 +126,8 @@ def check_max_sequence_length(max_sequence_length: Any) -> None:
 
 
 # --- a size this GPU cannot hold ------------------------------------------------------------------
-
-SIZE_MODEL = Path(__file__).parent / "results" / "vram_by_size.json"
-SIZE_MODEL_RECIPES = ("bf16-resident", "staged-nf4-expandable", "staged-nf4-fp16", "nf4-model-offload")
-_SIZED = re.compile(r"(.*?)(\d+)x(\d+)$")
-
-
-def size_model_from_benchmarks(results: Mapping[str, Any]) -> dict[str, Any]:
-    """Per recipe, how its peak VRAM grows with the image size, from ``benchmarks/results/h100.json``.
-
-    Each recipe was measured at two sizes. A stage named by a size ("denoise 1024x1024", "decode ...")
-    is fitted as ``a + b * pixels`` (activations grow with the pixel count); the other stages (loading,
-    encoding) do not depend on the size. ``overhead_gib``: the device-level peak minus the allocated
-    peak (CUDA context, allocator cache). Written to :data:`SIZE_MODEL` by ``python -m fluxnb.errors``.
-    """
-    model: dict[str, Any] = {"source": "benchmarks/results/h100.json", "recipes": {}}
-    for name in SIZE_MODEL_RECIPES:
-        run = results["recipes"][name]
-        fixed = 0.0
-        points: dict[str, dict[int, float]] = {}
-        for stage in run["stages"]:
-            match = _SIZED.match(stage["stage"])
-            if match:
-                phase = match.group(1).strip().replace("warm-up", "denoise").replace("generate", "denoise")
-                pixels = int(match.group(2)) * int(match.group(3))
-                points.setdefault(phase, {})[pixels] = max(points.get(phase, {}).get(pixels, 0.0),
-                                                           stage["vram_allocated_gib"])
-            else:
-                fixed = max(fixed, stage["vram_allocated_gib"])
-        phases = {}
-        for phase, by_pixels in points.items():
-            (p0, v0), (p1, v1) = sorted(by_pixels.items())[:2]
-            slope = (v1 - v0) / (p1 - p0)
-            phases[phase] = {"gib_at_0": round(v0 - slope * p0, 4), "gib_per_megapixel": round(slope * 1e6, 4)}
-        model["recipes"][name] = {
-            "compute_dtype": run["compute_dtype"], "fixed_gib": fixed, "phases": phases,
-            "overhead_gib": round(run["peaks"]["vram_device_gib"] - run["peaks"]["vram_allocated_gib"], 3),
-        }
-    return model
-
-
-@lru_cache(maxsize=1)
-def _size_model() -> dict[str, Any]:
-    return json.loads(SIZE_MODEL.read_text())
-
-
-STREAMING_RECIPES = ("staged-nf4-expandable", "staged-nf4-fp16")  # notebooks 03-04 stream blocks when short
-STREAMED_RESIDENT_GIB = 0.64  # what stays on the GPU when every block streams: 2 slots, the other layers, the VAE
-
-
-def estimate_vram_gib(recipe: str, height: int, width: int, stream_blocks: bool = True) -> float:
-    """Peak VRAM (GiB, device level) that ``recipe`` needs for one ``height`` x ``width`` image with
-    FLUX.1-dev's shapes, from the measurements behind :data:`SIZE_MODEL` (an estimate: the fit is
-    linear in pixels between and beyond the two measured sizes).
-
-    ``stream_blocks``: the course's staged flow (:data:`STREAMING_RECIPES`) streams transformer blocks
-    from host RAM when a step does not fit next to them (:func:`fluxnb.blocks_to_keep`, notebook 08), so
-    its denoising step needs the loaded model's VRAM minus the streamable blocks (at most all of them:
-    1024x1024 then needs 1.1 GiB allocated by this estimate; ``nf4-streamed`` measured 1.04 GiB,
-    benchmarks/results/h100-offload.json). Loading the transformer whole is then what limits the card.
-    """
-    entry = _size_model()["recipes"][recipe]
-    pixels = height * width
-    sized = {name: p["gib_at_0"] + p["gib_per_megapixel"] * pixels / 1e6 for name, p in entry["phases"].items()}
-    if stream_blocks and recipe in STREAMING_RECIPES and "denoise" in sized:
-        streamed = sized["denoise"] - (entry["fixed_gib"] - STREAMED_RESIDENT_GIB)
-        sized["denoise"] = min(sized["denoise"], max(streamed, entry["fixed_gib"]))
-    return max([entry["fixed_gib"], *sized.values()]) + entry["overhead_gib"]
-
-
-def largest_size_that_fits(recipe: str, height: int, width: int, vram_gib: float) -> tuple[int, int] | None:
-    """The largest size with about the aspect ratio of ``height`` x ``width`` (multiples of 16) that
-    :func:`estimate_vram_gib` puts within ``vram_gib``; None if not even 256 px a side fits."""
-    for scale in [s / 100 for s in range(99, 0, -1)]:
-        h, w = max(16, int(height * scale) // 16 * 16), max(16, int(width * scale) // 16 * 16)
-        if min(h, w) < 256:
-            return None
-        if estimate_vram_gib(recipe, h, w) <= vram_gib:
-            return h, w
-    return None
-
-
-def course_recipe(dtype: torch.dtype | None = None) -> str:
-    """The size model's name for the course's staged NF4 flow in ``dtype`` (fp16: as on a T4)."""
-    return "staged-nf4-fp16" if dtype == torch.float16 else "staged-nf4-expandable"
+# The memory model is fluxnb.capacity's (one place for "does it fit?"); these names stay importable here.
+from fluxnb.capacity import course_recipe, estimate_vram_gib, largest_size_that_fits, recipe_dtype  # noqa: E402
 
 
 def check_size_fits(height: int, width: int, checkpoint: str | None = None, recipe: str | None = None,
@@ -209,7 +136,7 @@ def check_size_fits(height: int, width: int, checkpoint: str | None = None, reci
 
     ``vram_gib``: the GPU's total (default: this one's, or the rehearsed envelope's); without a GPU,
     or for the tiny stand-in (its memory is not FLUX's), nothing is checked. ``recipe``: a name in
-    :data:`SIZE_MODEL_RECIPES` (default: the course's staged NF4 flow in this GPU's dtype).
+    :data:`fluxnb.capacity.SIZE_MODEL_RECIPES` (default: the course's staged NF4 flow in this GPU's dtype).
     """
     from fluxnb.checkpoints import is_stand_in
     from fluxnb.environment import machine_info, pick_dtype
@@ -231,7 +158,8 @@ def check_size_fits(height: int, width: int, checkpoint: str | None = None, reci
                "no size fits this recipe here: use model CPU offload (notebook 04) or a larger GPU")
     raise ValueError(
         f"{height}x{width} needs about {need:.1f} GiB of VRAM with the {recipe} recipe (estimated from "
-        f"{_size_model()['source']}: activations grow with the pixel count), and this GPU has {vram_gib:.1f} GiB: "
+        "benchmarks/results/h100.json: activations grow with the pixel count), and this GPU has "
+        f"{vram_gib:.1f} GiB: "
         f"{instead}, or decode in tiles (pipe.vae.enable_tiling())."
     )
 
@@ -464,7 +392,7 @@ def next_recipe_that_fits(recipe: str, height: int, width: int, vram_gib: float)
     names = [name for name, _ in RECIPE_LADDER]
     start = names.index(recipe) + 1 if recipe in names else 0
     for name, script in RECIPE_LADDER[start:]:
-        if _size_model()["recipes"][name]["compute_dtype"] == str(torch.bfloat16) and not bf16_supported():
+        if recipe_dtype(name) == str(torch.bfloat16) and not bf16_supported():
             continue  # a T4 has no bf16
         if estimate_vram_gib(name, height, width, stream_blocks=False) <= vram_gib:
             return f"{script}, estimated {estimate_vram_gib(name, height, width, stream_blocks=False):.1f} GiB at {height}x{width}"
@@ -576,9 +504,3 @@ def check_hub_access(repo_id: str, token: str | None) -> None:
             f"The Hugging Face Hub cannot be reached ({type(error).__name__}) and {repo_id} is not cached: check "
             "the internet connection (a firewall, a proxy), or use the offline stand-in: FLUXNB_CHECKPOINT=tiny."
         ) from error
-
-
-if __name__ == "__main__":  # regenerate the size model from the committed benchmark results
-    source = Path(__file__).parent.parent / "benchmarks" / "results" / "h100.json"
-    SIZE_MODEL.write_text(json.dumps(size_model_from_benchmarks(json.loads(source.read_text())), indent=1) + "\n")
-    print("wrote", SIZE_MODEL)

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from fluxnb.checkpoints import build_random, cache_dir, is_stand_in, resolve_checkpoint, stand_in_dir
+from fluxnb.errors import NeedsGPUError
 from fluxnb.course import signal_name
 from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
 from fluxnb.environment import check_generation_request, machine_info, pick_dtype
@@ -146,8 +147,8 @@ def _save(path: Path, result: dict[str, Any]) -> None:
 
 def build_device() -> str:
     """Where :func:`fluxnb.build_random` makes its random numbers: the GPU if there is one, else the CPU.
-    Either way it streams the weights to disk a shard at a time (about 2 GB of memory), so any GPU or
-    host RAM will do, a free Colab T4 with its 12.7 GB VM included."""
+    Either way it writes the weights to disk one tensor at a time (a few hundred MB of memory), so any
+    GPU or host RAM will do, a free Colab T4 with its 12.7 GB VM included."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -159,7 +160,7 @@ def build_stand_in(choice: str) -> int:
     print(f"Building on the {device.upper()}.", file=sys.stderr, flush=True)
     try:
         folder = build_random(variant, device=device)
-    except OSError as err:  # check_free_disk's "needs about 36 GB of disk ...", or the disk filled up
+    except (OSError, NeedsGPUError) as err:  # check_free_disk's "needs about 36 GB of disk ...", a full disk, no GPU
         print(f"Could not build {choice}: {err}", file=sys.stderr)
         return 2
     print(folder)

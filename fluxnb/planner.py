@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fluxnb.capacity import MARGIN_GIB, tokens
+
 RECIPES_JSON = Path(__file__).resolve().parent / "results" / "recipes.json"
-MARGIN_GIB = 0.2  # VRAM a recipe must leave free: peaks move by a few hundred MiB between runs and drivers
+T4 = "Tesla T4"  # a free Colab GPU, as torch.cuda.get_device_name names it
 
 # Dense fp16/bf16 tensor-core TFLOPS (fp32 accumulate) from the vendors' datasheets: a rough guide to
 # how much slower a step is than where it was measured, nothing more. FLUX's NF4 steps also depend on
@@ -188,6 +190,51 @@ def plan(vram_gib: float | None = None, ram_gib: float | None = None, gpu_count:
                          f"{run['ram_gib']} GiB RAM, a machine no larger than this one), {which}, each in its "
                          f"latest run: {verdict} (measured {run['date']} on {run['gpu']}).")
     return Plan(machine, best, fitting, None, notes)
+
+
+def step_seconds(height: int, width: int, gpu_name: str | None, bf16: bool = True,
+                 data: dict[str, Any] | None = None) -> float | None:
+    """An estimate of one NF4 denoising step of FLUX.1 at ``height`` x ``width`` on ``gpu_name``.
+
+    From the course's measured staged NF4 recipe (``staged-nf4``, or ``staged-nf4-fp16`` without bf16)
+    at its two measured sizes, linear in tokens, scaled by datasheet tensor FLOPS to ``gpu_name``
+    (:func:`peak_tflops`): a rough guide, usually optimistic for small GPUs. None for a GPU not in the
+    table (or none at all)."""
+    data = load_recipes() if data is None else data
+    name = "staged-nf4" if bf16 else "staged-nf4-fp16"
+    rows = [r for r in data["recipes"] if r["recipe"] == name]
+    here = peak_tflops(gpu_name)
+    if len(rows) < 2 or here is None:
+        return None
+    points = sorted((tokens(*map(int, r["size"].split("x"))), r["s_per_step"]) for r in rows)[:2]
+    (t0, s0), (t1, s1) = points
+    measured = s0 + (s1 - s0) / (t1 - t0) * (tokens(height, width) - t0)
+    return max(measured, 0.001) * peak_tflops(rows[0]["gpu"]) / here
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def eta(steps: int, height: int, width: int, what: str = "this cell", data: dict[str, Any] | None = None) -> str:
+    """One line to print before a cell that denoises ``steps`` steps at ``height`` x ``width``: about how long
+    it takes on this GPU and on a free Colab T4, said to be an estimate (:func:`step_seconds`)."""
+    import torch
+
+    data = load_recipes() if data is None else data
+    t4 = step_seconds(height, width, T4, bf16=False, data=data)
+    on_t4 = f"about {_duration(steps * t4)} on a free Colab T4" if t4 else "a T4 time is not known"
+    source = next((r["gpu"] for r in data["recipes"] if r["recipe"] == "staged-nf4"), "the benchmark's GPU")
+    how = f"estimates from the course's measured steps on {source}, scaled by datasheet FLOPS"
+    if not torch.cuda.is_available():
+        return (f"{what}: {steps} steps at {width}x{height}: {on_t4} with FLUX.1 ({how}); "
+                "here, without a GPU, the tiny stand-in takes seconds.")
+    from fluxnb.environment import bf16_supported
+
+    gpu = torch.cuda.get_device_name(0)
+    here = step_seconds(height, width, gpu, bf16=bf16_supported(), data=data)
+    on_here = f"about {_duration(steps * here)} on this {gpu}" if here else f"no estimate for this {gpu}"
+    return f"{what}: {steps} steps at {width}x{height}: {on_here}, {on_t4} ({how})."
 
 
 def advice(**kwargs: Any) -> str:

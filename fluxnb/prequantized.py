@@ -21,7 +21,22 @@ loading, as before.
 
 The stand-ins (``FLUXNB_CHECKPOINT=tiny``, ``random-dev``, ``random-schnell``) get a package of their
 own in the same layout, exported once into the fluxnb cache by :func:`export_prequantized`, so the
-notebooks run the same loading code on them.
+notebooks run the same loading code on them. It is written in the form the Hub's package was written
+in 2024, not today's (:func:`to_hub_package_form`): today's libraries must load *that*.
+
+What is known of the Hub package, and from where (no machine of this project can reach the Hub):
+
+* its two folders, ``transformer/`` and ``text_encoder_2/``, each with a ``config.json`` that carries a
+  ``quantization_config``: diffusers' bitsandbytes guide and its test
+  ``tests/quantization/bnb/test_4bit.py::test_config_from_pretrained`` load them with no
+  quantization config;
+* the keys of that ``quantization_config`` (``_load_in_4bit`` ... ``quant_method``: 13 keys, those of
+  ``BitsAndBytesConfig.to_dict``), as diffusers' ``tests/quantization/test_pipeline_level_quantization.py``
+  (``test_quant_config_repr``) spells them out;
+* its age: diffusers gained bitsandbytes support in 0.31.0 (PR #9213, October 2024), so it was written
+  by a diffusers of that era and a transformers of the 4.4x line, which wrote ``torch_dtype`` (renamed
+  ``dtype`` in 4.56) and cut weight files at 5 GB (now 50 GB). The exact version strings in its files
+  could not be read here: :data:`HUB_PACKAGE_VERSIONS` names the era, not the files.
 """
 
 from __future__ import annotations
@@ -47,6 +62,61 @@ ORIGINALS: dict[str, str] = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "
 NF4_PARTS = ("text_encoder_2", "transformer")  # what a package holds
 ORIGINAL_PARTS = ("model_index.json", "scheduler", "tokenizer", "tokenizer_2", "text_encoder", "vae")
 _DONE = "fluxnb_nf4_done.json"  # written last: a folder with it is a complete export
+PACKAGE_FORM = 2  # 2: the Hub package's 2024 form (to_hub_package_form); older exports are made again
+
+HUB_PACKAGE_VERSIONS = {"diffusers": "0.31.0.dev0", "transformers": "4.46.0.dev0"}
+"""The library versions of the Hub package's era (see the module docstring), written into the stand-in's
+configs as the Hub package's files carry theirs."""
+HUB_PACKAGE_SHARD_BYTES = {"transformer": 10 * 10**9, "text_encoder_2": 5 * 10**9}  # the defaults of that era
+QUANTIZATION_CONFIG_KEYS = ("_load_in_4bit", "_load_in_8bit", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage",
+                            "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "llm_int8_enable_fp32_cpu_offload",
+                            "llm_int8_has_fp16_weight", "llm_int8_skip_modules", "llm_int8_threshold",
+                            "load_in_4bit", "load_in_8bit", "quant_method")
+# Config keys transformers 5 writes for T5 that the 4.4x line did not, and the reverse (FLUX.1-dev's own
+# text_encoder_2/config.json, written by 4.43.3, has the old set: fluxnb/configs).
+_T5_KEYS_NEWER = ("dtype", "is_decoder", "scale_decoder_outputs")
+_T5_KEYS_OLDER = {"decoder_start_token_id": 0, "output_past": True}
+_DIFFUSERS_KEYS_NEWER = ("out_channels",)  # FluxTransformer2DModel's, added after 0.31
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def to_hub_package_form(folder: str | Path, source: str = "black-forest-labs/FLUX.1-dev") -> None:
+    """Rewrite an NF4 package that today's ``save_pretrained`` wrote into the form of the Hub's 2024 one.
+
+    * ``text_encoder_2/config.json``: ``torch_dtype`` instead of ``dtype``, without the keys transformers
+      5 added, with those the 4.4x line wrote, ``_name_or_path`` the original repository, and the era's
+      ``transformers_version``; an index file keeps only ``metadata.total_size``, as 4.4x wrote it;
+    * ``transformer/config.json``: the era's ``_diffusers_version``, without keys added since;
+    * both ``quantization_config``: exactly :data:`QUANTIZATION_CONFIG_KEYS`.
+
+    The weights are untouched: bitsandbytes still serializes 4-bit layers under the same keys
+    (``weight.absmax``, ``weight.quant_map``, ``weight.quant_state.bitsandbytes__nf4``). Loading the
+    result with today's libraries is what tests/test_prequantized.py checks.
+    """
+    folder = Path(folder)
+    t5 = json.loads((folder / "text_encoder_2" / "config.json").read_text())
+    t5["torch_dtype"] = t5.get("dtype", t5.get("torch_dtype"))
+    for key in _T5_KEYS_NEWER:
+        t5.pop(key, None)
+    t5 = {**_T5_KEYS_OLDER, **t5, "_name_or_path": source, "transformers_version": HUB_PACKAGE_VERSIONS["transformers"]}
+    transformer = json.loads((folder / "transformer" / "config.json").read_text())
+    for key in _DIFFUSERS_KEYS_NEWER:
+        transformer.pop(key, None)
+    transformer.update(_diffusers_version=HUB_PACKAGE_VERSIONS["diffusers"], _name_or_path=source)
+    for config in (t5, transformer):
+        quantization = config["quantization_config"]
+        missing = sorted(set(QUANTIZATION_CONFIG_KEYS) - set(quantization))
+        if missing:
+            raise ValueError(f"{folder}: its quantization_config lacks {missing}: is it a bitsandbytes 4-bit package?")
+        config["quantization_config"] = {key: quantization[key] for key in QUANTIZATION_CONFIG_KEYS}
+    _write_json(folder / "text_encoder_2" / "config.json", t5)
+    _write_json(folder / "transformer" / "config.json", transformer)
+    for index in folder.glob("*/*.safetensors.index.json"):
+        data = json.loads(index.read_text())
+        _write_json(index, {"metadata": {"total_size": data["metadata"]["total_size"]}, "weight_map": data["weight_map"]})
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -113,7 +183,9 @@ def export_prequantized(checkpoint: str, folder: str | Path, dtype: torch.dtype)
 
     folder = Path(folder)
     if (folder / _DONE).is_file():
-        return folder
+        if json.loads((folder / _DONE).read_text()).get("form") == PACKAGE_FORM:
+            return folder
+        shutil.rmtree(folder)  # our own export, of an older form: made again, as a stand-in's is
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} exists and is not an export by fluxnb: choose another folder. "
                               "If it already holds text_encoder_2/ and transformer/ in 4 bits, use it as it is.")
@@ -125,15 +197,18 @@ def export_prequantized(checkpoint: str, folder: str | Path, dtype: torch.dtype)
     allow_bitsandbytes_on_cpu()  # changes nothing on a GPU
     encoders = load_text_encoders_4bit(checkpoint, dtype)
     with no_progress_bars():  # "Writing model shards": fluxnb's bookkeeping, not the learner's
-        encoders.text_encoder_2.save_pretrained(staging / "text_encoder_2")
+        encoders.text_encoder_2.save_pretrained(staging / "text_encoder_2",
+                                                max_shard_size=HUB_PACKAGE_SHARD_BYTES["text_encoder_2"])
     del encoders
     flush()
     transformer = load_transformer_4bit(checkpoint, dtype)
     with no_progress_bars():
-        transformer.save_pretrained(staging / "transformer")
+        transformer.save_pretrained(staging / "transformer", max_shard_size=HUB_PACKAGE_SHARD_BYTES["transformer"])
     del transformer
     flush()
-    (staging / _DONE).write_text(json.dumps({"checkpoint": checkpoint, "dtype": _dtype_name(dtype)}) + "\n")
+    to_hub_package_form(staging, source=ORIGINALS[variant_of(str(checkpoint))])
+    (staging / _DONE).write_text(json.dumps({"checkpoint": checkpoint, "dtype": _dtype_name(dtype),
+                                             "form": PACKAGE_FORM}) + "\n")
     if folder.exists():
         folder.rmdir()  # empty (checked above)
     staging.rename(folder)

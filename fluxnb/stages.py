@@ -243,6 +243,16 @@ def decode(vae: Any, latents: torch.Tensor, height: int, width: int) -> Image.Im
     return VaeImageProcessor(vae_scale_factor=scale * 2).postprocess(pixels, output_type="pil")[0]
 
 
+def tile_vae(vae: Any, tile_pixels: int = 512) -> Any:
+    """Make ``vae`` decode in overlapping ``tile_pixels`` tiles (diffusers' ``enable_tiling``), which bounds
+    its memory whatever the image size. FLUX's VAE tiles only images larger than its 1024-pixel sample
+    size by default, so the tile size is set too (notebook 08, section 7). Returns ``vae``."""
+    vae.enable_tiling()
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.tile_sample_min_size, vae.tile_latent_min_size = tile_pixels, tile_pixels // scale
+    return vae
+
+
 #@save
 def save_image(image: Image.Image, folder: str | Path, **settings: Any) -> Path:
     """Save a PNG with the settings in its metadata; never overwrites (image-0001.png, -0002, ...)."""

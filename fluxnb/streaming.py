@@ -26,17 +26,23 @@ How it works, with public PyTorch only (forward hooks, CUDA streams and events):
   streamed first, spread evenly, so each copy hides behind the resident blocks between.
 
 The same code runs with ``device="cpu"`` (no pinning, no streams): the tiny course and the tests use
-that to check the logic. It changes where tensors live, never their values.
+that to check the logic. It changes where tensors live, never their values, nor the kernels that compute
+with them (:func:`cpu_weight_layout`: a CPU with AVX512-BF16 gives bitsandbytes' 4-bit layers another
+weight layout, streamed or not).
 """
 
 from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from fluxnb.capacity import GIB, step_bytes
+from fluxnb.capacity import step_bytes as denoise_headroom_bytes  # noqa: F401  (notebook 04's name for it)
 
 ALIGN = 256  # bytes: every tensor in a packed buffer starts on a boundary the GPU kernels like
 QUANT_STATE_TENSORS = ("absmax", "code", "offset")  # bitsandbytes QuantState fields that are tensors
@@ -94,6 +100,34 @@ def _block_tensors(block: torch.nn.Module) -> list[tuple[Any, str | None, torch.
         for buffer in module.buffers(recurse=False):
             add(buffer, None, buffer)
     return found
+
+
+def cpu_weight_layout(block: torch.nn.Module) -> int:
+    """Give each bitsandbytes 4-bit layer of ``block`` the CPU weight layout its own forward would give it.
+
+    On a CPU with AVX512-BF16, ``bnb.nn.Linear4bit`` repacks its weight into a layout for a faster kernel
+    the first time it runs (``support_avx512bf16_for_cpu``, bitsandbytes 0.49+), replacing the weight and
+    its ``quant_state`` tensors. A streamed block must not change its tensors between being packed and
+    running, and it must compute exactly what the same block computes resident. So the repack happens
+    here, once, before packing, with bitsandbytes' own function and under the condition its
+    ``Linear4bit.forward`` uses (eval mode; the flag off, or no AVX512-BF16, means no repack): streamed
+    and resident blocks then run the same kernel on any CPU. Returns how many layers were repacked.
+    """
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes (or one without the CPU repack): nothing to match
+        return 0
+    repacked = 0
+    for module in block.modules():
+        if not isinstance(module, Linear4bit) or module.training or not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        if state is None or module.weight.device.type != "cpu" or getattr(state, "packing_format_for_cpu", False):
+            continue
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu(module.weight.data, state)
+        repacked += 1
+    return repacked
 
 
 def _packed_size(tensors: list[tuple[Any, str | None, torch.Tensor]]) -> int:
@@ -182,6 +216,8 @@ class BlockStreamer:
         self._loads = 0
         packed = []
         for index in streamed:
+            if not self.cuda:
+                cpu_weight_layout(blocks[index])  # before its tensors are listed: the layout changes them
             self._order[id(blocks[index])] = len(packed)
             packed.append((blocks[index], _block_tensors(blocks[index])))
         sizes = [_packed_size(tensors) for _, tensors in packed]
@@ -220,10 +256,6 @@ class BlockStreamer:
     def _pack(self, block: torch.nn.Module, tensors: list[tuple[Any, str | None, torch.Tensor]],
               host: torch.Tensor) -> _Streamed:
         """Copy ``block``'s tensors into ``host`` and point the block at them (the originals are freed)."""
-        if not self.cuda:  # bitsandbytes repacks 4-bit weights in place on some CPUs; keep one layout
-            for module in block.modules():
-                if hasattr(module, "support_avx512bf16_for_cpu"):
-                    module.support_avx512bf16_for_cpu = False
         entries, offset = [], 0
         for owner, attr, tensor in tensors:
             nbytes = tensor.numel() * tensor.element_size()
@@ -359,9 +391,9 @@ def enable_block_streaming(transformer: torch.nn.Module, device: torch.device | 
     """
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    existing = getattr(transformer, "_fluxnb_streamer", None)
-    if existing is not None and existing.active:
-        raise RuntimeError("this transformer streams its blocks already: call .remove() on the streamer first")
+    if active_streamer(transformer) is not None:
+        raise RuntimeError("this transformer streams its blocks already: call .remove() on the streamer first "
+                           "(fluxnb.streaming.active_streamer(transformer).remove())")
     blocks = transformer_blocks(transformer)
     streamed = choose_streamed(len(transformer.transformer_blocks), len(transformer.single_transformer_blocks),
                                resident_blocks)
@@ -378,19 +410,14 @@ def enable_block_streaming(transformer: torch.nn.Module, device: torch.device | 
     return streamer
 
 
-def resident_blocks_that_fit(transformer: torch.nn.Module, budget_bytes: int, slots: int = 2) -> int:
-    """The most blocks that can stay resident when the blocks may use ``budget_bytes`` of VRAM.
-
-    Counts what :func:`enable_block_streaming` would do: the resident blocks' bytes plus ``slots``
-    buffers the size of the largest streamed block. 0 if even full streaming does not fit (then the
-    caller's budget is too small for the slots alone, and it says so).
-    """
-    sizes = [block_bytes(b) for b in transformer_blocks(transformer)]
-    return _most_resident(sizes, len(transformer.transformer_blocks), budget_bytes, slots)
+class DoesNotFit(ValueError):
+    """Even with every transformer block streamed from host RAM, the stage does not fit the free VRAM."""
 
 
-def _most_resident(sizes: list[int], n_double: int, budget_bytes: int, slots: int = 2) -> int:
-    """:func:`resident_blocks_that_fit` on the blocks' packed sizes (run order, double-stream first)."""
+def most_resident(sizes: Sequence[int], n_double: int, budget_bytes: int, slots: int = 2) -> int:
+    """The most blocks that can stay resident when the blocks may use ``budget_bytes`` of VRAM: the
+    resident blocks' bytes plus ``slots`` buffers the size of the largest streamed block (what
+    :func:`fluxnb.enable_block_streaming` allocates). 0 if even full streaming does not fit."""
     n_single = len(sizes) - n_double
     for resident in range(len(sizes), -1, -1):
         streamed = set(choose_streamed(n_double, n_single, resident))
@@ -400,26 +427,52 @@ def _most_resident(sizes: list[int], n_double: int, budget_bytes: int, slots: in
             return resident
     return 0
 
-# What a denoising step needs beyond the weights, fitted to `python -m benchmarks run --recipes
-# nf4-resident` (H100, random-dev, bf16, expandable segments, 2026-11-22: benchmarks/results/h100.json):
-# allocated memory grew by 0.495 GiB at 1024x1024 (4096 image + 512 text tokens) and 0.287 GiB at
-# 512x768 (1536 + 512), linear in tokens; the device saw 0.23 GiB more than allocated (allocator slack).
-_STEP_GIB_FIXED, _STEP_GIB_PER_1000_TOKENS, _SLACK_GIB = 0.12, 0.0813, 0.25
+
+def resident_blocks(sizes: Sequence[int], n_double: int, need_bytes: int, free_bytes: int, slots: int = 2) -> int | None:
+    """How many blocks may stay on the GPU so that ``need_bytes`` (a step, a decode) fits next to them.
+
+    ``sizes``: the blocks' packed sizes, all resident now; ``free_bytes``: the VRAM free now. None: all
+    blocks may stay. Raises :class:`DoesNotFit` if streaming every block would still leave too little.
+    """
+    shortfall = need_bytes - free_bytes
+    if shortfall <= 0:
+        return None
+    budget = sum(sizes) - shortfall
+    keep = most_resident(sizes, n_double, budget, slots)
+    if keep == 0 and slots * max(sizes, default=0) > budget:
+        raise DoesNotFit(f"{need_bytes / GIB:.2f} GiB are needed and {free_bytes / GIB:.2f} GiB are free: streaming "
+                         f"every block would free {(sum(sizes) - slots * max(sizes, default=0)) / GIB:.2f} GiB, not enough")
+    return keep
 
 
-def denoise_headroom_bytes(height: int, width: int, text_tokens: int = 512) -> int:
-    """VRAM a FLUX denoising step needs on top of the loaded weights (activations, attention, slack)."""
-    tokens = (height // 16) * (width // 16) + text_tokens
-    return int((_STEP_GIB_FIXED + _STEP_GIB_PER_1000_TOKENS * tokens / 1000 + _SLACK_GIB) * 2**30)
+def active_streamer(transformer: torch.nn.Module) -> BlockStreamer | None:
+    """The :class:`BlockStreamer` that :func:`enable_block_streaming` put on ``transformer``, while it is
+    active (its ``remove()`` puts every block back on the GPU); None if its blocks do not stream."""
+    streamer = getattr(transformer, "_fluxnb_streamer", None)
+    return streamer if streamer is not None and streamer.active else None
+
+
+def resident_blocks_that_fit(transformer: torch.nn.Module, budget_bytes: int, slots: int = 2) -> int:
+    """The most blocks that can stay resident when the blocks may use ``budget_bytes`` of VRAM.
+
+    Counts what :func:`enable_block_streaming` would do: the resident blocks' bytes plus ``slots``
+    buffers the size of the largest streamed block. 0 if even full streaming does not fit (then the
+    caller's budget is too small for the slots alone, and it says so).
+    """
+    sizes = [block_bytes(b) for b in transformer_blocks(transformer)]
+    return most_resident(sizes, len(transformer.transformer_blocks), budget_bytes, slots)
 
 
 def blocks_to_keep(transformer: torch.nn.Module, height: int, width: int, free_bytes: int | None = None,
-                   text_tokens: int = 512) -> int | None:
+                   text_tokens: int = 512, need_bytes: int | None = None) -> int | None:
     """How many blocks may stay resident so a ``height`` x ``width`` step fits; None if all of them may.
 
     For a transformer whose blocks are all on the GPU (as notebooks 02-04 load it). ``free_bytes``:
     the VRAM free now (default: :func:`fluxnb.free_vram_gib`, which honours the course's envelopes).
-    On a machine without a GPU there is nothing to decide: None.
+    ``need_bytes``: what must fit next to the resident blocks, if more than a step
+    (:func:`fluxnb.capacity.step_bytes`; the Studio asks for its decode too). 0 when even streaming
+    every block leaves too little (then stream them all: it is the least VRAM there is). On a machine
+    without a GPU there is nothing to decide: None.
     """
     if free_bytes is None:
         from fluxnb.environment import free_vram_gib
@@ -428,8 +481,9 @@ def blocks_to_keep(transformer: torch.nn.Module, height: int, width: int, free_b
         if free_gib is None:
             return None
         free_bytes = int(free_gib * 2**30)
-    shortfall = denoise_headroom_bytes(height, width, text_tokens) - free_bytes
-    if shortfall <= 0:
-        return None
+    need = step_bytes(height, width, text_tokens) if need_bytes is None else need_bytes
     sizes = [block_bytes(b) for b in transformer_blocks(transformer)]
-    return _most_resident(sizes, len(transformer.transformer_blocks), sum(sizes) - shortfall)
+    try:
+        return resident_blocks(sizes, len(transformer.transformer_blocks), need, free_bytes)
+    except DoesNotFit:
+        return 0

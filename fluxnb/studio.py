@@ -8,15 +8,18 @@ Python code that makes the selected image again. Every image is a PNG that carri
 It only calls the functions the notebooks teach (:mod:`fluxnb.stages`), and loads each model once:
 
 * the **denoiser** (the 4-bit transformer and the VAE) loads on the first click and stays; where a
-  step of the chosen size does not fit next to all its blocks (an 8 GB card at large sizes), a few
-  blocks stream from host RAM (:func:`fluxnb.blocks_to_keep`, as in notebooks 03 and 08);
+  step, or the VAE's decode that follows it, does not fit next to all of the transformer's blocks (an
+  8 GB card at 1024x1024), enough blocks stream from host RAM (:func:`fluxnb.blocks_to_keep`, as in
+  notebooks 03 and 08), and where even that is not enough (very large images) the VAE decodes in
+  tiles (:func:`plan_room`). A size that cannot be made at all is refused before anything loads;
 * the **text encoders** (CLIP and the 4-bit T5) are needed only for a prompt not seen before. Each
   prompt's embeddings are kept (in memory, and on disk where notebook 03's ``encode_and_save`` finds
   them), so a new seed, size or step count never runs T5 again. Whether the encoders stay loaded
   next to the denoiser is decided by memory (``keep_text_encoders``): on a CPU, or on a GPU whose free
-  VRAM holds both models' weights plus :data:`ACTIVATION_HEADROOM_GIB`, they stay (a new prompt costs
-  one T5 forward pass); otherwise the Studio runs the course's staged flow (T5 is freed before the
-  transformer loads), and a *new* prompt costs freeing the denoiser, encoding, and loading it again.
+  VRAM holds both models' weights plus what a step and a decode need (:mod:`fluxnb.capacity`), they
+  stay (a new prompt costs one T5 forward pass); otherwise the Studio runs the course's staged flow
+  (T5 is freed before the transformer loads), and a *new* prompt costs freeing the denoiser, encoding,
+  and loading it again.
 
 The logic is testable without a browser: :meth:`Studio.generate` does one generation with the form's
 values (or explicit ones) and returns a :class:`Generation`; the Generate button runs the same
@@ -38,15 +41,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from fluxnb import stages, streaming
+from fluxnb import capacity, stages, streaming
 from fluxnb.environment import available_ram_gib, check_generation_request, free_vram_gib
+from fluxnb.errors import FluxnbError
 from fluxnb.memory import GIB, StepTimer, anon_ram_bytes, device_used_bytes, flush
 
-# Room left when deciding whether both models fit together: a 1024x1024 FLUX step, the VAE's decode of
-# it, and what loading adds over the files (CLIP and T5's unquantized layers load in fp32 on a T4). A
-# safety margin, not a measurement: too small risks an out-of-memory error on the first click, too large
-# only costs a transformer reload per new prompt. The weights themselves are read from the files.
-ACTIVATION_HEADROOM_GIB = 3.0
 MAX_IMAGES = 8  # per click: each image is a full generation
 MAX_SEED = 2**32 - 1  # torch.Generator.manual_seed takes 64 bits; 32 keep seeds short to copy
 ENCODER_PARTS = ("text_encoder", "text_encoder_2")
@@ -126,23 +125,91 @@ def weights_gib(checkpoint: str, prequantized: str | None) -> dict[str, float]:
     return sizes
 
 
-def both_models_fit(checkpoint: str, prequantized: str | None) -> tuple[bool, str]:
+def activations_gib(height: int, width: int) -> float:
+    """What a ``height`` x ``width`` image needs beyond the weights: its step or its decode, whichever is
+    more (:mod:`fluxnb.capacity`, from the committed measurements)."""
+    return max(capacity.step_bytes(height, width), capacity.decode_bytes(height, width)) / GIB
+
+
+def both_models_fit(checkpoint: str, prequantized: str | None, height: int = 1024,
+                    width: int = 1024) -> tuple[bool, str]:
     """Whether the text encoders can stay loaded next to the denoiser, and a sentence saying why.
 
     On a CPU they stay (host RAM holds both). On a GPU they stay if its free VRAM now holds every
-    part's weights (their file sizes) plus :data:`ACTIVATION_HEADROOM_GIB`; else the staged flow.
+    part's weights (their file sizes) plus what a ``height`` x ``width`` step and decode need
+    (:func:`activations_gib`); else the staged flow.
     """
     if not torch.cuda.is_available():
         return True, "No GPU: the text encoders stay loaded in host RAM next to the denoiser."
     weights = sum(weights_gib(checkpoint, prequantized).values())
     free = free_vram_gib() or 0.0
-    need = weights + ACTIVATION_HEADROOM_GIB
-    if free >= need:
-        return True, (f"Both models' weights ({weights:.1f} GiB) plus {ACTIVATION_HEADROOM_GIB:.0f} GiB for "
-                      f"activations fit in the {free:.1f} GiB of free VRAM: the text encoders stay loaded.")
-    return False, (f"Both models' weights ({weights:.1f} GiB) plus {ACTIVATION_HEADROOM_GIB:.0f} GiB for "
-                   f"activations do not fit in the {free:.1f} GiB of free VRAM: T5 is freed before the "
-                   "transformer loads (the staged flow), and a new prompt reloads the transformer.")
+    extra = activations_gib(height, width)
+    if free >= weights + extra:
+        return True, (f"Both models' weights ({weights:.1f} GiB) plus {extra:.1f} GiB for a {width}x{height} step and "
+                      f"decode fit in the {free:.1f} GiB of free VRAM: the text encoders stay loaded.")
+    return False, (f"Both models' weights ({weights:.1f} GiB) plus {extra:.1f} GiB for a {width}x{height} step and "
+                   f"decode do not fit in the {free:.1f} GiB of free VRAM: T5 is freed before the transformer loads "
+                   "(the staged flow), and a new prompt reloads the transformer.")
+
+
+class SizeDoesNotFitError(FluxnbError, ValueError):
+    """The Studio cannot make an image of this size on this GPU, even streaming every block and
+    decoding in tiles; the message says which size it can make."""
+
+
+@dataclass(frozen=True)
+class Room:
+    """How the Studio makes room for one size: blocks kept on the GPU (None: all), and a tiled decode."""
+
+    resident_blocks: int | None
+    tiled_decode: bool
+
+    def sentence(self, total_blocks: int, width: int, height: int) -> str:
+        if self.resident_blocks is None and not self.tiled_decode:
+            return ""
+        parts = []
+        if self.resident_blocks is not None:
+            parts.append(f"streaming {total_blocks - self.resident_blocks} of its {total_blocks} blocks from host RAM "
+                         "(notebook 08 shows how; same image, slower steps)")
+        if self.tiled_decode:
+            parts.append("decoding in 512-pixel tiles (vae.enable_tiling(): the seams blend, so the image differs a "
+                         "little from a whole decode)")
+        return (f"A {width}x{height} step and its decode do not fit next to the whole transformer on this GPU: "
+                + " and ".join(parts) + ".")
+
+
+def plan_room(block_sizes: list[int], n_double: int, height: int, width: int, free_bytes: int) -> Room:
+    """How to make a ``height`` x ``width`` image with the denoiser loaded and ``free_bytes`` of VRAM free.
+
+    The step and then the VAE's decode run next to the transformer (the Studio keeps it loaded), so
+    what must fit beside its resident blocks is the larger of the two (:mod:`fluxnb.capacity`). First
+    by streaming blocks (:func:`fluxnb.streaming.resident_blocks`: the image is the same); if even
+    every block streamed leaves too little, the decode goes to tiles too. If that is not enough
+    either, :class:`SizeDoesNotFitError`.
+    """
+    step = capacity.step_bytes(height, width)
+    for tiled in (False, True):
+        need = max(step, capacity.decode_bytes(height, width, tiled=tiled))
+        try:
+            return Room(streaming.resident_blocks(block_sizes, n_double, need, free_bytes), tiled)
+        except streaming.DoesNotFit:
+            continue
+    raise SizeDoesNotFitError(
+        f"{width}x{height} does not fit this GPU even with every transformer block streamed from host RAM and the "
+        f"decode in tiles: its step needs about {step / GIB:.1f} GiB next to what stays on the GPU, and "
+        f"{free_bytes / GIB:.1f} GiB are free. Choose a smaller size (the step grows with width x height).")
+
+
+def check_room_before_loading(height: int, width: int, free_gib: float) -> None:
+    """Before a click loads anything: can this GPU make a ``height`` x ``width`` image at all, with every
+    transformer block streamed from host RAM and the decode in tiles (the least VRAM the Studio can
+    use)? Else :class:`SizeDoesNotFitError` saying what it needs."""
+    least = (capacity.all_streamed_resident_bytes()
+             + max(capacity.step_bytes(height, width), capacity.decode_bytes(height, width, tiled=True))) / GIB
+    if least > free_gib:
+        raise SizeDoesNotFitError(
+            f"{width}x{height} needs at least {least:.1f} GiB of VRAM in the Studio (every block streamed, the decode in "
+            f"tiles) and this GPU has {free_gib:.1f} GiB free: choose a smaller size (the step grows with width x height).")
 
 
 def png_settings(path: str | Path) -> dict[str, str]:
@@ -181,6 +248,8 @@ def reproduction_code(path: str | Path) -> str:
         "embeds, _ = fluxnb.load_embeddings(path)",
         f"transformer = fluxnb.load_transformer_4bit(CHECKPOINT, DTYPE, prequantized={source!r})",
         "pipe = fluxnb.load_denoising_pipeline(CHECKPOINT, transformer, DTYPE)",
+        *(["fluxnb.stages.tile_vae(pipe.vae)  # the Studio decoded this size in 512-pixel tiles"]
+          if s.get("vae_tiling") == "True" else []),
         "latents = fluxnb.denoise(pipe, embeds, HEIGHT, WIDTH, STEPS, GUIDANCE, SEED)",
         "image = fluxnb.decode(pipe.vae, latents, HEIGHT, WIDTH)",
         "image.save('remade.png')",
@@ -236,6 +305,7 @@ class Studio:
         self._denoiser: Any = None
         self._embeddings: dict[str, dict[str, torch.Tensor]] = {}
         self._room_for: tuple[int, int] | None = None  # the step size the transformer's blocks were placed for
+        self._tiled = False  # the VAE decodes in tiles (a size too large to decode whole next to the transformer)
         self._stop = threading.Event()
         self._busy = threading.Lock()
         self.thread: threading.Thread | None = None
@@ -347,13 +417,16 @@ class Studio:
         started = time.perf_counter()
         self.generate_button.disabled, self.stop_button.disabled = True, False
         try:
-            embeds = self._embeddings_for(request.prompt)
+            free = free_vram_gib()  # None: no GPU
+            if self._denoiser is None and free is not None:  # before anything loads: can this size be made here?
+                check_room_before_loading(request.height, request.width, free)
+            embeds = self._embeddings_for(request.prompt, request.height, request.width)
             pipe = self._load_denoiser()
-            self._make_room(pipe.transformer, request.height, request.width)
+            self._make_room(pipe, request.height, request.width)
             for k in range(request.count):
                 seed = request.seed + k
                 self.progress.value, self.progress.max = 0, request.steps
-                self._say(f"Image {k + 1}/{request.count}: denoising, seed {seed}...")
+                self._say(f"Image {k + 1}/{request.count}: denoising, seed {seed}{self._eta(request)}...")
                 callback = _StepCallback(self)
                 latents = stages.denoise(pipe, embeds, request.height, request.width, request.steps,
                                          request.guidance, seed, step_timer=callback)
@@ -380,6 +453,16 @@ class Studio:
                       f"{self.output_dir / 'images'}.")
         return result
 
+    def _eta(self, request: Request) -> str:
+        """", about N s" on a GPU fluxnb has measured or can scale to (:func:`fluxnb.planner.step_seconds`)."""
+        if not torch.cuda.is_available():
+            return ""
+        from fluxnb.environment import bf16_supported
+        from fluxnb.planner import step_seconds
+
+        per_step = step_seconds(request.height, request.width, torch.cuda.get_device_name(0), bf16_supported())
+        return "" if per_step is None else f", about {request.steps * per_step:.0f} s (an estimate)"
+
     def _metadata(self, request: Request, seed: int) -> dict[str, Any]:
         from fluxnb import __version__
 
@@ -387,18 +470,18 @@ class Studio:
                     height=request.height, width=request.width, checkpoint=self.checkpoint,
                     model_id=self.model_id, dtype=self.dtype, text_dtype=self.text_dtype,
                     prequantized=self.prequantized, transformer_source=self.transformer_source,
-                    max_sequence_length=self.max_sequence_length,
+                    max_sequence_length=self.max_sequence_length, vae_tiling=self._tiled,
                     fluxnb=__version__, made_by="fluxnb.Studio")
 
-    def _decide_keep_encoders(self) -> bool:
+    def _decide_keep_encoders(self, height: int, width: int) -> bool:
         """Keep the text encoders loaded next to the denoiser? Yes on a CPU; on a GPU only if both fit."""
         if self.keep_text_encoders is None:
-            keep, reason = both_models_fit(self.checkpoint, self.prequantized)
+            keep, reason = both_models_fit(self.checkpoint, self.prequantized, height, width)
             self.keep_text_encoders = keep
             self._say(reason)
         return self.keep_text_encoders
 
-    def _embeddings_for(self, prompt: str) -> dict[str, torch.Tensor]:
+    def _embeddings_for(self, prompt: str, height: int = 1024, width: int = 1024) -> dict[str, torch.Tensor]:
         """The prompt's embeddings: kept from an earlier click, read from disk, or encoded now."""
         if prompt in self._embeddings:
             return self._embeddings[prompt]
@@ -406,10 +489,10 @@ class Studio:
                         dtype=str(self.text_dtype), prequantized=self.prequantized)  # as encode_and_save
         path = stages.embeddings_path(self.output_dir / "embeddings", **settings)
         if not path.exists():
-            keep = self._decide_keep_encoders()
+            keep = self._decide_keep_encoders(height, width)
             if self._denoiser is not None and not keep:
                 self._say("New prompt: freeing the transformer to load T5 (both do not fit on this GPU)...")
-                self._denoiser, self._room_for = None, None
+                self._denoiser, self._room_for, self._tiled = None, None, False
                 flush()
             if self._encoders is None:
                 self._say("Loading the text encoders (CLIP, 4-bit T5)...")
@@ -437,31 +520,41 @@ class Studio:
             self.memory.value = memory_readout()
         return self._denoiser
 
-    def _make_room(self, transformer: Any, height: int, width: int) -> None:
-        """Stream some transformer blocks from host RAM when a ``height`` x ``width`` step does not fit
-        next to all of them (an 8 GB card at large sizes), as notebooks 03 and 04 do (notebook 08 explains).
+    def _make_room(self, pipe: Any, height: int, width: int) -> None:
+        """Make room for a ``height`` x ``width`` step and decode next to the loaded transformer (an 8 GB
+        card at 1024x1024): stream enough blocks from host RAM, and decode in tiles where even that is
+        not enough (:func:`plan_room`). Notebooks 03 and 08 show the same calls.
 
-        :func:`fluxnb.blocks_to_keep` decides for a transformer whose blocks are all on the GPU, so a new
-        size first puts back the blocks an earlier size streamed. On a CPU, or where the step fits, nothing
-        streams."""
+        :func:`plan_room` counts for a transformer whose blocks are all on the GPU, so a new size first
+        puts back the blocks an earlier size streamed. On a CPU nothing changes."""
         if self._room_for == (height, width):
             return
-        streamer = getattr(transformer, "_fluxnb_streamer", None)
-        if streamer is not None and streamer.active:
+        transformer = pipe.transformer
+        streamer = streaming.active_streamer(transformer)
+        if streamer is not None:
             streamer.remove()  # every block back on the GPU, as it was loaded
             flush()
-        keep = streaming.blocks_to_keep(transformer, height, width)
+        free = free_vram_gib()
+        room = Room(None, False)
+        blocks = streaming.transformer_blocks(transformer)
+        if free is not None:
+            room = plan_room([streaming.block_bytes(b) for b in blocks], len(transformer.transformer_blocks),
+                             height, width, int(free * GIB))
         self._room_for = (height, width)
-        if keep is None:
-            return
-        total = len(streaming.transformer_blocks(transformer))
-        host = streaming.enable_block_streaming(transformer, resident_blocks=keep).host_bytes
-        self._say(f"A {width}x{height} step does not fit next to all {total} transformer blocks: streaming "
-                  f"{total - keep} of them from host RAM ({host / GIB:.2f} GiB; notebook 08 shows how).")
+        if room.resident_blocks is not None:
+            streaming.enable_block_streaming(transformer, resident_blocks=room.resident_blocks)
+        self._tiled = room.tiled_decode
+        if room.tiled_decode:
+            stages.tile_vae(pipe.vae)
+        else:
+            pipe.vae.disable_tiling()
+        if room.sentence(len(blocks), width, height):
+            self._say(room.sentence(len(blocks), width, height))
 
     def close(self) -> None:
         """Free every model the Studio holds (to run something else in the same kernel)."""
         self._encoders = self._denoiser = self._room_for = None
+        self._tiled = False
         self._embeddings.clear()
         flush()
 

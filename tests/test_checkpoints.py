@@ -113,8 +113,61 @@ def test_random_build_checks_disk_first(monkeypatch, fresh_cache):
 
     monkeypatch.setattr(checkpoints, "check_free_disk", no_room)
     with pytest.raises(OSError, match="the random FLUX.1-dev stand-in needs about 36 GB"):
-        fluxnb.build_random("dev", device="cpu")
+        fluxnb.build_random("dev", device="cpu", without_gpu=True)
     assert not any(fresh_cache.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+@pytest.mark.parametrize("how", ["build_random", "FLUXNB_CHECKPOINT"])
+def test_random_stand_in_is_refused_without_a_gpu_before_anything_is_written(monkeypatch, fresh_cache, how):
+    """Finding 5 of issue 16: random-dev on a CPU used to write 32 GB for minutes before anything said
+    that nothing would run. Now it stops first, with the size, the time and what to use instead."""
+    def no_writing(*args, **kwargs):
+        raise AssertionError("the random stand-in was about to be written on a machine without a GPU")
+
+    monkeypatch.setattr(checkpoints, "_write_pipeline", no_writing)
+    monkeypatch.delenv(checkpoints.WITHOUT_GPU_VAR, raising=False)
+    with pytest.raises(fluxnb.errors.NeedsGPUError) as refusal:
+        if how == "build_random":
+            fluxnb.build_random("dev")
+        else:
+            monkeypatch.setenv("FLUXNB_CHECKPOINT", "random-dev")
+            fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev")
+    message = str(refusal.value)
+    gb = checkpoints.random_stand_in_gb("dev")
+    assert 33 < gb < 34.5 and f"{gb:.1f} GB" in message and " min here" in message
+    assert "FLUXNB_CHECKPOINT=tiny" in message and f"{checkpoints.WITHOUT_GPU_VAR}=1" in message
+    assert isinstance(refusal.value, fluxnb.errors.FluxnbError)
+    assert not fresh_cache.exists() or not any(fresh_cache.iterdir())
+
+
+def test_the_opt_in_builds_the_random_stand_in_without_a_gpu(monkeypatch, fresh_cache):
+    """FLUXNB_BUILD_WITHOUT_GPU=1 (or without_gpu=True) still builds it: to rehearse the disk."""
+    written = []
+    monkeypatch.setattr(checkpoints, "_write_pipeline", lambda folder, variant, **kw: written.append(variant))
+    monkeypatch.setattr(checkpoints, "check_free_disk", lambda path, need_gb, what: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(checkpoints.WITHOUT_GPU_VAR, "1")
+    assert fluxnb.build_random("schnell") == fresh_cache / "random-flux.1-schnell"
+    assert written == ["schnell"]
+    monkeypatch.delenv(checkpoints.WITHOUT_GPU_VAR)
+    assert fluxnb.build_random("schnell") == fresh_cache / "random-flux.1-schnell"  # built: no refusal, no rebuild
+    assert written == ["schnell"]
+
+
+def test_a_random_stand_in_of_the_old_layout_is_rebuilt(monkeypatch, fresh_cache):
+    """Stand-ins built before the Hub's layout (2 GB shards) carry no layout number: they are fluxnb's
+    own cache, so they are rebuilt rather than used with the wrong files."""
+    old = checkpoints.stand_in_dir("random", "dev")
+    old.mkdir(parents=True)
+    (old / checkpoints._DONE).write_text(json.dumps({"kind": "random", "variant": "dev"}))
+    (old / "transformer").mkdir()
+    rebuilt = []
+    monkeypatch.setattr(checkpoints, "_write_pipeline", lambda folder, variant, **kw: rebuilt.append(folder))
+    monkeypatch.setattr(checkpoints, "check_free_disk", lambda path, need_gb, what: None)
+    assert fluxnb.build_random("dev", device="cpu", without_gpu=True) == old
+    assert len(rebuilt) == 1 and not (old / "transformer").exists()
+    assert json.loads((old / checkpoints._DONE).read_text())["layout"] == checkpoints.RANDOM_LAYOUT
 
 
 def test_unknown_variant_is_refused(fresh_cache):
@@ -181,7 +234,13 @@ def test_streamed_files_are_what_save_pretrained_writes(streamed, tmp_path, name
                 whole.get_parameter(key).copy_(value)
     whole.save_pretrained(tmp_path / name, max_shard_size=SHARD)
     assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(p.name for p in folder.iterdir())
-    assert _digest(tmp_path / name) == _digest(folder)
+    for path in sorted((tmp_path / name).iterdir()):  # the same bytes, but for the index's metadata
+        if path.name.endswith(".index.json"):
+            theirs, ours = json.loads(path.read_text()), json.loads((folder / path.name).read_text())
+            assert ours["weight_map"] == theirs["weight_map"]
+            assert ours["metadata"] == {"total_size": theirs["metadata"]["total_size"]}  # as the Hub's FLUX.1 indexes
+        else:
+            assert path.read_bytes() == (folder / path.name).read_bytes(), path.name
 
 
 def test_streaming_is_deterministic(streamed, tmp_path):
@@ -227,11 +286,11 @@ def test_streamed_models_load_with_plain_from_pretrained_and_run(streamed):
             assert torch.isfinite(tensor).all() and tensor.float().std() > 0, dtype
 
 
-def test_streaming_holds_one_shard_at_a_time(monkeypatch, tmp_path):
-    """The weights that exist at once never exceed the shard budget, for a model several budgets large."""
+def test_streaming_holds_one_tensor_at_a_time(monkeypatch, tmp_path):
+    """The weights that exist at once never exceed the largest tensor, for a model several shards large."""
     import weakref
 
-    live, peak, made = [0], [0], [0]
+    live, peak, made, largest = [0], [0], [0], [0]
     real = checkpoints.random_tensor
 
     def counted(*args, **kwargs):
@@ -239,6 +298,7 @@ def test_streaming_holds_one_shard_at_a_time(monkeypatch, tmp_path):
         size = tensor.numel() * tensor.element_size()
         live[0] += size
         made[0] += size
+        largest[0] = max(largest[0], size)
         peak[0] = max(peak[0], live[0])
         weakref.finalize(tensor, lambda: live.__setitem__(0, live[0] - size))
         return tensor
@@ -247,27 +307,85 @@ def test_streaming_holds_one_shard_at_a_time(monkeypatch, tmp_path):
     checkpoints.write_streamed(_medium("transformer", "meta"), tmp_path / "transformer", seed=0, max_shard_bytes=SHARD)
     on_disk = sum(p.stat().st_size for p in (tmp_path / "transformer").glob("*.safetensors"))
     assert made[0] >= 2 * SHARD and on_disk >= made[0]
-    assert 0 < peak[0] <= SHARD and live[0] == 0
+    assert 0 < peak[0] <= largest[0] < SHARD and live[0] == 0
 
 
-def test_full_size_streams_in_bounded_shards_with_a_rule_for_every_weight():
-    """The real shapes, on the meta device: every weight has an initialisation rule and the shard plan
-    keeps the most bytes held at once (one shard) at SHARD_BYTES, about 2 GB."""
-    from huggingface_hub import split_torch_state_dict_into_shards
+def test_save_file_streamed_writes_what_safetensors_writes(tmp_path):
+    """Byte for byte, with the dtypes the stand-ins and NF4 packages hold, in an order that is neither
+    by name nor by dtype: safetensors sorts by dtype, then name, and pads its header to 8 bytes."""
+    from safetensors.torch import save_file
 
-    for name, shards in (("transformer", 13), ("text_encoder_2", 5)):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16), "a.absmax": torch.rand(7, generator=g),
+               "c.weight": torch.randint(0, 255, (11, 1), generator=g, dtype=torch.uint8),
+               "a.half": torch.randn(2, generator=g).half(), "d.steps": torch.arange(3), "e": torch.ones(1, dtype=torch.bool)}
+    save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    checkpoints.save_file_streamed(tmp_path / "ours.safetensors", specs, tensors.__getitem__, metadata={"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+    assert checkpoints.safetensors_size(specs, {"format": "pt"}) == (tmp_path / "theirs.safetensors").stat().st_size
+    with pytest.raises(ValueError, match="the header says"):
+        checkpoints.save_file_streamed(tmp_path / "bad.safetensors", specs, lambda name: torch.zeros(1), {"format": "pt"})
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_the_random_stand_in_has_the_hub_repositorys_files_to_the_byte(variant):
+    """Finding 6 of issue 16: random-dev was 13 shards of 2 GB, FLUX.1-dev is three files of about 10,
+    10 and 4 GB and a T5 of two. On the meta device (no weights, a second): the stand-in's weight files
+    have the Hub's names and the Hub's sizes (fluxnb/configs/*.files.json), and its index the Hub's total."""
+    real = checkpoints.real_files(variant)
+    planned = {}
+    for part in ("transformer", "text_encoder_2", "text_encoder", "vae"):
         torch.set_default_dtype(torch.bfloat16)
         try:
             with torch.device("meta"):
-                model = checkpoints._make_part(name, "dev", tiny=False)
+                model = checkpoints._make_part(part, variant, tiny=False)
         finally:
             torch.set_default_dtype(torch.float32)
-        state = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}  # T5's tied one
-        rules = {checkpoints.init_rule(model, key) for key in state}
-        assert rules == ({"normal", "zeros", "ones"} if name == "transformer" else {"normal", "ones"})
-        split = split_torch_state_dict_into_shards(state, max_shard_size=checkpoints.SHARD_BYTES)
-        sizes = [sum(state[k].numel() * 2 for k in keys) for keys in split.filename_to_tensors.values()]
-        assert len(sizes) == shards and max(sizes) <= checkpoints.SHARD_BYTES <= 2 * 10**9
+        files, index = checkpoints.shard_layout(model, checkpoints.REAL_MAX_SHARD_BYTES.get(part, 10 * 10**9))
+        assert (index is not None) == (part in checkpoints.STREAMED_PARTS)
+        for name, specs in files.items():
+            planned[f"{part}/{name}"] = checkpoints.safetensors_size(specs, {"format": "pt"})
+        if part in checkpoints.STREAMED_PARTS:
+            rules = {checkpoints.init_rule(model, key) for specs in files.values() for key in specs}
+            assert rules == ({"normal", "zeros", "ones"} if part == "transformer" else {"normal", "ones"})
+    weights = {path: size for path, size in real.items() if path.endswith(".safetensors")}
+    assert sorted(planned) == sorted(weights)
+    for path, size in weights.items():
+        # exact, but for CLIP (2,160 of its 246 MB: the Hub's CLIP file was written by transformers 4.43)
+        assert abs(planned[path] - size) <= (2200 if path.startswith("text_encoder/") else 0), (path, planned[path], size)
+    largest = max(weights.values())
+    assert largest > 9 * 10**9 and max(checkpoints.REAL_MAX_SHARD_BYTES.values()) == 10 * 10**9
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_the_models_are_built_from_the_repositorys_own_configs(variant):
+    """FULL_* (what builds each model) say what the Hub's config files say (fluxnb/configs)."""
+    transformer = checkpoints.real_config(variant, "transformer")
+    assert {k: v for k, v in transformer.items() if not k.startswith("_")} == {
+        k: v for k, v in dict(checkpoints.FULL_TRANSFORMER, guidance_embeds=variant == "dev").items()
+        if k != "axes_dims_rope"}  # not in the 0.30 file: diffusers' default, (16, 56, 56), is FLUX's
+    assert tuple(checkpoints.FULL_TRANSFORMER["axes_dims_rope"]) == (16, 56, 56)
+    vae = checkpoints.real_config(variant, "vae")
+    for key, value in checkpoints.FULL_VAE.items():
+        assert vae[key] == (list(value) if isinstance(value, tuple) else value), key
+    t5 = checkpoints.real_config(variant, "text_encoder_2")
+    for key, value in checkpoints.FULL_T5.items():  # the encoder-only flags aside: T5EncoderModel sets them itself
+        assert key in ("is_encoder_decoder", "use_cache") or t5[key] == value, key
+    clip = checkpoints.real_config(variant, "text_encoder")
+    for key, value in checkpoints.FULL_CLIP.items():
+        assert clip[key] == value, key
+    scheduler = checkpoints.real_config(variant, "scheduler")
+    expected = checkpoints.SCHEDULER_DEV if variant == "dev" else checkpoints.SCHEDULER_SCHNELL
+    assert {k: scheduler[k] for k in expected} == expected
+    index = checkpoints.real_config(variant, "model_index")
+    assert index["_class_name"] == "FluxPipeline" and index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    small = {p: s for p, s in checkpoints.real_files(variant).items() if p.endswith(".json") and "index" not in p}
+    for path, size in small.items():  # schnell's list has the small files' sizes: ours are those bytes
+        name = path.removesuffix("/config.json").removesuffix("/scheduler_config.json").removesuffix(".json")
+        part = {"scheduler": "scheduler", "model_index": "model_index"}.get(name, name)
+        text = json.dumps(checkpoints.real_config(variant, part), indent=2, sort_keys=True) + "\n"
+        assert len(text.encode()) == size, path
 
 
 def test_the_full_size_build_streams_the_big_parts(monkeypatch, fresh_cache):
@@ -275,21 +393,22 @@ def test_the_full_size_build_streams_the_big_parts(monkeypatch, fresh_cache):
     device with their own seeds, the small parts are saved whole, the stand-in is complete."""
     streamed_parts = {}
 
-    def record(model, folder, seed, device="cpu", max_shard_bytes=checkpoints.SHARD_BYTES):
+    def record(model, folder, seed, device="cpu", max_shard_bytes=checkpoints.SHARD_BYTES, config=None):
         assert all(p.device.type == "meta" for p in model.parameters()) and model.dtype == torch.bfloat16
-        streamed_parts[folder.name] = (type(model).__name__, seed, device)
+        streamed_parts[folder.name] = (type(model).__name__, seed, device, max_shard_bytes, config)
         folder.mkdir(parents=True)
 
     monkeypatch.setattr(checkpoints, "write_streamed", record)
     monkeypatch.setattr(checkpoints, "check_free_disk", lambda path, need_gb, what: None)
-    path = fluxnb.build_random("schnell", device="cpu")
+    path = fluxnb.build_random("schnell", device="cpu", without_gpu=True)
     assert path == checkpoints.stand_in_dir("random", "schnell") == fresh_cache / "random-flux.1-schnell"
-    assert streamed_parts == {"text_encoder_2": ("T5EncoderModel", 4, "cpu"),
-                              "transformer": ("FluxTransformer2DModel", 6, "cpu")}
+    assert streamed_parts == {
+        "text_encoder_2": ("T5EncoderModel", 4, "cpu", 5 * 10**9, checkpoints.real_config("schnell", "text_encoder_2")),
+        "transformer": ("FluxTransformer2DModel", 6, "cpu", 10**10, checkpoints.real_config("schnell", "transformer"))}
     assert (path / "text_encoder" / "model.safetensors").is_file() and (path / "vae" / "config.json").is_file()
-    index = json.loads((path / "model_index.json").read_text())
-    assert index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
-    assert index["text_encoder_2"] == ["transformers", "T5EncoderModel"]
+    for part, name in (("text_encoder", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+        assert json.loads((path / part / name).read_text()) == checkpoints.real_config("schnell", part)  # the Hub's
+    assert json.loads((path / "model_index.json").read_text()) == checkpoints.real_config("schnell", "model_index")
     assert fluxnb.is_stand_in(path) == "random"
 
 

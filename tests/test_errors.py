@@ -102,12 +102,6 @@ def test_max_sequence_length_is_checked_before_loading(n, tmp_path):
 # --- a size the GPU cannot hold, said before loading ------------------------------------------------
 
 
-def test_the_size_model_is_generated_from_the_committed_benchmark():
-    source = json.loads((REPO / "benchmarks" / "results" / "h100.json").read_text())
-    assert errors.size_model_from_benchmarks(source) == json.loads(errors.SIZE_MODEL.read_text()), (
-        "fluxnb/results/vram_by_size.json is stale: run python -m fluxnb.errors")
-
-
 def test_the_estimates_agree_with_the_committed_course_runs():
     """03 at 1024x1024 passed in both envelopes (on the 8 GB card by streaming a few blocks); without
     streaming, the estimate is over that card, which is where 03 ran out of memory before streaming."""

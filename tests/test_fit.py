@@ -167,6 +167,7 @@ def test_no_gpu_refuses_the_full_size_run_before_building_anything(capsys, monke
 ])
 def test_a_stand_in_that_cannot_be_built_says_why(capsys, monkeypatch, device, says):
     monkeypatch.setattr(fit, "build_device", lambda: device)
+    monkeypatch.setenv("FLUXNB_BUILD_WITHOUT_GPU", "1")  # past the no-GPU refusal (tests/test_checkpoints.py)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=100e9, used=99e9, free=1e9))
     assert fit.main(["--build", "--checkpoint", "random-dev"]) == 2
     err = capsys.readouterr().err

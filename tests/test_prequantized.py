@@ -52,6 +52,68 @@ def test_tiny_export_has_the_package_layout(pkg):
     assert not folder.with_name(folder.name + ".partial").exists()
 
 
+def test_the_stand_in_package_is_in_the_hub_packages_2024_form(pkg):
+    """Finding 6 of issue 16: the Hub package was written by 2024's diffusers and transformers, not
+    today's; the stand-in's configs carry that form (fluxnb.prequantized's docstring says what is known)."""
+    folder = Path(pkg)
+    t5 = json.loads((folder / "text_encoder_2" / "config.json").read_text())
+    assert t5["torch_dtype"] == "float32" and "dtype" not in t5  # 4.4x wrote torch_dtype
+    assert "is_decoder" not in t5 and "scale_decoder_outputs" not in t5 and t5["output_past"] is True
+    assert t5["transformers_version"] == prequantized.HUB_PACKAGE_VERSIONS["transformers"]
+    assert t5["_name_or_path"] == DEV
+    transformer = json.loads((folder / "transformer" / "config.json").read_text())
+    assert transformer["_diffusers_version"] == prequantized.HUB_PACKAGE_VERSIONS["diffusers"]
+    assert "out_channels" not in transformer
+    for config in (t5, transformer):
+        assert tuple(config["quantization_config"]) == prequantized.QUANTIZATION_CONFIG_KEYS
+
+
+def test_todays_libraries_load_a_package_in_the_2024_form_as_they_load_their_own(tiny, tmp_path):
+    """A package as today's save_pretrained writes it, and the same package rewritten into the 2024
+    form, load with the pinned diffusers/transformers to the same 4-bit models, computing the same."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5EncoderModel
+
+    todays = tmp_path / "todays"
+    for part, model in (("text_encoder_2", fluxnb.load_text_encoders_4bit(tiny, torch.float32).text_encoder_2),
+                        ("transformer", fluxnb.load_transformer_4bit(tiny, torch.float32))):
+        model.save_pretrained(todays / part)
+    old = tmp_path / "old"
+    shutil.copytree(todays, old)
+    prequantized.to_hub_package_form(old)
+    assert json.loads((old / "text_encoder_2" / "config.json").read_text()) != \
+        json.loads((todays / "text_encoder_2" / "config.json").read_text())
+    ids = torch.tensor([[5, 9, 12, 1]])
+    outputs = {}
+    for name, folder in (("todays", todays), ("old", old)):
+        t5, info = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", dtype=torch.float32,
+                                                  output_loading_info=True)
+        assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+        transformer, info = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=torch.float32,
+                                                                   output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        assert all(isinstance(m, bnb.nn.Linear4bit) for m in _linears(transformer))
+        assert sum(isinstance(m, bnb.nn.Linear4bit) for m in t5.modules()) > 0
+        with torch.no_grad():
+            outputs[name] = (t5(input_ids=ids).last_hidden_state,
+                             [p.detach().clone() for p in transformer.parameters()])
+    assert torch.equal(outputs["old"][0], outputs["todays"][0])
+    assert all(torch.equal(a, b) for a, b in zip(outputs["old"][1], outputs["todays"][1]))
+    # and through the course's own loaders, which the notebooks call
+    encoders = fluxnb.load_text_encoders_4bit(tiny, torch.float32, prequantized=str(old))
+    assert torch.isfinite(fluxnb.encode_prompt(encoders, "a cat", 64)["prompt_embeds"]).all()
+
+
+def test_an_export_of_todays_form_is_made_again(tiny, tmp_path):
+    folder = export_prequantized(tiny, tmp_path / "nf4", torch.float32)
+    marker = folder / prequantized._DONE
+    marker.write_text(json.dumps({"checkpoint": tiny, "dtype": "float32"}))  # what fluxnb wrote before the 2024 form
+    (folder / "transformer" / "config.json").write_text("{}")
+    assert export_prequantized(tiny, folder, torch.float32) == folder
+    assert json.loads(marker.read_text())["form"] == prequantized.PACKAGE_FORM
+    assert "quantization_config" in json.loads((folder / "transformer" / "config.json").read_text())
+
+
 def test_the_loaders_load_the_package_and_denoise_as_quantizing_does(tiny, pkg):
     encoders = fluxnb.load_text_encoders_4bit(tiny, torch.float32, prequantized=pkg)
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in encoders.text_encoder_2.modules()) > 0

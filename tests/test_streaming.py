@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fluxnb
+from fluxnb import streaming
 from fluxnb.checkpoints import TINY_TRANSFORMER
 from fluxnb.streaming import (
     _block_tensors,
@@ -133,3 +134,42 @@ def test_resident_blocks_that_fit_counts_the_slots(plain):
     assert sum(s for i, s in enumerate(sizes) if i not in streamed) + 2 * max(sizes[i] for i in streamed) <= budget
     bigger = set(choose_streamed(3, 5, resident + 1))
     assert sum(s for i, s in enumerate(sizes) if i not in bigger) + 2 * max(sizes[i] for i in bigger) > budget
+
+
+@pytest.mark.parametrize("repack", [True, False], ids=["avx512bf16-repack-on", "repack-off"])
+@pytest.mark.parametrize("resident", [0, 1])
+def test_streamed_nf4_equals_resident_with_either_cpu_kernel(nf4_checkpoint, repack, resident):
+    """bitsandbytes repacks 4-bit weights for a bf16 kernel on CPUs with AVX512-BF16
+    (``support_avx512bf16_for_cpu``): notebook 08's "latents equal the resident model's" must hold on
+    CPUs with and without it. The flag is forced both ways on every layer of two fresh loads (the
+    resident reference and the streamed model), so this runs both kernels' logic on any CPU (the
+    repacked layout through bitsandbytes' fallback where the CPU lacks the instruction)."""
+    import bitsandbytes as bnb
+
+    def load():
+        transformer = fluxnb.load_transformer_4bit(nf4_checkpoint, torch.float32)
+        layers = [m for m in transformer.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers, "the tiny NF4 transformer should have 4-bit layers"
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = repack
+        return transformer
+
+    inputs = _inputs(load().config)
+    reference = _run(load(), inputs)
+    streamed = load()
+    streamer = enable_block_streaming(streamed, "cpu", resident_blocks=resident)
+    for run in range(2):  # the second run starts from the packed host copies again
+        torch.testing.assert_close(_run(streamed, inputs), reference, rtol=0, atol=0, equal_nan=True,
+                                   msg=f"run {run + 1}: streaming changed the result (repack={repack})")
+    streamer.remove()
+    torch.testing.assert_close(_run(streamed, inputs), reference, rtol=0, atol=0, equal_nan=True)
+
+
+def test_resident_blocks_streams_just_enough_or_says_it_cannot():
+    sizes = [100] * 4 + [50] * 6  # 4 double-stream blocks, 6 single-stream ones (bytes)
+    assert streaming.resident_blocks(sizes, 4, need_bytes=10, free_bytes=20) is None  # fits as it is
+    keep = streaming.resident_blocks(sizes, 4, need_bytes=130, free_bytes=20)
+    assert keep is not None and 0 < keep < len(sizes)
+    assert streaming.most_resident(sizes, 4, sum(sizes) - 110) == keep
+    with pytest.raises(streaming.DoesNotFit, match="streaming every block would free"):
+        streaming.resident_blocks(sizes, 4, need_bytes=2000, free_bytes=20)

@@ -227,9 +227,9 @@ def test_a_failure_during_a_click_is_shown_and_the_studio_stays_usable(checkpoin
 
 
 def test_a_size_that_does_not_fit_streams_blocks_and_the_image_is_unchanged(checkpoint, tmp_path, monkeypatch):
-    """As on an 8 GB card at a large size: blocks_to_keep asks for fewer resident blocks, the Studio streams
-    the rest from host RAM (same pixels as all-resident), and a size that fits puts them back."""
-    from fluxnb import streaming
+    """As on an 8 GB card at 1024x1024: plan_room asks for fewer resident blocks, the Studio streams the
+    rest from host RAM (same pixels as all-resident), and a size that fits puts them back."""
+    from fluxnb import streaming, studio as studio_module
 
     plain = make_studio(checkpoint, tmp_path / "plain")
     reference = plain.generate(prompt="a cat", steps=2, height=64, width=64, seed=5).paths[0]
@@ -237,22 +237,91 @@ def test_a_size_that_does_not_fit_streams_blocks_and_the_image_is_unchanged(chec
 
     asked = []
 
-    def small_card(transformer, height, width, **kwargs):  # the tiny model has 2 blocks: keep 1 at 64x64
+    def small_card(sizes, n_double, height, width, free_bytes):  # the tiny model has 2 blocks: keep 1 at 64x64
         asked.append((height, width))
-        return 1 if (height, width) == (64, 64) else None
+        return studio_module.Room(1 if (height, width) == (64, 64) else None, tiled_decode=False)
 
-    monkeypatch.setattr(streaming, "blocks_to_keep", small_card)
+    monkeypatch.setattr(studio_module, "plan_room", small_card)
+    monkeypatch.setattr(studio_module, "free_vram_gib", lambda: 8.0)  # as if on a GPU: the Studio plans
     studio = make_studio(checkpoint, tmp_path / "small")
     said = []
     real_say = studio._say
     studio._say = lambda text, error=False: (said.append(text), real_say(text, error))
     path = studio.generate(prompt="a cat", steps=2, height=64, width=64, seed=5).paths[0]
-    streamer = studio._denoiser.transformer._fluxnb_streamer
-    assert streamer.active and streamer.host_bytes > 0
-    assert any("all 2 transformer blocks: streaming 1 of them from host RAM" in text for text in said), said
+    streamer = streaming.active_streamer(studio._denoiser.transformer)
+    assert streamer is not None and streamer.host_bytes > 0
+    assert any("streaming 1 of its 2 blocks from host RAM" in text for text in said), said
     np.testing.assert_array_equal(pixels(path), pixels(reference))
+    assert png_settings(path)["vae_tiling"] == "False"
     studio.generate(prompt="a cat", steps=2, height=64, width=64, seed=6)  # same size: nothing re-placed
     assert asked == [(64, 64)]
     studio.generate(prompt="a cat", steps=2, height=32, width=32, seed=5)  # fits: every block back
-    assert asked == [(64, 64), (32, 32)] and not streamer.active
+    assert asked == [(64, 64), (32, 32)] and streaming.active_streamer(studio._denoiser.transformer) is None
     assert studio.loads["denoiser"] == 1
+
+
+def test_a_size_too_big_to_decode_whole_decodes_in_tiles_and_show_code_says_so(checkpoint, tmp_path, monkeypatch):
+    from fluxnb import studio as studio_module
+
+    monkeypatch.setattr(studio_module, "plan_room", lambda *args: studio_module.Room(None, tiled_decode=True))
+    monkeypatch.setattr(studio_module, "free_vram_gib", lambda: 8.0)
+    studio = make_studio(checkpoint, tmp_path)
+    path = studio.generate(prompt="a cat", steps=2, height=64, width=64, seed=5).paths[0]
+    assert studio._denoiser.vae.use_tiling and studio._denoiser.vae.tile_sample_min_size == 512
+    assert png_settings(path)["vae_tiling"] == "True"
+    assert "fluxnb.stages.tile_vae(pipe.vae)" in reproduction_code(path)
+    assert "512-pixel tiles" in html.unescape(studio.status.value) or studio.generations[-1].paths
+
+
+FLUX_BLOCKS = [int(0.162 * 2**30)] * 19 + [int(0.086 * 2**30)] * 38  # NF4 FLUX.1: about 6.2 GiB in 57 blocks
+
+
+def test_the_studio_makes_room_for_the_decode_on_an_8gb_card():
+    """Finding 1 of issue 16: on the 8 GB card (0.67 GiB free once the 4-bit transformer and the VAE are
+    loaded, benchmarks/results/h100-offload.json) the Studio streamed blocks for the 1024x1024 step only,
+    and the decode next to the transformer ran out of memory. Its plan must leave room for the decode."""
+    from fluxnb import capacity, streaming
+    from fluxnb.studio import plan_room
+
+    free = int(0.67 * 2**30)
+    room = plan_room(FLUX_BLOCKS, 19, 1024, 1024, free)
+    assert room.resident_blocks is not None and not room.tiled_decode
+    streamed = set(streaming.choose_streamed(19, 38, room.resident_blocks))
+    kept = sum(s for i, s in enumerate(FLUX_BLOCKS) if i not in streamed) + 2 * max(FLUX_BLOCKS[i] for i in streamed)
+    room_left = free + sum(FLUX_BLOCKS) - kept
+    assert room_left >= capacity.decode_bytes(1024, 1024) > capacity.step_bytes(1024, 1024)
+    step_only = streaming.resident_blocks(FLUX_BLOCKS, 19, capacity.step_bytes(1024, 1024), free)
+    assert step_only > room.resident_blocks  # what the Studio did before: too many blocks kept for the decode
+    assert plan_room(FLUX_BLOCKS, 19, 512, 512, int(8 * 2**30)) == studio_room(None, False)
+    huge = plan_room(FLUX_BLOCKS, 19, 2048, 2048, free)  # a whole 2048x2048 decode needs ~9 GiB: tiles
+    assert huge.tiled_decode and huge.resident_blocks is not None
+
+
+def studio_room(resident, tiled):
+    from fluxnb.studio import Room
+
+    return Room(resident, tiled)
+
+
+def test_a_size_the_studio_cannot_make_is_refused_before_loading(checkpoint, tmp_path, monkeypatch, loads):
+    from fluxnb import studio as studio_module
+    from fluxnb.studio import SizeDoesNotFitError, check_room_before_loading, plan_room
+
+    check_room_before_loading(1024, 1024, free_gib=7.08)  # an 8 GB card: fits (streaming, tiles)
+    check_room_before_loading(2048, 2048, free_gib=7.08)
+    with pytest.raises(SizeDoesNotFitError, match=r"4096x4096 needs at least 6.4 GiB .* choose a smaller size"):
+        check_room_before_loading(4096, 4096, free_gib=6.0)  # its step alone: 5.9 GiB
+    with pytest.raises(SizeDoesNotFitError, match="Choose a smaller size"):
+        plan_room(FLUX_BLOCKS[:29], 19, 4096, 4096, int(0.2 * 2**30))  # a smaller model, nothing left to stream
+    assert issubclass(SizeDoesNotFitError, fluxnb.errors.FluxnbError)
+
+    # through the button: the message in red, and nothing loaded
+    monkeypatch.setattr(studio_module, "free_vram_gib", lambda: 1.0)  # as on a GPU with 1 GiB free
+    monkeypatch.setattr(studio_module, "memory_readout", lambda: "")
+    studio = make_studio(checkpoint, tmp_path)
+    fill(studio, height=2048, width=2048)
+    studio.generate_button.click()
+    studio.wait(timeout=60)
+    assert isinstance(studio.last_error, SizeDoesNotFitError)
+    assert "2048x2048 needs at least" in html.unescape(studio.status.value)
+    assert sum(loads.values()) == 0 and studio.loads == Counter()
