@@ -88,8 +88,14 @@ def compile_blocker(transformer: Any) -> str | None:
     """Why torch.compile cannot run this transformer here, or None if it can.
 
     Without a GPU, inductor cannot compile bitsandbytes' 4-bit layers (their CPU path calls ops it
-    has no lowering for), so the tiny course explains and skips the compile cells.
+    has no lowering for), so the tiny course explains and skips the compile cells; nor can it trace a
+    transformer whose blocks stream (:func:`fluxnb.enable_block_streaming`'s hooks repoint weights).
     """
+    from fluxnb.streaming import active_streamer
+
+    if active_streamer(transformer) is not None:
+        return ("its blocks stream from host RAM on this GPU (a step does not fit next to all of them), and "
+                "torch.compile cannot trace the streaming hooks: on a GPU that holds the step (a T4 does), it compiles")
     quantized = getattr(transformer, "is_quantized", False) or getattr(transformer, "hf_quantizer", None) is not None
     if not torch.cuda.is_available() and quantized:
         return ("no GPU: torch.compile's inductor fails on bitsandbytes' 4-bit layers on a CPU, so this cell "

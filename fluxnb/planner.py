@@ -212,8 +212,10 @@ def step_seconds(height: int, width: int, gpu_name: str | None, bf16: bool = Tru
     return max(measured, 0.001) * peak_tflops(rows[0]["gpu"]) / here
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+def _about(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
+    return "about " + (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min")
 
 
 def eta(steps: int, height: int, width: int, what: str = "this cell", data: dict[str, Any] | None = None) -> str:
@@ -223,7 +225,7 @@ def eta(steps: int, height: int, width: int, what: str = "this cell", data: dict
 
     data = load_recipes() if data is None else data
     t4 = step_seconds(height, width, T4, bf16=False, data=data)
-    on_t4 = f"about {_duration(steps * t4)} on a free Colab T4" if t4 else "a T4 time is not known"
+    on_t4 = f"{_about(steps * t4)} on a free Colab T4" if t4 else "a T4 time is not known"
     source = next((r["gpu"] for r in data["recipes"] if r["recipe"] == "staged-nf4"), "the benchmark's GPU")
     how = f"estimates from the course's measured steps on {source}, scaled by datasheet FLOPS"
     if not torch.cuda.is_available():
@@ -233,7 +235,7 @@ def eta(steps: int, height: int, width: int, what: str = "this cell", data: dict
 
     gpu = torch.cuda.get_device_name(0)
     here = step_seconds(height, width, gpu, bf16=bf16_supported(), data=data)
-    on_here = f"about {_duration(steps * here)} on this {gpu}" if here else f"no estimate for this {gpu}"
+    on_here = f"{_about(steps * here)} on this {gpu}" if here else f"no estimate for this {gpu}"
     return f"{what}: {steps} steps at {width}x{height}: {on_here}, {on_t4} ({how})."
 
 

@@ -452,6 +452,20 @@ def active_streamer(transformer: torch.nn.Module) -> BlockStreamer | None:
     return streamer if streamer is not None and streamer.active else None
 
 
+def largest_size_resident(transformer: torch.nn.Module, height: int, width: int,
+                          free_bytes: int | None = None) -> tuple[int, int] | None:
+    """The largest size with about the aspect ratio of ``height`` x ``width`` (multiples of 16, at least 256
+    pixels a side) whose step fits next to all of ``transformer``'s blocks (:func:`blocks_to_keep` says
+    None); None if no such size fits. For a cell that needs every block resident (torch.compile)."""
+    for scale in range(100, 0, -1):
+        h, w = height * scale // 100 // 16 * 16, width * scale // 100 // 16 * 16
+        if min(h, w) < 256:
+            return None
+        if blocks_to_keep(transformer, h, w, free_bytes=free_bytes) is None:
+            return h, w
+    return None
+
+
 def resident_blocks_that_fit(transformer: torch.nn.Module, budget_bytes: int, slots: int = 2) -> int:
     """The most blocks that can stay resident when the blocks may use ``budget_bytes`` of VRAM.
 
