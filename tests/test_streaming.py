@@ -173,3 +173,16 @@ def test_resident_blocks_streams_just_enough_or_says_it_cannot():
     assert streaming.most_resident(sizes, 4, sum(sizes) - 110) == keep
     with pytest.raises(streaming.DoesNotFit, match="streaming every block would free"):
         streaming.resident_blocks(sizes, 4, need_bytes=2000, free_bytes=20)
+
+
+def test_largest_size_resident_is_the_largest_whose_step_fits_next_to_every_block(plain):
+    """What notebook 09 suggests on a GPU too small to compile at its size: a size that really fits."""
+    from fluxnb import capacity
+
+    free = capacity.step_bytes(320, 320)
+    assert streaming.largest_size_resident(plain, 512, 512, free_bytes=free) == (320, 320)
+    assert streaming.blocks_to_keep(plain, 320, 320, free_bytes=free) is None
+    assert streaming.blocks_to_keep(plain, 336, 336, free_bytes=free) is not None
+    h, w = streaming.largest_size_resident(plain, 512, 1024, free_bytes=capacity.step_bytes(320, 640))
+    assert (h, w) == (320, 640)  # the aspect ratio is kept
+    assert streaming.largest_size_resident(plain, 512, 512, free_bytes=1000) is None  # not even 256x256
