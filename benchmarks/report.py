@@ -1,5 +1,6 @@
-"""Turn a results JSON into the markdown tables, the PNG chart, and the marked sections of README.md
-and notebook 04. Nothing here is typed by hand: rerun ``python -m benchmarks report`` after a run."""
+"""Turn a results JSON into the markdown tables, the PNG chart, ``docs/results.md`` (every measured
+table, written whole), README's short summary of it, and the marked sections of notebook 04. Nothing
+here is typed by hand: rerun ``python -m benchmarks report`` after a run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- fluxnb:benchmark-table:start -->", "<!-- fluxnb:benchmark-table:end -->"
 COURSE_START, COURSE_END = "<!-- fluxnb:course-table:start -->", "<!-- fluxnb:course-table:end -->"
+SUMMARY_START, SUMMARY_END = "<!-- fluxnb:summary:start -->", "<!-- fluxnb:summary:end -->"
 COURSE_RESULTS = ROOT / "fluxnb" / "results"  # package data: notebook 00 reads them on Colab too
+RESULTS_DOC = ROOT / "docs" / "results.md"  # every measured table, generated whole
+SUMMARY_RECIPES = (  # README's summary: the course's recipe on each target, and what the other extremes cost
+    ("staged-nf4-fp16", "a free Colab T4 (fp16)"), ("staged-nf4-expandable", "an 8 GB card (bf16)"),
+    ("nf4-streamed", "the least VRAM: every block streamed"), ("bf16-resident", "a big GPU, nothing quantized"),
+)
 
 
 def _f(value: Any, digits: int = 2) -> str:
@@ -336,15 +343,15 @@ def fill_facts(text: str, facts: dict[str, str]) -> str:
 
 
 def write_facts(facts: dict[str, str] | None = None) -> list[Path]:
-    """Rewrite the fact spans of README.md and every notebook's markdown; return the files changed."""
+    """Rewrite the fact spans of README.md, CONTRIBUTING.md and every notebook's markdown; return the files changed."""
     facts = facts or model_facts()
     changed = []
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    filled = fill_facts(text, facts)
-    if filled != text:
-        readme.write_text(filled)
-        changed.append(readme)
+    for page in (ROOT / "README.md", ROOT / "CONTRIBUTING.md"):
+        text = page.read_text()
+        filled = fill_facts(text, facts)
+        if filled != text:
+            page.write_text(filled)
+            changed.append(page)
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
         nb = json.loads(path.read_text())
         dirty = False
@@ -372,16 +379,78 @@ def course_markdown(folder: Path = COURSE_RESULTS) -> str:
 
 
 def write_course_docs(folder: Path = COURSE_RESULTS) -> str:
-    """Put the course tables into README.md and notebook 04, between the course-table markers."""
+    """Put the course tables into notebook 04, between the course-table markers; return them."""
     body = course_markdown(folder)
-    readme = ROOT / "README.md"
-    readme.write_text(replace_marked(readme.read_text(), body, COURSE_START, COURSE_END))
     update_notebook(ROOT / "notebooks" / "04_memory_profiling.ipynb", body, COURSE_START, COURSE_END)
     return body
 
 
+def results_document(course: str, benchmark: str, chart_path: str | None) -> str:
+    """``docs/results.md``, whole: the course inside each envelope, then every recipe on a GPU."""
+    chart_line = f"\n![benchmark chart](../{chart_path})\n" if chart_path else ""
+    return f"""# Measured: every figure of the course, with where it was measured
+
+Generated whole by `python -m benchmarks report` from the committed results (`fluxnb/results/course-*.json`,
+`benchmarks/results/*.json`); [benchmarks/README.md](../benchmarks/README.md) says which command made each
+and on which machine. Everything ran on the real FLUX.1-dev shapes with random weights (`random-dev`):
+memory and speed are real, image quality is not measured anywhere in this project.
+
+## The whole course inside a free Colab T4 and an 8 GB card
+
+`python -m fluxnb.course OUT --envelope NAME` on the lent GPU machines, oldest run first in each
+envelope: a notebook run again later (after a fix) counts by its latest run, in the summary on the
+front page and in `python -m fluxnb.planner`.
+
+{COURSE_START}
+{course.strip()}
+{COURSE_END}
+
+## Every recipe on a GPU
+
+Offloading and the streamed NF4 transformer (notebook 08) have their own table,
+[benchmarks/results/h100-offload.md](../benchmarks/results/h100-offload.md).
+
+{START}
+{benchmark.strip()}
+{chart_line}{END}
+"""
+
+
+def summary_markdown(data: dict[str, Any]) -> str:
+    """README's five rows: the course in each envelope (latest runs), and the recipes that bound it."""
+    from fluxnb.envelopes import ENVELOPES
+    from fluxnb.planner import T4, peak_tflops
+
+    rows = ["| what | result | measured on |", "|---|---|---|"]
+    order = list(ENVELOPES)
+    for run in sorted(data["course"], key=lambda r: order.index(r["envelope"]) if r["envelope"] in order else len(order)):
+        verdict = (f"all {run['notebooks']} notebooks pass" if not run["failed"]
+                   else f"{run['passed']} of {run['notebooks']} pass ({', '.join(run['failed'])} fail)")
+        rows.append(f"| the course inside `{run['envelope']}` ({run['vram_gib']} GiB VRAM, {run['ram_gib']:g} GiB RAM) "
+                    f"| {verdict}; VRAM peak {run['vram_peak_gib']:.2f} GiB | {run['gpu']}, {run['date']} |")
+    by_name = {(r["recipe"], r["size"]): r for r in data["recipes"]}
+    for name, what in SUMMARY_RECIPES:
+        row = by_name.get((name, "1024x1024"))
+        if row is not None and len(rows) < 7:
+            on_t4 = ""
+            if row["compute"] == "float16" and peak_tflops(row["gpu"]) and peak_tflops(T4):
+                on_t4 = f" (on a T4 about {row['s_per_step'] * peak_tflops(row['gpu']) / peak_tflops(T4):.1f} s, by datasheet FLOPS)"
+            rows.append(f"| {what}: `{name}`, 1024x1024 | {row['s_per_step']:.3f} s/step{on_t4}, VRAM peak "
+                        f"{row['vram_peak_gib']:.2f} GiB | {row['gpu']}, {row['date']} |")
+    return "\n".join(rows) + "\n\nAll of it, with the commands: [docs/results.md](docs/results.md).\n"
+
+
+def write_summary(data: dict[str, Any] | None = None) -> str:
+    """README's summary, between the summary markers, from ``fluxnb/results/recipes.json``."""
+    body = summary_markdown(data or json.loads(RECIPES_JSON.read_text()))
+    readme = ROOT / "README.md"
+    readme.write_text(replace_marked(readme.read_text(), body, SUMMARY_START, SUMMARY_END))
+    return body
+
+
 def write_all(results_path: Path, targets: bool = True) -> str:
-    """Regenerate ``<name>.md`` and ``<name>.png`` beside the JSON, and (``targets``) README + notebook 04."""
+    """Regenerate ``<name>.md`` and ``<name>.png`` beside the JSON, and (``targets``) docs/results.md,
+    README's summary, notebook 04's tables, recipes.json and the fact spans."""
     results_path = results_path.resolve()
     results = json.loads(results_path.read_text())
     text = markdown(results)
@@ -389,15 +458,16 @@ def write_all(results_path: Path, targets: bool = True) -> str:
     quant = quant_markdown(results)
     if quant and targets:  # package data: notebooks 05-07 print it, on Colab too
         (COURSE_RESULTS / f"quant-{results_path.stem}.md").write_text(quant)
-    if any(r.get("sizes") for r in results["recipes"].values()):  # nothing to chart otherwise
+    charted = any(r.get("sizes") for r in results["recipes"].values())
+    if charted:  # nothing to chart otherwise
         chart(results, results_path.with_suffix(".png"))
     if targets:
-        rel = results_path.with_suffix(".png").relative_to(ROOT).as_posix()
-        readme = ROOT / "README.md"
-        readme.write_text(replace_marked(readme.read_text(), f"{text}\n![benchmark chart]({rel})"))
+        rel = results_path.with_suffix(".png").relative_to(ROOT).as_posix() if charted else None
         update_notebook(ROOT / "notebooks" / "04_memory_profiling.ipynb", text)
-        write_course_docs()
-        write_recipes_json()
+        course = write_course_docs()
+        RESULTS_DOC.parent.mkdir(exist_ok=True)
+        RESULTS_DOC.write_text(results_document(course, text, rel))
+        write_summary(write_recipes_json())
         write_facts()
     return text
 

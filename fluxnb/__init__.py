@@ -1,12 +1,15 @@
 """fluxnb: the helper package of the course "FLUX.1 on small GPUs".
 
-Small on purpose: memory measurement (:mod:`fluxnb.memory`), machine checks (:mod:`fluxnb.environment`),
-the checkpoint switch and offline stand-ins (:mod:`fluxnb.checkpoints`), bitsandbytes on CPU for the
-tiny course (:mod:`fluxnb.cpu_bitsandbytes`), and the staged recipe the notebooks teach
-(:mod:`fluxnb.stages`), pre-quantized downloads (:mod:`fluxnb.prequantized`), and the course runner
-with its small-machine envelopes (:mod:`fluxnb.course`, :mod:`fluxnb.envelopes`) and dry run
-(:mod:`fluxnb.fit`), errors that say what to do next (:mod:`fluxnb.errors`),
-and every quantization backend as one call (:mod:`fluxnb.quantization`, notebooks 05-07).
+What a lesson imports: the staged recipe the notebooks teach (:mod:`fluxnb.stages`), the checkpoint
+switch and the offline stand-ins (:mod:`fluxnb.checkpoints`, :mod:`fluxnb.prequantized`), measuring
+(:mod:`fluxnb.memory`), the machine (:mod:`fluxnb.environment`), checks that say what to do before
+anything loads (:mod:`fluxnb.errors`, :mod:`fluxnb.exceptions`), what fits (:mod:`fluxnb.capacity`,
+:mod:`fluxnb.planner`), block streaming (:mod:`fluxnb.streaming`), bitsandbytes on a CPU
+(:mod:`fluxnb.cpu_bitsandbytes`) and the Studio (:mod:`fluxnb.studio`). Notebooks 05-10 import their
+own modules (:mod:`fluxnb.quantization`, :mod:`fluxnb.faster`, :mod:`fluxnb.multigpu`). The tools that
+rehearse the course on a GPU machine, the runner (:mod:`fluxnb.course`, :mod:`fluxnb.kernel`) and the dry
+run (:mod:`fluxnb.fit`), are not imported by ``import fluxnb``; :mod:`fluxnb.envelopes` describes the
+machines they rehearse. CONTRIBUTING.md lists every module.
 """
 
 from fluxnb.quiet import silence_torchvision_fallback
@@ -26,9 +29,7 @@ from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
 from fluxnb.envelopes import committed_run
 from fluxnb.environment import (
     available_ram_gib,
-    check_checkpoint_access,
     check_free_disk,
-    check_generation_request,
     find_hub_token,
     free_vram_gib,
     machine_info,
@@ -38,7 +39,11 @@ from fluxnb.environment import (
 )
 from fluxnb.streaming import blocks_to_keep, enable_block_streaming, resident_blocks_that_fit
 from fluxnb.errors import (
+    FluxnbError,
+    NeedsGPUError,
     NotEnoughVRAMError,
+    check_checkpoint_access,
+    check_generation_request,
     check_embeddings,
     check_latents_size,
     check_part,
@@ -89,7 +94,7 @@ __all__ = [
     "parameter_counts", "pick_dtype",
     "prequantized_checkpoint", "resident_blocks_that_fit", "resolve_checkpoint", "save_embeddings", "save_image", "saved_quantized_dir",
     "set_compute_dtype",
-    "NotEnoughVRAMError", "check_embeddings", "check_latents_size", "check_part", "check_size_fits", "estimate_vram_gib",
+    "FluxnbError", "NeedsGPUError", "NotEnoughVRAMError", "check_embeddings", "check_latents_size", "check_part", "check_size_fits", "estimate_vram_gib",
     "load_image_with_settings", "oom_advice", "prompt_truncation_notice",
     "Studio",
 ]

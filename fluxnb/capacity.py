@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-GIB = 1024**3
+GIB = 1024**3  # the one definition: fluxnb counts memory in GiB, as PyTorch's messages do
 CAPACITY = Path(__file__).parent / "results" / "capacity.json"
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 MARGIN_GIB = 0.2  # VRAM a plan leaves free: peaks move by a few hundred MiB between runs and drivers

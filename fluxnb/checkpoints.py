@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from fluxnb.environment import check_free_disk
-from fluxnb.errors import NeedsGPUError
+from fluxnb.exceptions import NeedsGPUError
 from fluxnb.quiet import no_progress_bars
 
 ENV_VAR = "FLUXNB_CHECKPOINT"
@@ -544,7 +544,7 @@ def build_random(variant: str = "dev", device: str | None = None, without_gpu: b
     The same ``device`` gives the same files; the CPU and a GPU give different random values.
 
     On a machine without a GPU nothing can run it, so the build is refused before anything is written
-    (:class:`fluxnb.errors.NeedsGPUError`, with its size and time) unless ``without_gpu`` is True or
+    (:class:`fluxnb.exceptions.NeedsGPUError`, with its size and time) unless ``without_gpu`` is True or
     ``FLUXNB_BUILD_WITHOUT_GPU=1``. A complete earlier build is returned anywhere.
     """
     if variant not in ("dev", "schnell"):

@@ -43,11 +43,11 @@ from typing import Any
 
 import psutil
 
+from fluxnb.capacity import GIB
 from fluxnb.envelopes import ENV_VAR, ENVELOPES, OTHERS_VAR, Envelope
 from fluxnb.memory import anon_ram_bytes
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-GIB = 1024**3
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 RESULTS_NAME = "course-results.json"
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from fluxnb.capacity import GIB
 from fluxnb.envelopes import active_envelope
 
-GIB = 1024**3
 LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "huggingface_hub")
 
 
@@ -169,32 +169,6 @@ def check_free_disk(path: str | os.PathLike[str], need_gb: float, what: str) -> 
         )
 
 
-def check_generation_request(height: int, width: int, steps: int, guidance: float | None = None,
-                             seed: int | None = None, prompt: str | None = None) -> None:
-    """Raise ``ValueError``/``TypeError`` for settings FLUX cannot use, with the nearest ones it can.
-
-    FLUX packs 2x2 latent patches and the VAE downsamples 8x, so sides must be multiples of 16.
-    ``seed`` and ``prompt`` are checked when given (:mod:`fluxnb.errors` says what each accepts).
-    """
-    from fluxnb.errors import check_guidance, check_prompt, check_seed, check_side, check_steps
-
-    check_side("height", height)
-    check_side("width", width)
-    check_steps(steps)
-    if guidance is not None:
-        check_guidance(guidance)
-    if seed is not None:
-        check_seed(seed)
-    if prompt is not None:
-        check_prompt(prompt)
-
-
-# Hub repos that need an accepted licence and a token. FLUX.1-schnell is Apache-2.0 and open.
-GATED_PREFIXES = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-Fill-dev",
-                  "black-forest-labs/FLUX.1-Kontext-dev", "black-forest-labs/FLUX.1-Krea-dev")
-DOWNLOAD_GB = {"dev": 34.0, "schnell": 34.0}
-
-
 def find_hub_token() -> str | None:
     """A Hugging Face token from ``HF_TOKEN``, an earlier ``login()``, or Colab's secret ``HF_TOKEN``.
 
@@ -216,45 +190,3 @@ def find_hub_token() -> str | None:
 def output_dir(name: str = "") -> Path:
     """Where notebooks write what they make: ``$FLUXNB_OUTPUT`` (default ``./outputs``), plus ``name``."""
     return Path(os.environ.get("FLUXNB_OUTPUT", "outputs")).expanduser() / name
-
-
-def check_checkpoint_access(checkpoint: str) -> None:
-    """Before any download: the folder or Hub repo exists, a gated repo has a token that may read it,
-    and the download fits on the disk.
-
-    A local folder must hold a complete checkpoint (``model_index.json``, weights not cut off). For a
-    Hub id, raise ``RuntimeError`` on a machine without a GPU (a Colab CPU runtime: the real model
-    would download 34 GB, then crawl), ``PermissionError`` if the repo is gated and no token is
-    configured, or the token is refused or has not accepted the licence, ``FileNotFoundError`` if
-    there is no such repo, ``ConnectionError`` without network (or offline) when it is not cached,
-    ``OSError`` if the Hugging Face cache's disk is too small for a download that is not cached yet.
-    The token is never printed.
-    """
-    from fluxnb.errors import check_checkpoint_folder, check_hub_access, check_repo_id, looks_like_path
-
-    if Path(checkpoint).expanduser().is_dir() or looks_like_path(checkpoint):
-        check_checkpoint_folder(checkpoint)
-        return
-    check_repo_id(checkpoint)
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            f"No GPU in this runtime, so {checkpoint} would download tens of GB and then run for hours on the CPU. "
-            "On Colab: Runtime -> Change runtime type -> T4 GPU (if the free GPU quota is used up, try again later). "
-            "Or learn the steps without a GPU on the tiny offline stand-in: uncomment "
-            "os.environ[\"FLUXNB_CHECKPOINT\"] = \"tiny\" in the parameters cell and run the notebook again."
-        )
-
-    token = find_hub_token()
-    if checkpoint.startswith(GATED_PREFIXES) and not token:
-        raise PermissionError(
-            f"{checkpoint} is gated: accept its licence on https://huggingface.co/{checkpoint}, then add a "
-            "read token as the Colab secret HF_TOKEN (or run huggingface_hub.login()). No token? Use "
-            "MODEL_ID = 'black-forest-labs/FLUX.1-schnell', which is open."
-        )
-    check_hub_access(checkpoint, token)
-    cached = try_to_load_from_cache(checkpoint, "model_index.json")
-    if not isinstance(cached, str):
-        need = DOWNLOAD_GB["schnell" if "schnell" in checkpoint.lower() else "dev"]
-        check_free_disk(constants.HF_HUB_CACHE, need, what=f"Downloading {checkpoint}")

@@ -31,17 +31,12 @@ from typing import Any
 
 import torch
 
+from fluxnb.capacity import GIB, course_recipe, estimate_vram_gib, largest_size_that_fits, recipe_dtype
+from fluxnb.checkpoints import is_stand_in
+from fluxnb import environment  # called as environment.x(): the machine, as tests replace it
+from fluxnb.exceptions import FluxnbError, NeedsGPUError  # noqa: F401  (raised here and by the modules below)
 from fluxnb.quiet import DropMessages
 
-GIB = 1024**3
-
-
-class FluxnbError(Exception):
-    """An error fluxnb raises on purpose: its message says what is wrong and what to do next."""
-
-
-class NeedsGPUError(FluxnbError, RuntimeError):
-    """What was asked for is of no use without a GPU (e.g. building the 34 GB random stand-in on a CPU)."""
 
 
 MAX_SIDE = 4096  # FLUX.1 was trained up to about 2 megapixels; beyond 4096 px a side is not a FLUX image
@@ -125,9 +120,27 @@ def check_max_sequence_length(max_sequence_length: Any) -> None:
                          "use fluxnb.generation_settings(MODEL_ID)['max_sequence_length'].")
 
 
+def check_generation_request(height: int, width: int, steps: int, guidance: float | None = None,
+                             seed: int | None = None, prompt: str | None = None) -> None:
+    """Raise ``ValueError``/``TypeError`` for settings FLUX cannot use, with the nearest ones it can.
+
+    FLUX packs 2x2 latent patches and the VAE downsamples 8x, so sides must be multiples of 16.
+    ``seed`` and ``prompt`` are checked when given (the checks above say what each accepts).
+    """
+    check_side("height", height)
+    check_side("width", width)
+    check_steps(steps)
+    if guidance is not None:
+        check_guidance(guidance)
+    if seed is not None:
+        check_seed(seed)
+    if prompt is not None:
+        check_prompt(prompt)
+
+
 # --- a size this GPU cannot hold ------------------------------------------------------------------
-# The memory model is fluxnb.capacity's (one place for "does it fit?"); these names stay importable here.
-from fluxnb.capacity import course_recipe, estimate_vram_gib, largest_size_that_fits, recipe_dtype  # noqa: E402
+# The memory model is fluxnb.capacity's (one place for "does it fit?"): course_recipe, estimate_vram_gib,
+# largest_size_that_fits and recipe_dtype are imported from there, and stay importable here.
 
 
 def check_size_fits(height: int, width: int, checkpoint: str | None = None, recipe: str | None = None,
@@ -138,18 +151,16 @@ def check_size_fits(height: int, width: int, checkpoint: str | None = None, reci
     or for the tiny stand-in (its memory is not FLUX's), nothing is checked. ``recipe``: a name in
     :data:`fluxnb.capacity.SIZE_MODEL_RECIPES` (default: the course's staged NF4 flow in this GPU's dtype).
     """
-    from fluxnb.checkpoints import is_stand_in
-    from fluxnb.environment import machine_info, pick_dtype
 
     check_side("height", height)
     check_side("width", width)
     if checkpoint is not None and is_stand_in(checkpoint) == "tiny":
         return
     if vram_gib is None:
-        vram_gib = machine_info().vram_gib
+        vram_gib = environment.machine_info().vram_gib
         if vram_gib is None:
             return
-    recipe = recipe or course_recipe(pick_dtype())
+    recipe = recipe or course_recipe(environment.pick_dtype())
     need = estimate_vram_gib(recipe, height, width)
     if need <= vram_gib:
         return
@@ -387,12 +398,11 @@ RECIPE_LADDER: tuple[tuple[str, str], ...] = (
 def next_recipe_that_fits(recipe: str, height: int, width: int, vram_gib: float) -> str:
     """The first recipe of :data:`RECIPE_LADDER` after ``recipe`` whose estimated peak fits ``vram_gib``
     at this size (and in a dtype this GPU has); else a smaller size with the last one."""
-    from fluxnb.environment import bf16_supported
 
     names = [name for name, _ in RECIPE_LADDER]
     start = names.index(recipe) + 1 if recipe in names else 0
     for name, script in RECIPE_LADDER[start:]:
-        if recipe_dtype(name) == str(torch.bfloat16) and not bf16_supported():
+        if recipe_dtype(name) == str(torch.bfloat16) and not environment.bf16_supported():
             continue  # a T4 has no bf16
         if estimate_vram_gib(name, height, width, stream_blocks=False) <= vram_gib:
             return f"{script}, estimated {estimate_vram_gib(name, height, width, stream_blocks=False):.1f} GiB at {height}x{width}"
@@ -405,7 +415,7 @@ def next_recipe_that_fits(recipe: str, height: int, width: int, vram_gib: float)
 NEXT_RECIPE: Callable[[str, int, int, float], str] = next_recipe_that_fits
 
 
-class NotEnoughVRAMError(torch.OutOfMemoryError):
+class NotEnoughVRAMError(FluxnbError, torch.OutOfMemoryError):
     """CUDA ran out of memory; the message says what was in use and which recipe to try next."""
 
 
@@ -424,18 +434,16 @@ def oom_advice(height: int, width: int, recipe: str | None = None, vram_gib: flo
     use when it happened, and the next recipe that fits (``NEXT_RECIPE``, a fixed list for now).
     ``recipe``: what is running (default: the course's staged NF4 flow in this GPU's dtype); ``vram_gib``:
     the GPU's total (default: this one's). The original error stays attached as the cause."""
-    from fluxnb.environment import pick_dtype
 
-    recipe = recipe or course_recipe(pick_dtype())
+    recipe = recipe or course_recipe(environment.pick_dtype())
     try:
         yield
     except torch.OutOfMemoryError as error:
         if isinstance(error, NotEnoughVRAMError):
             raise
-        from fluxnb.environment import machine_info
 
         in_use = memory_in_use()
-        total = vram_gib if vram_gib is not None else (machine_info().vram_gib or 0.0)
+        total = vram_gib if vram_gib is not None else (environment.machine_info().vram_gib or 0.0)
         raise NotEnoughVRAMError(
             f"CUDA ran out of memory during {recipe} at {height}x{width} ({in_use}). Next: "
             f"{NEXT_RECIPE(recipe, height, width, total)}. Restart the runtime (or del pipe; fluxnb.flush()) "
@@ -504,3 +512,49 @@ def check_hub_access(repo_id: str, token: str | None) -> None:
             f"The Hugging Face Hub cannot be reached ({type(error).__name__}) and {repo_id} is not cached: check "
             "the internet connection (a firewall, a proxy), or use the offline stand-in: FLUXNB_CHECKPOINT=tiny."
         ) from error
+
+
+# Hub repos that need an accepted licence and a token. FLUX.1-schnell is Apache-2.0 and open.
+GATED_PREFIXES = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-Fill-dev",
+                  "black-forest-labs/FLUX.1-Kontext-dev", "black-forest-labs/FLUX.1-Krea-dev")
+DOWNLOAD_GB = {"dev": 34.0, "schnell": 34.0}
+
+
+def check_checkpoint_access(checkpoint: str) -> None:
+    """Before any download: the folder or Hub repo exists, a gated repo has a token that may read it,
+    and the download fits on the disk.
+
+    A local folder must hold a complete checkpoint (``model_index.json``, weights not cut off). For a
+    Hub id, raise ``NeedsGPUError`` (a ``RuntimeError``) on a machine without a GPU (a Colab CPU runtime: the real model
+    would download 34 GB, then crawl), ``PermissionError`` if the repo is gated and no token is
+    configured, or the token is refused or has not accepted the licence, ``FileNotFoundError`` if
+    there is no such repo, ``ConnectionError`` without network (or offline) when it is not cached,
+    ``OSError`` if the Hugging Face cache's disk is too small for a download that is not cached yet.
+    The token is never printed.
+    """
+    if Path(checkpoint).expanduser().is_dir() or looks_like_path(checkpoint):
+        check_checkpoint_folder(checkpoint)
+        return
+    check_repo_id(checkpoint)
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not torch.cuda.is_available():
+        raise NeedsGPUError(
+            f"No GPU in this runtime, so {checkpoint} would download tens of GB and then run for hours on the CPU. "
+            "On Colab: Runtime -> Change runtime type -> T4 GPU (if the free GPU quota is used up, try again later). "
+            "Or learn the steps without a GPU on the tiny offline stand-in: uncomment "
+            "os.environ[\"FLUXNB_CHECKPOINT\"] = \"tiny\" in the parameters cell and run the notebook again."
+        )
+
+    token = environment.find_hub_token()
+    if checkpoint.startswith(GATED_PREFIXES) and not token:
+        raise PermissionError(
+            f"{checkpoint} is gated: accept its licence on https://huggingface.co/{checkpoint}, then add a "
+            "read token as the Colab secret HF_TOKEN (or run huggingface_hub.login()). No token? Use "
+            "MODEL_ID = 'black-forest-labs/FLUX.1-schnell', which is open."
+        )
+    check_hub_access(checkpoint, token)
+    cached = try_to_load_from_cache(checkpoint, "model_index.json")
+    if not isinstance(cached, str):
+        need = DOWNLOAD_GB["schnell" if "schnell" in checkpoint.lower() else "dev"]
+        environment.check_free_disk(constants.HF_HUB_CACHE, need, what=f"Downloading {checkpoint}")

@@ -43,10 +43,10 @@ from typing import Any
 import torch
 
 from fluxnb.checkpoints import build_random, cache_dir, is_stand_in, resolve_checkpoint, stand_in_dir
-from fluxnb.errors import NeedsGPUError
+from fluxnb.errors import NeedsGPUError, check_generation_request
 from fluxnb.course import signal_name
 from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
-from fluxnb.environment import check_generation_request, machine_info, pick_dtype
+from fluxnb.environment import machine_info, pick_dtype
 from fluxnb.memory import MemoryTracker, StepTimer, flush, records_to_markdown
 from fluxnb.stages import (
     decode,

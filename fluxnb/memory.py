@@ -29,9 +29,9 @@ from typing import Any
 import psutil
 import torch
 
+from fluxnb.capacity import GIB
 from fluxnb.envelopes import others_vram_bytes
 
-GIB = 1024**3
 
 
 def bytes_to_giga_bytes(n_bytes: float) -> float:

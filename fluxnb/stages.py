@@ -23,9 +23,9 @@ import torch
 from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file, safe_open, save_file
 
-from fluxnb.environment import check_generation_request
-from fluxnb.errors import (check_embeddings, check_embeddings_settings, check_latents_size, check_max_sequence_length,
+from fluxnb.errors import (check_embeddings, check_generation_request, check_embeddings_settings, check_latents_size, check_max_sequence_length,
                            check_part, check_prompt, check_safetensors_file, prompt_truncation_notice)
+from fluxnb.exceptions import FluxnbError
 from fluxnb.memory import StepTimer, flush
 
 
@@ -195,7 +195,7 @@ def load_denoising_pipeline(checkpoint: str, transformer: Any, dtype: torch.dtyp
 # --- 03: denoise, decode, save ------------------------------------------------------------------
 
 
-class NonFiniteLatentsError(FloatingPointError):
+class NonFiniteLatentsError(FluxnbError, FloatingPointError):
     """The denoiser produced NaN or inf (typically fp16 overflow on GPUs without bf16)."""
 
 

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 
 from fluxnb.capacity import GIB, step_bytes
+from fluxnb import environment  # environment.free_vram_gib(), as tests and envelopes set it
+from fluxnb.exceptions import FluxnbError
 from fluxnb.capacity import step_bytes as denoise_headroom_bytes  # noqa: F401  (notebook 04's name for it)
 
 ALIGN = 256  # bytes: every tensor in a packed buffer starts on a boundary the GPU kernels like
@@ -410,7 +412,7 @@ def enable_block_streaming(transformer: torch.nn.Module, device: torch.device | 
     return streamer
 
 
-class DoesNotFit(ValueError):
+class DoesNotFit(FluxnbError, ValueError):
     """Even with every transformer block streamed from host RAM, the stage does not fit the free VRAM."""
 
 
@@ -489,9 +491,7 @@ def blocks_to_keep(transformer: torch.nn.Module, height: int, width: int, free_b
     without a GPU there is nothing to decide: None.
     """
     if free_bytes is None:
-        from fluxnb.environment import free_vram_gib
-
-        free_gib = free_vram_gib()
+        free_gib = environment.free_vram_gib()
         if free_gib is None:
             return None
         free_bytes = int(free_gib * 2**30)

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from fluxnb import capacity, stages, streaming
-from fluxnb.environment import available_ram_gib, check_generation_request, free_vram_gib
-from fluxnb.errors import FluxnbError
+from fluxnb import capacity, planner, stages, streaming
+from fluxnb.environment import available_ram_gib, bf16_supported, free_vram_gib
+from fluxnb.errors import FluxnbError, check_generation_request
 from fluxnb.memory import GIB, StepTimer, anon_ram_bytes, device_used_bytes, flush
 
 MAX_IMAGES = 8  # per click: each image is a full generation
@@ -457,10 +457,7 @@ class Studio:
         """", about N s" on a GPU fluxnb has measured or can scale to (:func:`fluxnb.planner.step_seconds`)."""
         if not torch.cuda.is_available():
             return ""
-        from fluxnb.environment import bf16_supported
-        from fluxnb.planner import step_seconds
-
-        per_step = step_seconds(request.height, request.width, torch.cuda.get_device_name(0), bf16_supported())
+        per_step = planner.step_seconds(request.height, request.width, torch.cuda.get_device_name(0), bf16_supported())
         return "" if per_step is None else f", about {request.steps * per_step:.0f} s (an estimate)"
 
     def _metadata(self, request: Request, seed: int) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def test_fact_spans_are_current_and_the_scan_can_fail():
 
     facts = report.model_facts()
     assert facts["transformer_params"] == "11.9B" and facts["t4_vram_gib"] == "14.74 GiB"
-    for path in [*NOTEBOOKS, report.ROOT / "README.md"]:
+    for path in [*NOTEBOOKS, report.ROOT / "README.md", report.ROOT / "CONTRIBUTING.md"]:
         texts = [_source(c) for c in _cells(path) if c["cell_type"] == "markdown"] if path.suffix == ".ipynb" \
             else [path.read_text()]
         for text in texts:
