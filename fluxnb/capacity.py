@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -227,16 +227,23 @@ def recipe_dtype(recipe: str) -> str:
     return str(_data()["recipes"][recipe]["compute_dtype"])
 
 
-def largest_size_that_fits(recipe: str, height: int, width: int, vram_gib: float) -> tuple[int, int] | None:
-    """The largest size with about the aspect ratio of ``height`` x ``width`` (multiples of 16) that
-    :func:`estimate_vram_gib` puts within ``vram_gib``; None if not even 256 px a side fits."""
-    for scale in [s / 100 for s in range(99, 0, -1)]:
+def largest_size_where(height: int, width: int, fits: Callable[[int, int], bool],
+                       start_percent: int = 99) -> tuple[int, int] | None:
+    """The largest size with about the aspect ratio of ``height`` x ``width`` (multiples of 16, at least 256
+    pixels a side, from ``start_percent`` of it down) for which ``fits(h, w)``; None if none does."""
+    for scale in [s / 100 for s in range(start_percent, 0, -1)]:
         h, w = max(16, int(height * scale) // 16 * 16), max(16, int(width * scale) // 16 * 16)
         if min(h, w) < 256:
             return None
-        if estimate_vram_gib(recipe, h, w) <= vram_gib:
+        if fits(h, w):
             return h, w
     return None
+
+
+def largest_size_that_fits(recipe: str, height: int, width: int, vram_gib: float) -> tuple[int, int] | None:
+    """The largest size with about the aspect ratio of ``height`` x ``width`` (multiples of 16) that
+    :func:`estimate_vram_gib` puts within ``vram_gib``; None if not even 256 px a side fits."""
+    return largest_size_where(height, width, lambda h, w: estimate_vram_gib(recipe, h, w) <= vram_gib)
 
 
 def course_recipe(dtype: Any = None) -> str:

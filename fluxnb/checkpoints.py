@@ -355,7 +355,7 @@ def save_file_streamed(path: str | os.PathLike[str], specs: dict[str, tuple[tupl
             del tensor
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_hub_json(path: Path, data: dict[str, Any]) -> None:
     """JSON as the Hub's configs and indexes are written: two-space indent, sorted keys, a final newline."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -413,7 +413,7 @@ def write_streamed(model: Any, folder: str | os.PathLike[str], seed: int, device
     files, index_name = shard_layout(model, max_shard_bytes)
     folder.mkdir(parents=True, exist_ok=True)
     if config is not None:
-        _write_json(folder / "config.json", config)
+        write_hub_json(folder / "config.json", config)
     elif isinstance(model, PreTrainedModel):  # what transformers' save_pretrained writes besides the weights
         model.config.dtype = str(model.dtype).split(".")[1]
         model.config.architectures = [type(model).__name__]
@@ -428,7 +428,7 @@ def write_streamed(model: Any, folder: str | os.PathLike[str], seed: int, device
     if index_name is not None:
         total = sum(math.prod(shape) * dtype.itemsize for specs in files.values() for shape, dtype in specs.values())
         weight_map = {key: filename for filename, specs in files.items() for key in specs}
-        _write_json(folder / index_name, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_hub_json(folder / index_name, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _write_pipeline(folder: Path, variant: str, tiny: bool, device: str, dtype: torch.dtype) -> None:
@@ -459,7 +459,7 @@ def _write_pipeline(folder: Path, variant: str, tiny: bool, device: str, dtype: 
             with no_progress_bars():  # "Writing model shards": fluxnb's bookkeeping, not the learner's
                 part.save_pretrained(folder / name)
         if real is not None and not stream:  # the Hub's own file, not the one saved anew
-            _write_json(folder / name / ("scheduler_config.json" if name == "scheduler" else "config.json"), real)
+            write_hub_json(folder / name / ("scheduler_config.json" if name == "scheduler" else "config.json"), real)
         library = "transformers" if type(part).__module__.startswith("transformers") else "diffusers"
         index[name] = [library, type(part).__name__]
         del part
@@ -468,7 +468,7 @@ def _write_pipeline(folder: Path, variant: str, tiny: bool, device: str, dtype: 
     if tiny:
         (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     else:
-        _write_json(folder / "model_index.json", real_config(variant, "model_index"))
+        write_hub_json(folder / "model_index.json", real_config(variant, "model_index"))
 
 
 def _is_complete(folder: Path, kind: str) -> bool:

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from fluxnb.checkpoints import ENV_VAR, STAND_INS, cache_dir, resolve_checkpoint, variant_of
+from fluxnb.checkpoints import ENV_VAR, STAND_INS, cache_dir, resolve_checkpoint, variant_of, write_hub_json
 from fluxnb.environment import check_free_disk
 from fluxnb.memory import flush
 from fluxnb.quiet import no_progress_bars
@@ -77,10 +77,6 @@ QUANTIZATION_CONFIG_KEYS = ("_load_in_4bit", "_load_in_8bit", "bnb_4bit_compute_
 _T5_KEYS_NEWER = ("dtype", "is_decoder", "scale_decoder_outputs")
 _T5_KEYS_OLDER = {"decoder_start_token_id": 0, "output_past": True}
 _DIFFUSERS_KEYS_NEWER = ("out_channels",)  # FluxTransformer2DModel's, added after 0.31
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def to_hub_package_form(folder: str | Path, source: str = "black-forest-labs/FLUX.1-dev") -> None:
@@ -112,11 +108,11 @@ def to_hub_package_form(folder: str | Path, source: str = "black-forest-labs/FLU
         if missing:
             raise ValueError(f"{folder}: its quantization_config lacks {missing}: is it a bitsandbytes 4-bit package?")
         config["quantization_config"] = {key: quantization[key] for key in QUANTIZATION_CONFIG_KEYS}
-    _write_json(folder / "text_encoder_2" / "config.json", t5)
-    _write_json(folder / "transformer" / "config.json", transformer)
+    write_hub_json(folder / "text_encoder_2" / "config.json", t5)
+    write_hub_json(folder / "transformer" / "config.json", transformer)
     for index in folder.glob("*/*.safetensors.index.json"):
         data = json.loads(index.read_text())
-        _write_json(index, {"metadata": {"total_size": data["metadata"]["total_size"]}, "weight_map": data["weight_map"]})
+        write_hub_json(index, {"metadata": {"total_size": data["metadata"]["total_size"]}, "weight_map": data["weight_map"]})
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

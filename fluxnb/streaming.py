@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from fluxnb.capacity import GIB, step_bytes
+from fluxnb.capacity import GIB, largest_size_where, step_bytes
 from fluxnb import environment  # environment.free_vram_gib(), as tests and envelopes set it
 from fluxnb.exceptions import FluxnbError
 from fluxnb.capacity import step_bytes as denoise_headroom_bytes  # noqa: F401  (notebook 04's name for it)
@@ -459,13 +459,8 @@ def largest_size_resident(transformer: torch.nn.Module, height: int, width: int,
     """The largest size with about the aspect ratio of ``height`` x ``width`` (multiples of 16, at least 256
     pixels a side) whose step fits next to all of ``transformer``'s blocks (:func:`blocks_to_keep` says
     None); None if no such size fits. For a cell that needs every block resident (torch.compile)."""
-    for scale in range(100, 0, -1):
-        h, w = height * scale // 100 // 16 * 16, width * scale // 100 // 16 * 16
-        if min(h, w) < 256:
-            return None
-        if blocks_to_keep(transformer, h, w, free_bytes=free_bytes) is None:
-            return h, w
-    return None
+    return largest_size_where(height, width, lambda h, w: blocks_to_keep(transformer, h, w, free_bytes=free_bytes) is None,
+                              start_percent=100)
 
 
 def resident_blocks_that_fit(transformer: torch.nn.Module, budget_bytes: int, slots: int = 2) -> int:
