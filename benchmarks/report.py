@@ -419,7 +419,7 @@ Offloading and the streamed NF4 transformer (notebook 08) have their own table,
 def summary_markdown(data: dict[str, Any]) -> str:
     """README's five rows: the course in each envelope (latest runs), and the recipes that bound it."""
     from fluxnb.envelopes import ENVELOPES
-    from fluxnb.planner import T4, peak_tflops
+    from fluxnb.planner import T4, scaled_seconds
 
     rows = ["| what | result | measured on |", "|---|---|---|"]
     order = list(ENVELOPES)
@@ -432,9 +432,8 @@ def summary_markdown(data: dict[str, Any]) -> str:
     for name, what in SUMMARY_RECIPES:
         row = by_name.get((name, "1024x1024"))
         if row is not None and len(rows) < 7:
-            on_t4 = ""
-            if row["compute"] == "float16" and peak_tflops(row["gpu"]) and peak_tflops(T4):
-                on_t4 = f" (on a T4 about {row['s_per_step'] * peak_tflops(row['gpu']) / peak_tflops(T4):.1f} s, by datasheet FLOPS)"
+            t4 = scaled_seconds(row["s_per_step"], row["gpu"], T4) if row["compute"] == "float16" else None
+            on_t4 = "" if t4 is None else f" (on a T4 about {t4:.1f} s, by datasheet FLOPS)"
             rows.append(f"| {what}: `{name}`, 1024x1024 | {row['s_per_step']:.3f} s/step{on_t4}, VRAM peak "
                         f"{row['vram_peak_gib']:.2f} GiB | {row['gpu']}, {row['date']} |")
     return "\n".join(rows) + "\n\nAll of it, with the commands: [docs/results.md](docs/results.md).\n"

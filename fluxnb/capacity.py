@@ -2,7 +2,7 @@
 
 The one place that answers "does it fit?": how much a denoising step needs on top of the loaded
 weights, a VAE decode (whole, or in tiles), a step cache, and so how many transformer blocks must
-stream from host RAM for a size to fit (:func:`resident_blocks`); and, per recipe, the peak VRAM of a
+stream from host RAM for a size to fit (:func:`fluxnb.streaming.resident_blocks` counts them); and, per recipe, the peak VRAM of a
 whole image (:func:`estimate_vram_gib`, which :func:`fluxnb.check_size_fits` and the OOM advice use).
 
 Every number comes from :data:`CAPACITY` (``fluxnb/results/capacity.json``), which
@@ -124,7 +124,6 @@ def needs_from_benchmarks(main: Mapping[str, Any], offload: Mapping[str, Any]) -
     tiled_slack = max(s["vram_reserved_gib"] - s["vram_allocated_gib"] for _, _, s in tiled)
     streamed = offload["recipes"]["nf4-streamed"]
     streamed_load = next(s for name, s in _stages(streamed).items() if name.startswith("load NF4 transformer"))
-    context = stages["load saved embeddings"]
     reference = {h * w: s["vram_allocated_gib"] for h, w, s in _sized(main["recipes"]["staged-nf4-steps"], "denoise")}
     caches = {}
     for name, run in main["recipes"].items():
@@ -140,7 +139,6 @@ def needs_from_benchmarks(main: Mapping[str, Any], offload: Mapping[str, Any]) -
         "decode_tiled": {"gib": round(tiled_need, 3), "slack_gib": round(tiled_slack, 3), "tile_pixels": 512},
         "vae_gib": round(vae_weights, 3),
         "all_streamed_resident_gib": streamed_load["vram_allocated_gib"],
-        "cuda_context_gib": round(context["vram_device_gib"] - context["vram_reserved_gib"], 3),
         "cache_gib_per_1000_tokens": dict(sorted(caches.items())),
     }
 
@@ -194,11 +192,6 @@ def all_streamed_resident_bytes() -> int:
     """What stays on the GPU when every transformer block streams: two block slots, the layers that are
     not blocks, and the VAE (the NF4 transformer of FLUX.1's shapes)."""
     return int(_needs()["all_streamed_resident_gib"] * GIB)
-
-
-def cuda_context_gib() -> float:
-    """The CUDA context's device memory, as measured with the course's libraries (before loading anything)."""
-    return float(_needs()["cuda_context_gib"])
 
 
 # --- a whole image, per recipe (the course's recipes) ---------------------------------------------

@@ -101,11 +101,16 @@ SCHEDULER_DEV: dict[str, Any] = dict(
 SCHEDULER_SCHNELL: dict[str, Any] = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
 
+def config_path(part: str) -> str:
+    """Where a diffusers-format repository keeps ``part``'s config ("transformer", ..., "scheduler",
+    or "model_index"), relative to the repository: ``transformer/config.json``, ``model_index.json`` ..."""
+    return {"model_index": "model_index.json", "scheduler": "scheduler/scheduler_config.json"}.get(part, f"{part}/config.json")
+
+
 def real_config(variant: str, part: str) -> dict[str, Any]:
-    """The Hub repository's own config of ``part`` ("transformer", "text_encoder_2", ..., "scheduler",
-    or "model_index") for FLUX.1-``variant``, as its file holds it (``_diffusers_version`` and all)."""
-    name = {"model_index": "model_index.json", "scheduler": "scheduler/scheduler_config.json"}.get(part, f"{part}/config.json")
-    return json.loads((CONFIGS / REPOSITORIES[variant] / name).read_text())
+    """The Hub repository's own config of ``part`` (:func:`config_path`) for FLUX.1-``variant``, as its
+    file holds it (``_diffusers_version`` and all)."""
+    return json.loads((CONFIGS / REPOSITORIES[variant] / config_path(part)).read_text())
 
 
 def real_files(variant: str) -> dict[str, int]:
@@ -459,7 +464,7 @@ def _write_pipeline(folder: Path, variant: str, tiny: bool, device: str, dtype: 
             with no_progress_bars():  # "Writing model shards": fluxnb's bookkeeping, not the learner's
                 part.save_pretrained(folder / name)
         if real is not None and not stream:  # the Hub's own file, not the one saved anew
-            write_hub_json(folder / name / ("scheduler_config.json" if name == "scheduler" else "config.json"), real)
+            write_hub_json(folder / config_path(name), real)
         library = "transformers" if type(part).__module__.startswith("transformers") else "diffusers"
         index[name] = [library, type(part).__name__]
         del part
@@ -468,7 +473,7 @@ def _write_pipeline(folder: Path, variant: str, tiny: bool, device: str, dtype: 
     if tiny:
         (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     else:
-        write_hub_json(folder / "model_index.json", real_config(variant, "model_index"))
+        write_hub_json(folder / config_path("model_index"), real_config(variant, "model_index"))
 
 
 def _is_complete(folder: Path, kind: str) -> bool:

@@ -94,6 +94,13 @@ def _why_not(row: dict[str, Any], vram: float | None, ram: float | None, gpus: i
     return None
 
 
+def scaled_seconds(seconds: float, measured_on: str | None, gpu_name: str | None) -> float | None:
+    """``seconds`` measured on one GPU, scaled to another by their datasheet tensor FLOPS (a rough
+    guide); None where either GPU is not in :data:`PEAK_TFLOPS`."""
+    there, here = peak_tflops(measured_on), peak_tflops(gpu_name)
+    return None if there is None or here is None else seconds * there / here
+
+
 def _speed_note(row: dict[str, Any], gpu_name: str | None) -> str:
     """s/step where it was measured, and a rough figure for this GPU where the two differ."""
     text = f"{row['s_per_step']:.3f} s/step measured on {row['gpu']} ({row['date']})"
@@ -101,12 +108,11 @@ def _speed_note(row: dict[str, Any], gpu_name: str | None) -> str:
         text += f" for {row['images_at_once']} images at once"
     if not gpu_name or gpu_name == row["gpu"]:
         return text
-    here, there = peak_tflops(gpu_name), peak_tflops(row["gpu"])
-    if here is None or there is None:
+    guess = scaled_seconds(row["s_per_step"], row["gpu"], gpu_name)
+    if guess is None:
         return text + f"; your {gpu_name} is not in fluxnb's table of GPUs, so no estimate: time a step with StepTimer"
-    guess = row["s_per_step"] * there / here
     return (text + f"; on your {gpu_name} roughly {guess:.2f} s/step or slower (scaled by datasheet tensor "
-            f"FLOPS {there:g}/{here:g}, a rough guide: measure it with StepTimer)")
+            f"FLOPS {peak_tflops(row['gpu']):g}/{peak_tflops(gpu_name):g}, a rough guide: measure it with StepTimer)")
 
 
 def plan(vram_gib: float | None = None, ram_gib: float | None = None, gpu_count: int | None = None,
@@ -203,13 +209,12 @@ def step_seconds(height: int, width: int, gpu_name: str | None, bf16: bool = Tru
     data = load_recipes() if data is None else data
     name = "staged-nf4" if bf16 else "staged-nf4-fp16"
     rows = [r for r in data["recipes"] if r["recipe"] == name]
-    here = peak_tflops(gpu_name)
-    if len(rows) < 2 or here is None:
+    if len(rows) < 2:
         return None
     points = sorted((tokens(*map(int, r["size"].split("x"))), r["s_per_step"]) for r in rows)[:2]
     (t0, s0), (t1, s1) = points
     measured = s0 + (s1 - s0) / (t1 - t0) * (tokens(height, width) - t0)
-    return max(measured, 0.001) * peak_tflops(rows[0]["gpu"]) / here
+    return scaled_seconds(max(measured, 0.001), rows[0]["gpu"], gpu_name)
 
 
 def _about(seconds: float) -> str:

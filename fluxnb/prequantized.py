@@ -50,7 +50,8 @@ from pathlib import Path
 
 import torch
 
-from fluxnb.checkpoints import ENV_VAR, STAND_INS, cache_dir, resolve_checkpoint, variant_of, write_hub_json
+from fluxnb.checkpoints import (ENV_VAR, REAL_MAX_SHARD_BYTES, STAND_INS, cache_dir, resolve_checkpoint, variant_of,
+                                write_hub_json)  # REAL_MAX_SHARD_BYTES: the 2024 libraries' shard sizes, as the Hub package was cut
 from fluxnb.environment import check_free_disk
 from fluxnb.memory import flush
 from fluxnb.quiet import no_progress_bars
@@ -67,7 +68,6 @@ PACKAGE_FORM = 2  # 2: the Hub package's 2024 form (to_hub_package_form); older 
 HUB_PACKAGE_VERSIONS = {"diffusers": "0.31.0.dev0", "transformers": "4.46.0.dev0"}
 """The library versions of the Hub package's era (see the module docstring), written into the stand-in's
 configs as the Hub package's files carry theirs."""
-HUB_PACKAGE_SHARD_BYTES = {"transformer": 10 * 10**9, "text_encoder_2": 5 * 10**9}  # the defaults of that era
 QUANTIZATION_CONFIG_KEYS = ("_load_in_4bit", "_load_in_8bit", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage",
                             "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "llm_int8_enable_fp32_cpu_offload",
                             "llm_int8_has_fp16_weight", "llm_int8_skip_modules", "llm_int8_threshold",
@@ -194,12 +194,12 @@ def export_prequantized(checkpoint: str, folder: str | Path, dtype: torch.dtype)
     encoders = load_text_encoders_4bit(checkpoint, dtype)
     with no_progress_bars():  # "Writing model shards": fluxnb's bookkeeping, not the learner's
         encoders.text_encoder_2.save_pretrained(staging / "text_encoder_2",
-                                                max_shard_size=HUB_PACKAGE_SHARD_BYTES["text_encoder_2"])
+                                                max_shard_size=REAL_MAX_SHARD_BYTES["text_encoder_2"])
     del encoders
     flush()
     transformer = load_transformer_4bit(checkpoint, dtype)
     with no_progress_bars():
-        transformer.save_pretrained(staging / "transformer", max_shard_size=HUB_PACKAGE_SHARD_BYTES["transformer"])
+        transformer.save_pretrained(staging / "transformer", max_shard_size=REAL_MAX_SHARD_BYTES["transformer"])
     del transformer
     flush()
     to_hub_package_form(staging, source=ORIGINALS[variant_of(str(checkpoint))])

@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 
-from fluxnb.capacity import GIB, largest_size_where, step_bytes
 from fluxnb import environment  # environment.free_vram_gib(), as tests and envelopes set it
-from fluxnb.exceptions import FluxnbError
+from fluxnb.capacity import GIB, largest_size_where, step_bytes
 from fluxnb.capacity import step_bytes as denoise_headroom_bytes  # noqa: F401  (notebook 04's name for it)
+from fluxnb.exceptions import FluxnbError
 
 ALIGN = 256  # bytes: every tensor in a packed buffer starts on a boundary the GPU kernels like
 QUANT_STATE_TENSORS = ("absmax", "code", "offset")  # bitsandbytes QuantState fields that are tensors
@@ -459,8 +459,10 @@ def largest_size_resident(transformer: torch.nn.Module, height: int, width: int,
     """The largest size with about the aspect ratio of ``height`` x ``width`` (multiples of 16, at least 256
     pixels a side) whose step fits next to all of ``transformer``'s blocks (:func:`blocks_to_keep` says
     None); None if no such size fits. For a cell that needs every block resident (torch.compile)."""
-    return largest_size_where(height, width, lambda h, w: blocks_to_keep(transformer, h, w, free_bytes=free_bytes) is None,
-                              start_percent=100)
+    free = _free_bytes(free_bytes)
+    sizes = [block_bytes(b) for b in transformer_blocks(transformer)]  # once, not once per size tried
+    return largest_size_where(height, width, lambda h, w: _keep(sizes, len(transformer.transformer_blocks),
+                                                                step_bytes(h, w), free) is None, start_percent=100)
 
 
 def resident_blocks_that_fit(transformer: torch.nn.Module, budget_bytes: int, slots: int = 2) -> int:
@@ -485,14 +487,24 @@ def blocks_to_keep(transformer: torch.nn.Module, height: int, width: int, free_b
     every block leaves too little (then stream them all: it is the least VRAM there is). On a machine
     without a GPU there is nothing to decide: None.
     """
-    if free_bytes is None:
-        free_gib = environment.free_vram_gib()
-        if free_gib is None:
-            return None
-        free_bytes = int(free_gib * 2**30)
     need = step_bytes(height, width, text_tokens) if need_bytes is None else need_bytes
     sizes = [block_bytes(b) for b in transformer_blocks(transformer)]
+    return _keep(sizes, len(transformer.transformer_blocks), need, _free_bytes(free_bytes))
+
+
+def _free_bytes(free_bytes: int | None) -> int | None:
+    """``free_bytes``, or the VRAM free now (:func:`fluxnb.free_vram_gib`: an envelope's); None without a GPU."""
+    if free_bytes is not None:
+        return free_bytes
+    free_gib = environment.free_vram_gib()
+    return None if free_gib is None else int(free_gib * 2**30)
+
+
+def _keep(sizes: Sequence[int], n_double: int, need_bytes: int, free_bytes: int | None) -> int | None:
+    """:func:`blocks_to_keep`'s answer from the blocks' sizes: None (all stay; or no GPU), else how many."""
+    if free_bytes is None:
+        return None
     try:
-        return resident_blocks(sizes, len(transformer.transformer_blocks), need, free_bytes)
+        return resident_blocks(sizes, n_double, need_bytes, free_bytes)
     except DoesNotFit:
         return 0

@@ -545,8 +545,9 @@ class Studio:
             stages.tile_vae(pipe.vae)
         else:
             pipe.vae.disable_tiling()
-        if room.sentence(len(blocks), width, height):
-            self._say(room.sentence(len(blocks), width, height))
+        sentence = room.sentence(len(blocks), width, height)
+        if sentence:
+            self._say(sentence)
 
     def close(self) -> None:
         """Free every model the Studio holds (to run something else in the same kernel)."""
