@@ -1,11 +1,16 @@
 """Every notebook's header and footer, its Colab metadata and install line, and README's badges, made
 from one list so no link can drift:
 
-    python .ci/navigation.py            # rewrite notebooks/*.ipynb and README.md
-    python .ci/navigation.py --check    # exit 1 if anything would change (tests/test_navigation.py)
+    python .ci/navigation.py                    # rewrite notebooks/*.ipynb, notebooks/solutions/*.ipynb, README.md
+    python .ci/navigation.py --check            # exit 1 if anything would change (tests/test_navigation.py)
+    python .ci/navigation.py --solutions-only   # only notebooks/solutions/ (while the lessons are being edited)
 
 The header (between ``fluxnb:nav`` markers at the top of the first cell) has the Colab and Binder
-badges and links to the previous and next notebook; the footer (the last cell) says what comes next.
+badges and links to the previous and next notebook; the footer (the last cell) says what comes next
+and links to the lesson's solutions. Each lesson in ``COURSE`` has one solutions notebook,
+``notebooks/solutions/<lesson>_solutions.ipynb`` (derived from ``COURSE``, never listed twice): its header
+has the same badges and a link back to its lesson, its footer leads to the next lesson's solutions, and
+its setup cell is the lesson's (the same Colab install line).
 Colab's metadata asks for a T4 GPU. ``REPO`` is the one place the repository's GitHub path is written.
 """
 
@@ -33,6 +38,7 @@ COURSE = [  # (file, title): the course, in order
     ("10_multi_gpu.ipynb", "10 · Two GPUs: split the model, share one image, or make two"),
     ("11_studio.ipynb", "11 · The Studio"),
 ]
+SOLUTIONS = "solutions"  # notebooks/solutions/: one notebook of worked answers per lesson
 START, END = "<!-- fluxnb:nav:start -->", "<!-- fluxnb:nav:end -->"
 FOOTER = "<!-- fluxnb:footer -->"
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
@@ -41,6 +47,7 @@ INSTALL = re.compile(r'%pip install -q "fluxnb @ git\+https://github\.com/[^"]+"
 
 
 def colab_url(name: str) -> str:
+    """Colab's link to ``notebooks/<name>`` (``name`` may be ``solutions/<file>``)."""
     return f"https://colab.research.google.com/github/{REPO}/blob/{BRANCH}/notebooks/{name}"
 
 
@@ -48,9 +55,23 @@ def binder_url(name: str | None = None) -> str:
     return f"https://mybinder.org/v2/gh/{REPO}/{BRANCH}?urlpath=lab/tree/notebooks" + (f"/{name}" if name else "")
 
 
+def solutions_name(lesson: str) -> str:
+    """The solutions notebook of a lesson: ``03_generate.ipynb`` -> ``03_generate_solutions.ipynb``."""
+    return f"{Path(lesson).stem}_solutions.ipynb"
+
+
+def solutions_title(i: int) -> str:
+    """The heading a solutions notebook's first cell carries: ``Solutions · 03 · Generate``."""
+    return f"Solutions · {COURSE[i][1]}"
+
+
+def _badges(path: str) -> list[str]:
+    return [f"[![Open In Colab]({COLAB_BADGE})]({colab_url(path)})", f"[![Binder]({BINDER_BADGE})]({binder_url(path)})"]
+
+
 def header(i: int) -> str:
     name = COURSE[i][0]
-    links = [f"[![Open In Colab]({COLAB_BADGE})]({colab_url(name)})", f"[![Binder]({BINDER_BADGE})]({binder_url(name)})"]
+    links = _badges(name)
     if i > 0:
         links.append(f"[← {COURSE[i - 1][1]}]({COURSE[i - 1][0]})")
     if i + 1 < len(COURSE):
@@ -61,26 +82,45 @@ def header(i: int) -> str:
 def footer(i: int) -> str:
     nxt = (f"**Next:** [{COURSE[i + 1][1]}]({COURSE[i + 1][0]})" if i + 1 < len(COURSE)
            else "**That was the last notebook of the core course.**")
-    return (f"{FOOTER}\n---\n{nxt} · [all notebooks](../README.md) · "
-            f"[{COURSE[i][0]} on Colab]({colab_url(COURSE[i][0])})")
+    return (f"{FOOTER}\n---\n{nxt} · [solutions to the exercises]({SOLUTIONS}/{solutions_name(COURSE[i][0])}) · "
+            f"[all notebooks](../README.md) · [{COURSE[i][0]} on Colab]({colab_url(COURSE[i][0])})")
+
+
+def solutions_header(i: int) -> str:
+    """A solutions notebook's header: the same badges as a lesson's, and the way back to its lesson."""
+    name = COURSE[i][0]
+    links = [*_badges(f"{SOLUTIONS}/{solutions_name(name)}"), f"[← back to the lesson: {COURSE[i][1]}](../{name})"]
+    return f"{START}\n{' · '.join(links)}\n{END}"
+
+
+def solutions_footer(i: int) -> str:
+    name = COURSE[i][0]
+    nxt = (f" · [{solutions_title(i + 1)} →]({solutions_name(COURSE[i + 1][0])})" if i + 1 < len(COURSE) else "")
+    return (f"{FOOTER}\n---\n**Back to the lesson:** [{COURSE[i][1]}](../{name}){nxt} · [all notebooks](../../README.md) · "
+            f"[{solutions_name(name)} on Colab]({colab_url(f'{SOLUTIONS}/{solutions_name(name)}')})")
 
 
 def _cell(text: str) -> dict:
     return {"cell_type": "markdown", "id": "nav-footer", "metadata": {}, "source": text.splitlines(keepends=True)}
 
 
-def update_notebook(nb: dict, i: int) -> dict:
-    """The notebook with its header, footer, Colab metadata and install line made from ``COURSE``."""
+def update_notebook(nb: dict, i: int, solutions: bool = False, lesson: dict | None = None) -> dict:
+    """The notebook with its header, footer, Colab metadata and install line made from ``COURSE``:
+    lesson ``i``'s, or with ``solutions`` the header and footer of lesson ``i``'s solutions notebook, whose
+    setup cell (its first code cell) becomes the ``lesson`` notebook's, when given, so both install alike."""
+    if solutions and lesson is not None:
+        setup = next(c for c in lesson["cells"] if c["cell_type"] == "code")
+        next(c for c in nb["cells"] if c["cell_type"] == "code")["source"] = list(setup["source"])
     first = "".join(nb["cells"][0]["source"])
     first = re.sub(re.escape(START) + r".*?" + re.escape(END) + r"\n*", "", first, flags=re.S)
     first = re.sub(r"^\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)\n*", "", first)  # the older, hand-made badge
-    nb["cells"][0]["source"] = (header(i) + "\n\n" + first).splitlines(keepends=True)
+    nb["cells"][0]["source"] = ((solutions_header(i) if solutions else header(i)) + "\n\n" + first).splitlines(keepends=True)
     cells = [c for c in nb["cells"] if not "".join(c["source"]).startswith(FOOTER)]
     for cell in cells:
         if cell["cell_type"] == "code":
             cell["source"] = INSTALL.sub(f'%pip install -q "fluxnb @ git+https://github.com/{REPO}"',
                                          "".join(cell["source"])).splitlines(keepends=True)
-    nb["cells"] = [*cells, _cell(footer(i))]
+    nb["cells"] = [*cells, _cell(solutions_footer(i) if solutions else footer(i))]
     nb["metadata"]["accelerator"] = "GPU"
     nb["metadata"].setdefault("colab", {})["gpuType"] = "T4"  # Colab opens it asking for a T4
     return nb
@@ -92,24 +132,58 @@ def update_readme(text: str) -> str:
     return re.sub(r"https://mybinder\.org/v2/gh/[^)\s]+", binder_url(), text)
 
 
-def main() -> int:
+def layout_problems(root: Path = ROOT) -> list[str]:
+    """What is wrong with the notebooks on disk against ``COURSE``: a lesson missing or not listed, a
+    lesson without its solutions notebook, a solutions notebook of no lesson. Empty when all is well."""
+    problems = []
+    on_disk = sorted(p.name for p in (root / "notebooks").glob("[0-9]*.ipynb"))
+    if on_disk != [name for name, _ in COURSE]:
+        problems.append(f"COURSE in {__file__} lists {[n for n, _ in COURSE]} but notebooks/ has {on_disk}")
+    want = {solutions_name(name) for name, _ in COURSE}
+    have = {p.name for p in (root / "notebooks" / SOLUTIONS).glob("*.ipynb")}
+    if want - have:
+        problems.append(f"notebooks/{SOLUTIONS}/ has no {', '.join(sorted(want - have))}: every lesson has a solutions notebook")
+    if have - want:
+        problems.append(f"notebooks/{SOLUTIONS}/ has {', '.join(sorted(have - want))}, which belong to no lesson in COURSE")
+    return problems
+
+
+def targets(root: Path = ROOT, solutions_only: bool = False) -> list[tuple[Path, int | None, bool]]:
+    """``(path, lesson index or None for README, is a solutions notebook)`` for every file this script writes."""
+    solutions = [(root / "notebooks" / SOLUTIONS / solutions_name(name), i, True) for i, (name, _) in enumerate(COURSE)]
+    if solutions_only:
+        return solutions
+    lessons = [(root / "notebooks" / name, i, False) for i, (name, _) in enumerate(COURSE)]
+    return [*lessons, *solutions, (root / "README.md", None, False)]
+
+
+def rewrite(root: Path = ROOT, check: bool = False, solutions_only: bool = False) -> list[str]:
+    """Bring every target under ``root`` up to date (or with ``check`` only look); the stale ones' paths."""
+    stale = []
+    for path, i, solutions in targets(root, solutions_only):
+        before = path.read_text()
+        lesson = json.loads((root / "notebooks" / COURSE[i][0]).read_text()) if solutions else None
+        after = (update_readme(before) if i is None
+                 else json.dumps(update_notebook(json.loads(before), i, solutions, lesson), indent=1, ensure_ascii=False) + "\n")
+        if after != before:
+            stale.append(str(path.relative_to(root)))
+            if not check:
+                path.write_text(after)
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if anything would change")
-    args = parser.parse_args()
-    on_disk = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb"))
-    if on_disk != [name for name, _ in COURSE]:
-        print(f"COURSE in {__file__} lists {[n for n, _ in COURSE]} but notebooks/ has {on_disk}", file=sys.stderr)
+    parser.add_argument("--solutions-only", action="store_true",
+                        help=f"only notebooks/{SOLUTIONS}/ (leaves the lessons and README.md alone)")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the repository to work on (default: this one)")
+    args = parser.parse_args(argv)
+    problems = layout_problems(args.root)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
         return 1
-    stale = []
-    targets = [(ROOT / "notebooks" / name, i) for i, (name, _) in enumerate(COURSE)] + [(ROOT / "README.md", None)]
-    for path, i in targets:
-        before = path.read_text()
-        after = (update_readme(before) if i is None
-                 else json.dumps(update_notebook(json.loads(before), i), indent=1, ensure_ascii=False) + "\n")
-        if after != before:
-            stale.append(path.name)
-            if not args.check:
-                path.write_text(after)
+    stale = rewrite(args.root, args.check, args.solutions_only)
     if args.check and stale:
         print("navigation is stale in:", ", ".join(stale), "-> run: python .ci/navigation.py", file=sys.stderr)
         return 1

@@ -44,7 +44,7 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a notebook is not stripped")
     args = parser.parse_args()
     dirty = []
-    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+    for path in sorted([*NOTEBOOKS.glob("*.ipynb"), *NOTEBOOKS.glob("solutions/*.ipynb")]):  # lessons, their solutions
         before = path.read_text()
         ran = args.refresh / path.name if args.refresh else None
         executed = json.loads(ran.read_text()) if ran and ran.is_file() else None  # else keep what is there

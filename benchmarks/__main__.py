@@ -2,7 +2,7 @@
 
     python -m benchmarks run                 # every recipe, each in its own process -> results/<gpu>.json
     python -m benchmarks run --recipes staged-nf4,bf16-resident
-    python -m benchmarks envelope            # the Colab T4 (15 GiB VRAM, 12 GiB RAM, fp16) and 8 GiB envelopes
+    python -m benchmarks envelope            # the staged flow in fluxnb.envelopes' Colab T4 and 8 GB card limits
     python -m benchmarks merge a.json b.json --out results/h100.json   # runs split over GPU sessions
     python -m benchmarks report              # regenerate table, chart, README and notebook 04 from the JSON,
                                              # and the fact spans of the notebooks' prose
@@ -34,13 +34,15 @@ import fluxnb
 from benchmarks import report, worker
 from benchmarks.recipes import DEFAULT_SIZES, RECIPES
 from fluxnb import course
+from fluxnb import envelopes as fluxnb_envelopes
 from fluxnb.course import RamCgroup
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ENVELOPES = {  # name: (VRAM GiB incl. CUDA context, host RAM GiB, compute dtype, extra environment)
-    "colab-t4": (15.0, 12.0, "fp16", {}),
-    "8gb-card": (8.0, 16.0, "auto", {}),
-    "8gb-card-expandable": (8.0, 16.0, "auto", {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+EXPANDABLE = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+ENVELOPES = {  # name: (target machine of fluxnb.envelopes, extra environment); limits are defined there only
+    "colab-t4": (fluxnb_envelopes.ENVELOPES["colab-t4"], {}),
+    "8gb-card": (fluxnb_envelopes.ENVELOPES["8gb-card"], {}),
+    "8gb-card-expandable": (fluxnb_envelopes.ENVELOPES["8gb-card"], EXPANDABLE),
 }
 
 
@@ -210,7 +212,8 @@ def cmd_envelope(ns: argparse.Namespace) -> int:
     results.setdefault("provenance", provenance(checkpoint, ns.command_line))
     failures = 0
     for name in ns.names.split(","):
-        vram_gib, ram_gib, dtype, env = ENVELOPES[name]
+        target, env = ENVELOPES[name]
+        vram_gib, ram_gib, dtype = target.vram_gib, target.ram_gib, "auto" if target.bf16 else "fp16"
         group = RamCgroup.create(f"fluxnb-{name}", ram_gib)
 
         def join_group(group: RamCgroup | None = group) -> None:

@@ -34,9 +34,16 @@ for envelope in "$@"; do
 import json, shutil, sys, os
 env, name = sys.argv[1:]; res = json.load(open(f"/tmp/course-{env}/course-results.json"))
 keep = os.environ.get("KEEP", "").split(",")  # executed notebooks to bring back even when they passed
+etas = []  # every "... on a free Colab T4" estimate each notebook printed: the closing note adds them up
 for r in res["notebooks"]:
     if not r["passed"] or r["notebook"] in keep:
         shutil.copy(r["executed"], os.path.join(os.environ["OUT"], name))
+    if os.path.isfile(r["executed"]):
+        for cell in json.load(open(r["executed"]))["cells"]:
+            for out in cell.get("outputs", []):
+                text = "".join(out.get("text", "")) if out.get("output_type") == "stream" else ""
+                etas += [f'{r["notebook"]}\t{line}' for line in text.splitlines() if "on a free Colab T4" in line]
+open(os.path.join(os.environ["OUT"], name, "etas.txt"), "w").write("\n".join(etas) + "\n")
 PY
   df -h / | tail -1
 done

@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fluxnb.envelopes import committed_run
+
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- fluxnb:benchmark-table:start -->", "<!-- fluxnb:benchmark-table:end -->"
 COURSE_START, COURSE_END = "<!-- fluxnb:course-table:start -->", "<!-- fluxnb:course-table:end -->"
@@ -253,7 +255,10 @@ def chart(results: dict[str, Any], path: Path) -> None:
     names = [r["recipe"] for r in rec]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
     ax1.barh(names, [r["peaks"]["vram_device_gib"] or 0 for r in rec], color="tab:blue")
-    for limit, text in ((8.0, "8 GiB card"), (15.0, "T4 15 GiB")):
+    from fluxnb.envelopes import ENVELOPES
+
+    card, t4 = ENVELOPES["8gb-card"].vram_gib, ENVELOPES["colab-t4"].vram_gib
+    for limit, text in ((card, f"8 GB card {card:g} GiB"), (t4, f"T4 {t4:g} GiB")):
         ax1.axvline(limit, color="tab:red", ls="--", lw=1)
         ax1.text(limit, len(rec) - 0.3, text, color="tab:red", fontsize=8, ha="center", va="bottom")
     ax1.set_ylim(-0.6, len(rec) + 0.1)
@@ -379,9 +384,49 @@ def course_markdown(folder: Path = COURSE_RESULTS) -> str:
 
 
 def write_course_docs(folder: Path = COURSE_RESULTS) -> str:
-    """Put the course tables into notebook 04, between the course-table markers; return them."""
-    body = course_markdown(folder)
-    update_notebook(ROOT / "notebooks" / "04_memory_profiling.ipynb", body, COURSE_START, COURSE_END)
+    """The course tables, for ``docs/results.md`` (notebook 04 shows a short table instead: :func:`measured_markdown`)."""
+    return course_markdown(folder)
+
+
+# --- notebook 04, section 5: a short table of the recipes its sections compare ----------------------
+
+MEASURED_START, MEASURED_END = "<!-- fluxnb:measured-table:start -->", "<!-- fluxnb:measured-table:end -->"
+MEASURED_RECIPES = (  # (recipe, what it is, in notebook 04's words), at most eight rows
+    ("staged-nf4", "the staged flow (section 1), PyTorch's default allocator"),
+    ("staged-nf4-expandable", "the staged flow with `expandable_segments:True` (this notebook's setting)"),
+    ("staged-nf4-fp16", "the staged flow in fp16, as on a T4"),
+    ("bf16-resident", "everything resident in bf16 (section 2)"),
+    ("nf4-model-offload", "T5 and the transformer in one offloaded pipeline"),
+    ("nf4-model-offload-transformer", "only the transformer pipeline offloaded (section 3)"),
+    ("nf4-streamed", "every transformer block streamed from host RAM (notebook 08)"),
+    ("staged-nf4-compile", "the staged flow with regional torch.compile (notebook 09)"),
+)
+MEASURED_SIZE = "1024x1024"
+
+
+def measured_markdown(data: dict[str, Any]) -> str:
+    """Notebook 04's short table: the recipes of :data:`MEASURED_RECIPES` at :data:`MEASURED_SIZE`, from
+    ``fluxnb/results/recipes.json`` (the rows the planner and README's summary read), and a link to
+    ``docs/results.md`` for everything else. A recipe with no such row is left out."""
+    rows = {(r["recipe"], r["size"]): r for r in data["recipes"]}
+    lines = ["| recipe | what | s/step | VRAM peak, device (GiB) | host RAM peak, anon (GiB) | measured on |",
+             "|---|---|---|---|---|---|"]
+    for name, what in MEASURED_RECIPES:
+        row = rows.get((name, MEASURED_SIZE))
+        if row is not None:
+            lines.append(f"| `{name}` | {what} | {row['s_per_step']:.3f} | {_f(row['vram_peak_gib'])} "
+                         f"| {_f(row['ram_peak_gib'])} | {row['gpu']}, {row['date']} |")
+    return (f"Each recipe in its own process at {MEASURED_SIZE}, random weights of the real FLUX.1-dev shapes "
+            "(memory and speed, not image quality). *VRAM* includes the CUDA context; *host RAM* is anonymous "
+            "memory, as everywhere in the course.\n\n" + "\n".join(lines) + "\n\n"
+            "Every recipe at every size, the commands that measured them, and each notebook's peaks inside a "
+            "free Colab T4's and an 8 GB card's limits: [docs/results.md](../docs/results.md).\n")
+
+
+def write_measured_table(data: dict[str, Any] | None = None) -> str:
+    """Put :func:`measured_markdown` into notebook 04, between the measured-table markers; return it."""
+    body = measured_markdown(data or json.loads(RECIPES_JSON.read_text()))
+    update_notebook(ROOT / "notebooks" / "04_memory_profiling.ipynb", body, MEASURED_START, MEASURED_END)
     return body
 
 
@@ -449,7 +494,7 @@ def write_summary(data: dict[str, Any] | None = None) -> str:
 
 def write_all(results_path: Path, targets: bool = True) -> str:
     """Regenerate ``<name>.md`` and ``<name>.png`` beside the JSON, and (``targets``) docs/results.md,
-    README's summary, notebook 04's tables, recipes.json and the fact spans."""
+    README's summary, notebook 04's short table, recipes.json and the fact spans."""
     results_path = results_path.resolve()
     results = json.loads(results_path.read_text())
     text = markdown(results)
@@ -462,11 +507,12 @@ def write_all(results_path: Path, targets: bool = True) -> str:
         chart(results, results_path.with_suffix(".png"))
     if targets:
         rel = results_path.with_suffix(".png").relative_to(ROOT).as_posix() if charted else None
-        update_notebook(ROOT / "notebooks" / "04_memory_profiling.ipynb", text)
         course = write_course_docs()
         RESULTS_DOC.parent.mkdir(exist_ok=True)
         RESULTS_DOC.write_text(results_document(course, text, rel))
-        write_summary(write_recipes_json())
+        recipes = write_recipes_json()
+        write_summary(recipes)
+        write_measured_table(recipes)
         write_facts()
     return text
 
@@ -475,6 +521,7 @@ def write_all(results_path: Path, targets: bool = True) -> str:
 
 OFFLOAD_START, OFFLOAD_END = "<!-- fluxnb:offload-table:start -->", "<!-- fluxnb:offload-table:end -->"
 OFFLOAD_REFERENCE = "nf4-resident"
+PINNED_OUTSIDE_ANON = "group-offload"  # recipes whose host copies come from pin_memory(): not anonymous memory
 
 
 def _peak(recipe: dict[str, Any], field: str) -> float | None:
@@ -483,14 +530,19 @@ def _peak(recipe: dict[str, Any], field: str) -> float | None:
 
 
 def offload_markdown(results: dict[str, Any]) -> str:
-    """Notebook 08's table: each offloading recipe's s/step (and vs resident NF4), VRAM, host RAM, latents."""
+    """Notebook 08's table: each offloading recipe's s/step (and vs resident NF4), VRAM, host RAM, latents.
+
+    Host RAM is anonymous memory, the course's one host-RAM figure. diffusers' group offload pins its host
+    copies with ``pin_memory()``, which anonymous memory does not count (fluxnb's streamer page-locks
+    anonymous memory, which it does): those rows say so, and a note gives their peak resident set, which
+    counts the pinned copies (and the file pages the OS can drop)."""
     recipes = results["recipes"]
     ref = recipes.get(OFFLOAD_REFERENCE, {})
     ref_speed = {f"{s['height']}x{s['width']}": s["s_per_step"] for s in ref.get("sizes", [])}
     head = ("| recipe | size | s/step | vs resident NF4 | denoise VRAM device (GiB) | flow peak VRAM device (GiB) "
-            "| host RAM peak, max RSS (GiB) | latents vs resident NF4 (max abs diff) |")
+            "| host RAM peak, anon (GiB) | latents vs resident NF4 (max abs diff) |")
     rows = [head, "|" + "---|" * 8]
-    notes = []
+    notes, pinned = [], []
     for name, r in recipes.items():
         if not r.get("sizes"):
             if not r.get("ok"):
@@ -498,14 +550,18 @@ def offload_markdown(results: dict[str, Any]) -> str:
                 rows.append(f"| {name} | - | **{text}** | | | | | |")
             continue
         info = r.get("info") or {}
-        for s in r["sizes"]:
-            size = f"{s['height']}x{s['width']}"
+        sizes = [f"{s['height']}x{s['width']}" for s in r["sizes"]]
+        for s, size in zip(r["sizes"], sizes):
             denoise = _stage(r, "denoise", s["height"], s["width"])
             ratio = s["s_per_step"] / ref_speed[size] if size in ref_speed and ref_speed[size] else None
             diff = (info.get(f"latents_vs_resident_nf4_{size}") or {}).get("max_abs_diff")
+            ram = _f(_size_peak(r, "ram_anon_gib", size, sizes))  # as recipes.json has it: the planner's figure
+            ram += " + pinned (below)" if PINNED_OUTSIDE_ANON in name else ""
             rows.append(f"| {name} | {size} | {_f(s['s_per_step'], 3)} | {_f(ratio) + 'x' if ratio else '-'} "
                         f"| {_f(denoise.get('vram_device_gib'))} | {_f(_peak(r, 'vram_device_gib'))} "
-                        f"| {_f(_peak(r, 'ram_maxrss_gib'))} | {'reference' if name == OFFLOAD_REFERENCE else _f(diff, 3)} |")
+                        f"| {ram} | {'reference' if name == OFFLOAD_REFERENCE else _f(diff, 3)} |")
+        if PINNED_OUTSIDE_ANON in name and _peak(r, "ram_maxrss_gib") is not None:
+            pinned.append(f"`{name}` {_f(_peak(r, 'ram_maxrss_gib'))} GiB")
         if info.get("per_block"):
             b = info["per_block"]
             notes.append(f"- `{name}`: {info.get('resident_blocks')} of 57 blocks resident; {info.get('host_gib')} GiB "
@@ -517,6 +573,10 @@ def offload_markdown(results: dict[str, Any]) -> str:
         if tiles:
             notes.append(f"- `{name}`: " + "; ".join(f"{s['stage']}: {_f(s['vram_device_gib'])} GiB device"
                                                      for s in tiles) + ".")
+    if pinned:
+        notes.append("- + pinned: diffusers' group offload keeps its host copies in memory from `pin_memory()`, which "
+                     "anonymous memory does not count. The process's peak resident set counts them, and also the "
+                     "weight files' pages the OS can drop: " + ", ".join(pinned) + ".")
     descriptions = "\n".join(f"- `{n}`: {r.get('description', '')}" for n, r in recipes.items())
     return (f"{label(results)}\n\n{chr(10).join(rows)}\n\n{chr(10).join(notes)}\n\nWhat each row ran:\n{descriptions}\n\n"
             "s/step is the median of the timed steps after a 1-step warm-up; rows of a size are comparable (one "
@@ -570,29 +630,22 @@ def recipe_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def course_rows(folder: Path = COURSE_RESULTS) -> list[dict[str, Any]]:
-    """The committed course runs inside each envelope (``fluxnb/results/course-*.json``), one row per
-    envelope: every notebook's latest run there (a notebook fixed and run again replaces its failure)."""
-    latest: dict[str, dict[str, tuple[str, dict[str, Any], dict[str, Any]]]] = {}
-    envelopes: dict[str, dict[str, Any]] = {}
+    """The committed course runs inside each envelope, one row per envelope: every notebook's latest run
+    there (:func:`fluxnb.envelopes.committed_run`, which notebook 00 reads too)."""
+    names = []
     for path in sorted(folder.glob("course-*.json")):
-        run = json.loads(path.read_text())
-        env, p = run.get("envelope") or {}, run["provenance"]
-        envelopes.setdefault(env.get("name"), env)
-        for nb in run["notebooks"]:
-            seen = latest.setdefault(env.get("name"), {}).get(nb["notebook"])
-            if seen is None or p["date"] > seen[0]:
-                latest[env.get("name")][nb["notebook"]] = (p["date"], nb, p)
+        name = (json.loads(path.read_text()).get("envelope") or {}).get("name")
+        if name and name not in names:
+            names.append(name)
     rows = []
-    for name, by_notebook in latest.items():
-        env, runs = envelopes[name], [by_notebook[k] for k in sorted(by_notebook)]
-        nbs = [nb for _, nb, _ in runs]
-        dates = sorted(date[:10] for date, _, _ in runs)
+    for name in names:
+        run = committed_run(name, folder)
+        env, nbs = run["envelope"], run["notebooks"]
         rows.append(dict(envelope=name, vram_gib=env.get("vram_gib"), ram_gib=env.get("ram_gib"),
                          bf16=env.get("bf16"), passed=sum(nb["passed"] for nb in nbs), notebooks=len(nbs),
                          failed=[nb["notebook"] for nb in nbs if not nb["passed"]],
                          vram_peak_gib=max([nb["vram_device_peak_gib"] or 0 for nb in nbs if nb["passed"]] or [0]),
-                         gpu=", ".join(sorted({p["gpu"] for _, _, p in runs})),
-                         date=dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}",
+                         gpu=run["provenance"]["gpu"], date=run["provenance"]["date"],
                          notebook_names=[nb["notebook"][:2] for nb in nbs]))
     return rows
 

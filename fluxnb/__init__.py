@@ -6,10 +6,10 @@ switch and the offline stand-ins (:mod:`fluxnb.checkpoints`, :mod:`fluxnb.prequa
 anything loads (:mod:`fluxnb.errors`, :mod:`fluxnb.exceptions`), what fits (:mod:`fluxnb.capacity`,
 :mod:`fluxnb.planner`), block streaming (:mod:`fluxnb.streaming`), bitsandbytes on a CPU
 (:mod:`fluxnb.cpu_bitsandbytes`) and the Studio (:mod:`fluxnb.studio`). Notebooks 05-10 import their
-own modules (:mod:`fluxnb.quantization`, :mod:`fluxnb.faster`, :mod:`fluxnb.multigpu`). The tools that
-rehearse the course on a GPU machine, the runner (:mod:`fluxnb.course`, :mod:`fluxnb.kernel`) and the dry
-run (:mod:`fluxnb.fit`), are not imported by ``import fluxnb``; :mod:`fluxnb.envelopes` describes the
-machines they rehearse. CONTRIBUTING.md lists every module.
+own modules (:mod:`fluxnb.quantization`, :mod:`fluxnb.game`, :mod:`fluxnb.faster`, :mod:`fluxnb.multigpu`).
+The tools that rehearse the course on a GPU machine, the runner (:mod:`fluxnb.course`,
+:mod:`fluxnb.kernel`) and the dry run (:mod:`fluxnb.fit`), are not imported by ``import fluxnb``;
+:mod:`fluxnb.envelopes` describes the machines they rehearse. CONTRIBUTING.md lists every module.
 """
 
 from fluxnb.quiet import silence_torchvision_fallback

@@ -27,6 +27,7 @@ GIB = 1024**3  # the one definition: fluxnb counts memory in GiB, as PyTorch's m
 CAPACITY = Path(__file__).parent / "results" / "capacity.json"
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 MARGIN_GIB = 0.2  # VRAM a plan leaves free: peaks move by a few hundred MiB between runs and drivers
+TIGHT_GIB = 0.5  # a measured run with less to spare is called tight: another program opening on the GPU could push it over
 TEXT_TOKENS = 512  # FLUX.1-dev's T5 sequence (schnell: 256): part of every step's tokens
 SIZE_MODEL_RECIPES = ("bf16-resident", "staged-nf4-expandable", "staged-nf4-fp16", "nf4-model-offload")
 STREAMING_RECIPES = ("staged-nf4-expandable", "staged-nf4-fp16")  # notebooks 03-04 stream blocks when short

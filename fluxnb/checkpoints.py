@@ -151,11 +151,17 @@ def resolve_checkpoint(model_id: str, choice: str | None = None) -> str:
 
     ``choice`` overrides the environment variable (the benchmark's ``--checkpoint`` uses it).
     ``tiny`` follows the notebook's variant (dev or schnell); ``random-dev``/``random-schnell`` name
-    theirs. Stand-ins are built on first use and reused after.
+    theirs. Stand-ins are built on first use and reused after. With a stand-in on a machine without a
+    GPU (the tiny course), diffusers' bitsandbytes quantizers are opened for the CPU here
+    (:func:`fluxnb.cpu_bitsandbytes.allow_bitsandbytes_on_cpu`), so no lesson has to; on a GPU that
+    changes nothing.
     """
     choice = (os.environ.get(ENV_VAR, "") if choice is None else choice).strip()
     if not choice:
         return model_id
+    from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
+
+    allow_bitsandbytes_on_cpu()  # no-op on a GPU
     if choice == "tiny":
         return str(build_tiny(variant_of(model_id)))
     if choice in ("random-dev", "random-schnell"):

@@ -34,12 +34,14 @@ import torch
 from fluxnb.capacity import GIB, course_recipe, estimate_vram_gib, largest_size_that_fits, recipe_dtype
 from fluxnb.checkpoints import is_stand_in
 from fluxnb import environment  # called as environment.x(): the machine, as tests replace it
-from fluxnb.exceptions import FluxnbError, NeedsGPUError  # noqa: F401  (raised here and by the modules below)
+from fluxnb.exceptions import (  # noqa: F401  (raised here and by the modules below)
+    BadSettingError, DamagedFileError, FluxnbError, HubAccessError, HubUnreachableError, MissingFileError, NeedsGPUError)
 from fluxnb.quiet import DropMessages
 
 
 
 MAX_SIDE = 4096  # FLUX.1 was trained up to about 2 megapixels; beyond 4096 px a side is not a FLUX image
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 MAX_STEPS = 1000  # the scheduler's training timesteps: more steps than that repeat timesteps
 MAX_T5_TOKENS = 512  # FLUX.1's T5 was trained on at most 512 tokens (schnell: 256)
 
@@ -54,19 +56,19 @@ def _is_int(value: Any) -> bool:
 def check_prompt(prompt: Any) -> None:
     """A prompt is one non-empty string (a list would be a batch, which the course does not teach)."""
     if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string, not {type(prompt).__name__} ({prompt!r:.60}): "
+        raise BadSettingError(f"prompt must be a string, not {type(prompt).__name__} ({prompt!r:.60}): "
                         "for several prompts, call once per prompt.")
     if not prompt.strip():
-        raise ValueError("prompt is empty: describe the image, e.g. PROMPT = \"A cat holding a sign that says hello world\".")
+        raise BadSettingError("prompt is empty: describe the image, e.g. PROMPT = \"A cat holding a sign that says hello world\".")
 
 
 def check_seed(seed: Any) -> None:
     """A seed is an integer in 0 .. 2**64-1 (``torch.Generator.manual_seed``'s range)."""
     if not _is_int(seed):
-        raise TypeError(f"seed must be an integer, not {type(seed).__name__} ({seed!r}): e.g. seed=0. "
+        raise BadSettingError(f"seed must be an integer, not {type(seed).__name__} ({seed!r}): e.g. seed=0. "
                         "For a random one: seed = random.randrange(2**32).")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed={seed} is out of range: use 0 <= seed < 2**64, e.g. seed=0.")
+    if not 0 <= seed <= MAX_SEED:
+        raise BadSettingError(f"seed={seed} is out of range: use 0 <= seed <= 2**64 - 1, e.g. seed=0.")
 
 
 def check_side(name: str, value: Any) -> None:
@@ -76,10 +78,10 @@ def check_side(name: str, value: Any) -> None:
     else:
         nearest = 1024
     if not _is_int(value) or value <= 0 or value % 16:
-        raise ValueError(f"{name}={value!r} must be a positive multiple of 16 (FLUX packs 2x2 patches of "
+        raise BadSettingError(f"{name}={value!r} must be a positive multiple of 16 (FLUX packs 2x2 patches of "
                          f"8x-downsampled latents); try {name}={nearest}.")
     if value > MAX_SIDE:
-        raise ValueError(f"{name}={value} is larger than {MAX_SIDE}: FLUX.1 was trained up to about 2 megapixels "
+        raise BadSettingError(f"{name}={value} is larger than {MAX_SIDE}: FLUX.1 was trained up to about 2 megapixels "
                          f"(e.g. 1024x1024, 1440x1440); try {name}={nearest}.")
 
 
@@ -90,32 +92,32 @@ def check_latents_size(latents: torch.Tensor, height: int, width: int) -> None:
     check_side("width", width)
     patches = latents.shape[1] if latents.dim() == 3 else None
     if patches != (height // 16) * (width // 16):
-        raise ValueError(f"These latents hold {patches} patches of 16x16 pixels but {height}x{width} needs "
+        raise BadSettingError(f"These latents hold {patches} patches of 16x16 pixels but {height}x{width} needs "
                          f"{(height // 16) * (width // 16)}: decode with the height and width you denoised with.")
 
 
 def check_steps(steps: Any) -> None:
     """``num_inference_steps``: an integer from 1 to :data:`MAX_STEPS`."""
     if not _is_int(steps) or steps < 1:
-        raise ValueError(f"num_inference_steps={steps!r} must be an integer >= 1 "
+        raise BadSettingError(f"num_inference_steps={steps!r} must be an integer >= 1 "
                          "(FLUX.1-dev: about 28-50, FLUX.1-schnell: 4).")
     if steps > MAX_STEPS:
-        raise ValueError(f"num_inference_steps={steps} is more than the scheduler's {MAX_STEPS} timesteps: "
+        raise BadSettingError(f"num_inference_steps={steps} is more than the scheduler's {MAX_STEPS} timesteps: "
                          "FLUX.1-dev needs about 28-50, FLUX.1-schnell 4.")
 
 
 def check_guidance(guidance: Any) -> None:
     """``guidance_scale``: a finite number >= 0 (dev is trained around 3.5; schnell ignores it)."""
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
-        raise TypeError(f"guidance_scale must be a number, not {guidance!r} (dev: 3.5, schnell: 0).")
+        raise BadSettingError(f"guidance_scale must be a number, not {guidance!r} (dev: 3.5, schnell: 0).")
     if guidance < 0:
-        raise ValueError(f"guidance_scale={guidance!r} must be >= 0 (dev: 3.5, schnell: 0).")
+        raise BadSettingError(f"guidance_scale={guidance!r} must be >= 0 (dev: 3.5, schnell: 0).")
 
 
 def check_max_sequence_length(max_sequence_length: Any) -> None:
     """T5's token budget: an integer from 1 to 512 (FLUX.1-dev: 512, schnell: 256)."""
     if not _is_int(max_sequence_length) or not 1 <= max_sequence_length <= MAX_T5_TOKENS:
-        raise ValueError(f"max_sequence_length={max_sequence_length!r} must be an integer from 1 to "
+        raise BadSettingError(f"max_sequence_length={max_sequence_length!r} must be an integer from 1 to "
                          f"{MAX_T5_TOKENS} (FLUX.1-dev: 512, FLUX.1-schnell: 256): "
                          "use fluxnb.generation_settings(MODEL_ID)['max_sequence_length'].")
 
@@ -167,7 +169,7 @@ def check_size_fits(height: int, width: int, checkpoint: str | None = None, reci
     fits = largest_size_that_fits(recipe, height, width, vram_gib)
     instead = (f"try HEIGHT, WIDTH = {fits[0]}, {fits[1]}" if fits else
                "no size fits this recipe here: use model CPU offload (notebook 04) or a larger GPU")
-    raise ValueError(
+    raise BadSettingError(
         f"{height}x{width} needs about {need:.1f} GiB of VRAM with the {recipe} recipe (estimated from "
         "benchmarks/results/h100.json: activations grow with the pixel count), and this GPU has "
         f"{vram_gib:.1f} GiB: "
@@ -187,7 +189,7 @@ def check_safetensors_file(path: str | Path, what: str, remedy: str) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist: {remedy}")
+        raise MissingFileError(f"{what} {path} does not exist: {remedy}")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -210,7 +212,7 @@ def check_safetensors_file(path: str | Path, what: str, remedy: str) -> None:
                     if 8 + n + end != size:
                         problem = f"it should be {8 + n + end} bytes long and is {size}: it was cut off"
     if problem:
-        raise ValueError(f"{what} {path} is damaged ({problem}): {remedy}")
+        raise DamagedFileError(f"{what} {path} is damaged ({problem}): {remedy}")
 
 
 def check_model_folder(folder: str | Path, what: str, remedy: str) -> None:
@@ -220,21 +222,21 @@ def check_model_folder(folder: str | Path, what: str, remedy: str) -> None:
     folder = Path(folder)
     config = folder / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{what} {folder} has no config.json: {remedy}")
+        raise MissingFileError(f"{what} {folder} has no config.json: {remedy}")
     try:
         json.loads(config.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{what} {config} is not valid JSON ({error}): {remedy}") from error
+        raise DamagedFileError(f"{what} {config} is not valid JSON ({error}): {remedy}") from error
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
         try:
             files = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError) as error:
-            raise ValueError(f"{what} {indexes[0]} is damaged ({error}): {remedy}") from error
+            raise DamagedFileError(f"{what} {indexes[0]} is damaged ({error}): {remedy}") from error
     else:
         files = [p.name for p in sorted(folder.glob("*.safetensors"))]
         if not files:
-            raise FileNotFoundError(f"{what} {folder} has no .safetensors weights: {remedy}")
+            raise MissingFileError(f"{what} {folder} has no .safetensors weights: {remedy}")
     for name in files:
         check_safetensors_file(folder / name, what, remedy)
 
@@ -260,12 +262,12 @@ def check_checkpoint_folder(folder: str | Path) -> None:
     """A local FLUX checkpoint: exists, has ``model_index.json``; each model folder in it is complete."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"There is no folder {folder}. Check the path (it is relative to {Path.cwd()}), or use a Hub id such "
             "as \"black-forest-labs/FLUX.1-schnell\", or the offline stand-in: FLUXNB_CHECKPOINT=tiny."
         )
     if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{folder} is not a FLUX checkpoint in diffusers' layout: it has no model_index.json. Point at the "
             "folder that holds model_index.json, transformer/, vae/, text_encoder/ ... (what save_pretrained writes)."
         )
@@ -290,7 +292,7 @@ def load_image_with_settings(path: str | Path) -> tuple[Any, dict[str, str]]:
     except (UnidentifiedImageError, OSError, SyntaxError) as error:  # PIL's errors for damaged files
         if isinstance(error, FileNotFoundError):
             raise
-        raise ValueError(f"{path} is not a complete PNG ({error}): it was cut off or damaged. It was left as it is; "
+        raise DamagedFileError(f"{path} is not a complete PNG ({error}): it was cut off or damaged. It was left as it is; "
                          "delete it yourself, or generate it again from the settings you saved with it.") from error
 
 
@@ -303,14 +305,14 @@ def check_embeddings(embeds: Mapping[str, torch.Tensor], transformer: Any) -> No
     need = ("prompt_embeds", "pooled_prompt_embeds")
     missing = [key for key in need if key not in embeds]
     if missing:
-        raise ValueError(f"The embeddings have no {', '.join(missing)} (they have {sorted(embeds)}): make them "
+        raise BadSettingError(f"The embeddings have no {', '.join(missing)} (they have {sorted(embeds)}): make them "
                          "with fluxnb.encode_prompt / fluxnb.encode_and_save and read them with fluxnb.load_embeddings.")
     config = transformer.config
     widths = {"prompt_embeds": (embeds["prompt_embeds"].shape[-1], config.joint_attention_dim, "T5"),
               "pooled_prompt_embeds": (embeds["pooled_prompt_embeds"].shape[-1], config.pooled_projection_dim, "CLIP")}
     for key, (have, want, encoder) in widths.items():
         if have != want:
-            raise ValueError(
+            raise BadSettingError(
                 f"These embeddings were made by another checkpoint: {key} is {have} wide but this transformer "
                 f"expects {want} ({encoder}'s width). Encode the prompt again with the checkpoint you denoise with "
                 "(fluxnb.encode_and_save(CHECKPOINT, ...)); the saved file's metadata says which made it."
@@ -322,10 +324,10 @@ def check_embeddings_settings(metadata: Mapping[str, str], checkpoint: str) -> N
     were made by a checkpoint other than ``checkpoint``."""
     made_by = metadata.get("checkpoint")
     if made_by is None:
-        raise ValueError("These embeddings carry no 'checkpoint' in their metadata, so nothing says which model "
+        raise BadSettingError("These embeddings carry no 'checkpoint' in their metadata, so nothing says which model "
                          "made them: save them with fluxnb.save_embeddings(..., checkpoint=CHECKPOINT, ...).")
     if made_by != str(checkpoint):
-        raise ValueError(f"These embeddings were made by {made_by}, not by {checkpoint}: encode the prompt again "
+        raise BadSettingError(f"These embeddings were made by {made_by}, not by {checkpoint}: encode the prompt again "
                          f"with {checkpoint} (fluxnb.encode_and_save), or denoise with {made_by}.")
 
 
@@ -462,7 +464,7 @@ def check_repo_id(checkpoint: str) -> None:
     try:
         validate_repo_id(checkpoint)
     except HFValidationError as error:
-        raise ValueError(f"{checkpoint!r} is neither a folder here nor a Hub model id like "
+        raise BadSettingError(f"{checkpoint!r} is neither a folder here nor a Hub model id like "
                          f"\"black-forest-labs/FLUX.1-schnell\" ({error}).") from error
 
 
@@ -480,7 +482,7 @@ def check_hub_access(repo_id: str, token: str | None) -> None:
     if constants.is_offline_mode():
         if cached:
             return
-        raise ConnectionError(
+        raise HubUnreachableError(
             f"Offline (HF_HUB_OFFLINE=1) and {repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}). "
             "Connect and unset HF_HUB_OFFLINE to download it, or use the offline stand-in: FLUXNB_CHECKPOINT=tiny."
         )
@@ -489,18 +491,18 @@ def check_hub_access(repo_id: str, token: str | None) -> None:
     try:
         HfApi().auth_check(repo_id, token=token or False)
     except GatedRepoError as error:
-        raise PermissionError(
+        raise HubAccessError(
             f"{repo_id} is gated and this token has no access yet: open https://huggingface.co/{repo_id}, accept "
             "the licence with the account the token belongs to, then run this cell again."
         ) from error
     except RepositoryNotFoundError as error:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"The Hub has no model {repo_id} (or it is private and this token cannot see it). Check the spelling: "
             "\"black-forest-labs/FLUX.1-dev\" or \"black-forest-labs/FLUX.1-schnell\"."
         ) from error
     except HfHubHTTPError as error:
         if error.response is not None and error.response.status_code == 401:
-            raise PermissionError(
+            raise HubAccessError(
                 "The Hugging Face token was refused (invalid or revoked): make a new read token on "
                 "https://huggingface.co/settings/tokens and store it as the Colab secret (or HF_TOKEN) HF_TOKEN."
             ) from error
@@ -508,7 +510,7 @@ def check_hub_access(repo_id: str, token: str | None) -> None:
     except httpx.TransportError as error:
         if cached:
             return  # the download is cached: from_pretrained can run without the network
-        raise ConnectionError(
+        raise HubUnreachableError(
             f"The Hugging Face Hub cannot be reached ({type(error).__name__}) and {repo_id} is not cached: check "
             "the internet connection (a firewall, a proxy), or use the offline stand-in: FLUXNB_CHECKPOINT=tiny."
         ) from error
@@ -548,7 +550,7 @@ def check_checkpoint_access(checkpoint: str) -> None:
 
     token = environment.find_hub_token()
     if checkpoint.startswith(GATED_PREFIXES) and not token:
-        raise PermissionError(
+        raise HubAccessError(
             f"{checkpoint} is gated: accept its licence on https://huggingface.co/{checkpoint}, then add a "
             "read token as the Colab secret HF_TOKEN (or run huggingface_hub.login()). No token? Use "
             "MODEL_ID = 'black-forest-labs/FLUX.1-schnell', which is open."

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from fluxnb.capacity import TIGHT_GIB
 from fluxnb.checkpoints import build_random, cache_dir, is_stand_in, resolve_checkpoint, stand_in_dir
 from fluxnb.errors import NeedsGPUError, check_generation_request
 from fluxnb.course import signal_name
@@ -60,7 +61,6 @@ from fluxnb.stages import (
 MODEL_ID = "black-forest-labs/FLUX.1-dev"
 PROMPT, GUIDANCE, SEED = "A cat holding a sign that says hello world", 3.5, 0  # notebook 04's parameters
 NOTEBOOK_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # every notebook's parameters cell
-TIGHT_GIB = 0.5  # less to spare than this: another program opening on the GPU could push the flow over
 PEAK_FIELDS = ("vram_device_gib", "vram_reserved_gib", "vram_allocated_gib", "ram_anon_gib")
 NO_GPU = ("No GPU here: the dry run measures a GPU. `--checkpoint tiny` runs the same path on the CPU to "
           "check the mechanics (it measures no VRAM).")

@@ -9,8 +9,15 @@ Three views of GPU memory, because they answer different questions:
   CUDA context (0.6-0.7 GiB measured on an H100) and any other process. This is the number that must
   fit on an 8 GB card.
 
-Host RAM is sampled the same way: anonymous memory of this process (``RssAnon``: tensors and Python
-objects, not files the OS can drop), plus ``ru_maxrss``, the kernel's lifetime peak of the process.
+Host RAM is sampled the same way, and the course shows one figure for it everywhere a learner reads
+whether something fits: the **anonymous memory** of this process (``RssAnon``: tensors and Python
+objects). It leaves out the pages of the safetensors files that loading maps into memory: the OS
+can drop those under pressure and read them again, so a RAM cap does not end a run for them, yet
+the process's lifetime peak resident set (``ru_maxrss``) counts them, which is why that number can
+stand far above what a machine really needs. ``ru_maxrss`` is still recorded (``ram_maxrss_gib``,
+for the benchmarks' notes), never shown in a table. Memory pinned by ``torch``'s ``pin_memory()``
+(diffusers' group offload) is not anonymous either; the course's own streamer page-locks
+anonymous memory, which is counted.
 On a CPU-only machine the VRAM fields are ``None`` (absent), never zero.
 """
 
@@ -21,7 +28,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -70,6 +77,21 @@ def max_rss_bytes() -> int:
     """The kernel's peak resident set of this process over its whole life (``ru_maxrss``)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def course_ram_peak_gib(row: Mapping[str, Any]) -> float | None:
+    """The host RAM one notebook took in a committed course run, as the course's one host-RAM figure.
+
+    ``row`` is one of :func:`fluxnb.committed_run`'s ``notebooks``. The runner summed the anonymous
+    memory of the notebook's kernel and its child processes (``ram_anon_peak_gib``), reading them one
+    after another; a page a forked child still shares with the kernel counts once in each (torch.compile's
+    workers are forked), so the sum can exceed what the group ever held at once: 09 and 06 inside
+    colab-t4 read above the cgroup's own peak. That peak (``ram_peak_gib``, where a RAM cap was enforced)
+    counts each page once, but with the file pages the OS can drop. Both bound the anonymous memory in
+    use from above, so this is the smaller of them; None if neither was measured.
+    """
+    values = [v for v in (row.get("ram_anon_peak_gib"), row.get("ram_peak_gib")) if v is not None]
+    return min(values) if values else None
 
 
 def device_used_bytes() -> int | None:
@@ -232,14 +254,16 @@ class StepTimer:
 _HEADERS = {
     "stage": "stage", "seconds": "time (s)", "vram_allocated_gib": "VRAM allocated (GiB)",
     "vram_reserved_gib": "VRAM reserved (GiB)", "vram_device_gib": "VRAM device (GiB)",
-    "ram_anon_gib": "RAM anon (GiB)", "ram_maxrss_gib": "RAM maxrss (GiB)",
+    "ram_anon_gib": "RAM anon (GiB)",
 }
+NOT_SHOWN = frozenset({"ram_maxrss_gib"})  # recorded, not shown: host RAM is shown as anonymous memory only
 
 
 def records_to_markdown(records: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """A markdown table of records (dicts), one row each; columns that are None everywhere are left out."""
+    """A markdown table of records (dicts), one row each. By default every field except :data:`NOT_SHOWN`,
+    leaving out those that are None everywhere (the VRAM columns on a machine without a GPU)."""
     keys = dict.fromkeys(k for r in records for k in r)  # first-seen order
-    cols = columns or [c for c in keys if any(r.get(c) is not None for r in records)]
+    cols = columns or [c for c in keys if c not in NOT_SHOWN and any(r.get(c) is not None for r in records)]
     head = "| " + " | ".join(_HEADERS.get(c, c) for c in cols) + " |"
     rule = "|" + "|".join("---" for _ in cols) + "|"
     rows = ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in records]
@@ -255,7 +279,8 @@ def _fmt(value: Any) -> str:
 
 
 def plot_records(records: list[dict[str, Any]], title: str = "Peak memory per stage") -> Any:
-    """Grouped bars per stage: VRAM (device/reserved/allocated) where present, and host anon RAM."""
+    """Grouped bars per stage: VRAM (device/reserved/allocated) where present, and host RAM (anonymous
+    memory, the one host-RAM figure the course shows)."""
     import matplotlib.pyplot as plt
 
     series = [c for c in ("vram_device_gib", "vram_reserved_gib", "vram_allocated_gib", "ram_anon_gib")

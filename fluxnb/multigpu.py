@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 import fluxnb
 from fluxnb.memory import GIB, StepTimer, flush
+from fluxnb.quiet import DropMessages
 
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -123,17 +124,6 @@ def max_memory_for(vram_gib: float, headroom_gib: float, gpus: int = 2) -> dict[
     return {i: f"{budget:.2f}GiB" for i in range(gpus)}
 
 
-class _DropMessage(logging.Filter):
-    """A logging filter that drops records containing ``text``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
 def _empty_transformer(tiny: bool) -> Any:
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
@@ -165,7 +155,7 @@ def planned_device_map(max_memory: dict[int | str, str | int], dtype: torch.dtyp
     model = _empty_transformer(tiny)
     no_split = model._no_split_modules  # a block never straddles two GPUs
     quiet = logging.getLogger("accelerate.utils.modeling")  # planning for GPUs this machine lacks is the point:
-    absent = _DropMessage("is not available, available devices are")  # drop accelerate's warning about it
+    absent = DropMessages("is not available, available devices are")  # drop accelerate's warning about it
     quiet.addFilter(absent)
     try:
         balanced = get_balanced_memory(model, max_memory=dict(max_memory), dtype=dtype, no_split_module_classes=no_split)

@@ -234,14 +234,14 @@ def eta(steps: int, height: int, width: int, what: str = "this cell", data: dict
     source = next((r["gpu"] for r in data["recipes"] if r["recipe"] == "staged-nf4"), "the benchmark's GPU")
     how = f"estimates from the course's measured steps on {source}, scaled by datasheet FLOPS"
     if not torch.cuda.is_available():
-        return (f"{what}: {steps} steps at {width}x{height}: {on_t4} with FLUX.1 ({how}); "
+        return (f"{what}: {steps} steps at {height}x{width} (height x width): {on_t4} with FLUX.1 ({how}); "
                 "here, without a GPU, the tiny stand-in takes seconds.")
     from fluxnb.environment import bf16_supported
 
     gpu = torch.cuda.get_device_name(0)
     here = step_seconds(height, width, gpu, bf16=bf16_supported(), data=data)
     on_here = f"{_about(steps * here)} on this {gpu}" if here else f"no estimate for this {gpu}"
-    return f"{what}: {steps} steps at {width}x{height}: {on_here}, {on_t4} ({how})."
+    return f"{what}: {steps} steps at {height}x{width} (height x width): {on_here}, {on_t4} ({how})."
 
 
 def advice(**kwargs: Any) -> str:

@@ -1,11 +1,14 @@
-"""Every way diffusers 0.42 can shrink FLUX's transformer, as one function call each (notebooks 05-07).
+"""Every way diffusers 0.42 can shrink FLUX's transformer: what can run here, and how to measure it (notebooks 05-07).
 
 A *recipe* is a name (``"bnb-nf4"``, ``"torchao-int8wo"``, ``"gguf-q4_0"``, ...) in :data:`RECIPES`;
-:func:`load_transformer` turns a checkpoint and a recipe into a quantized ``FluxTransformer2DModel``
-with the backend's public API. :func:`recipe_problem` says, before anything loads, why a recipe
-cannot run here (library missing, no CUDA, GPU too old) so a notebook cell can print it and move on.
+its config comes from the table in :mod:`fluxnb.quant_configs`, and :func:`load_transformer` turns a
+checkpoint and a recipe into a quantized ``FluxTransformer2DModel`` with the backend's public API (the
+benchmarks use it; notebooks 05 and 06 write each config and load call out instead).
+:func:`recipe_problem` says, before anything loads, why a recipe cannot run here (library missing, no
+CUDA, GPU too old) so a notebook cell can print it and move on.
 
-Measuring: :func:`fixed_inputs` makes one seeded input for the transformer, :func:`transformer_output`
+Measuring: :func:`measure_model` takes a loaded model and returns its weights' size, forward time and
+relative error; :func:`fixed_inputs` makes one seeded input for the transformer, :func:`transformer_output`
 runs it, :func:`relative_error` compares with the bf16 (or fp16) reference; :func:`image_metrics` gives
 PSNR/SSIM of decoded images (torchmetrics). The numbers show each recipe's *numerical* error; with
 random weights they say nothing about image quality.
@@ -28,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fluxnb.quant_configs import build as build_config
 
 GGUF_TYPES = ("Q8_0", "Q4_0")  # types gguf's numpy code can *make*; K-quants it can only read
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -185,40 +190,14 @@ def backends_table() -> str:
 # --- loading ---------------------------------------------------------------------------------------
 
 def quantization_config(recipe: str, dtype: torch.dtype, **options: Any) -> Any:
-    """diffusers' quantization config for ``recipe`` (None for bf16, fp8-layerwise and GGUF's loader).
+    """The library's quantization config for ``recipe``, from the table :data:`fluxnb.quant_configs.CONFIGS`
+    (None for bf16 and fp8-layerwise, which load without one); checked first with :func:`require`.
 
     ``options`` go to the config (e.g. ``llm_int8_threshold=6.0`` or ``llm_int8_skip_modules=[...]``
     for ``bnb-int8``).
     """
     require(recipe)
-    if recipe.startswith("bnb-"):
-        from diffusers import BitsAndBytesConfig
-
-        if recipe == "bnb-int8":
-            return BitsAndBytesConfig(load_in_8bit=True, **options)
-        settings = dict(bnb_4bit_quant_type="fp4" if recipe == "bnb-fp4" else "nf4", bnb_4bit_compute_dtype=dtype,
-                        bnb_4bit_use_double_quant=recipe == "bnb-nf4-dq")
-        return BitsAndBytesConfig(load_in_4bit=True, **{**settings, **options})
-    if recipe.startswith("torchao-"):
-        from diffusers import TorchAoConfig
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
-
-        if recipe == "torchao-int8wo":
-            return TorchAoConfig(Int8WeightOnlyConfig(), **options)
-        return TorchAoConfig(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), **options)
-    if recipe.startswith("quanto-"):
-        from diffusers import QuantoConfig
-
-        return QuantoConfig(weights_dtype="int8" if recipe == "quanto-int8" else "float8", **options)
-    if recipe == "sdnq-int8":
-        from diffusers import SDNQConfig
-
-        return SDNQConfig(weights_dtype="int8", **options)
-    if recipe.startswith("gguf-"):
-        from diffusers import GGUFQuantizationConfig
-
-        return GGUFQuantizationConfig(compute_dtype=dtype)
-    return None
+    return build_config(recipe, dtype, **options)
 
 
 def load_transformer(checkpoint: str | os.PathLike[str], recipe: str, dtype: torch.dtype,
@@ -235,19 +214,20 @@ def load_transformer(checkpoint: str | os.PathLike[str], recipe: str, dtype: tor
     require(recipe)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoint = str(checkpoint)
-    if recipe.startswith("gguf-"):
+    backend = RECIPES[recipe].backend
+    if backend == "gguf":
         qtype = recipe.split("-", 1)[1].upper()
         folder = Path(gguf_folder) if gguf_folder else local_folder(checkpoint) / "gguf"
         path = make_gguf(checkpoint, folder / f"transformer-{qtype}.gguf", qtype)
         model = FluxTransformer2DModel.from_single_file(
-            str(path), quantization_config=quantization_config(recipe, dtype), config=checkpoint,
+            str(path), quantization_config=quantization_config(recipe, dtype, **options), config=checkpoint,
             subfolder="transformer", dtype=dtype)
         return model.to(device)
     config = quantization_config(recipe, dtype, **options)
     kwargs: dict[str, Any] = dict(subfolder="transformer", dtype=dtype, use_safetensors=True)
     if config is not None:
         kwargs["quantization_config"] = config
-    placed = recipe.startswith("bnb-") or (recipe.startswith("torchao-") and device.type == "cuda")
+    placed = backend == "bitsandbytes" or (backend == "torchao" and device.type == "cuda")
     if placed:  # quantized where it will run: on the GPU each weight is quantized there, fast
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     model = FluxTransformer2DModel.from_pretrained(checkpoint, **kwargs)
@@ -521,13 +501,40 @@ def timed_forward(model: Any, inputs: dict[str, torch.Tensor], repeats: int = 3,
     return out, sorted(seconds)[len(seconds) // 2]
 
 
+def _measure_loaded(model: Any, inputs: dict[str, torch.Tensor], reference: torch.Tensor | None) -> dict[str, Any]:
+    """:func:`measure_model`'s row, with the VRAM peak counted since the caller last reset it."""
+    row: dict[str, Any] = dict(weights_gib=weight_bytes(model) / 2**30)
+    row["output"], row["forward_s"] = timed_forward(model, inputs)
+    if torch.cuda.is_available():
+        row["vram_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if reference is not None:
+        row["relative_error"] = relative_error(row["output"], reference)
+    return row
+
+
+def measure_model(model: Any, inputs: dict[str, torch.Tensor], reference: torch.Tensor | None = None) -> dict[str, Any]:
+    """What a loaded (quantized) transformer costs and how far its output is from ``reference``.
+
+    For notebooks 05 and 06, which load each model with the library's own call and then hand it here.
+    Keys: ``weights_gib`` (:func:`weight_bytes`: what the weights really store), ``forward_s`` (median
+    of 3 forwards after a warm-up, from :func:`timed_forward`), ``vram_peak_gib`` (on a GPU: allocated
+    by PyTorch from here on, so the resident weights plus one forward's activations; a loader's own
+    transient peak is not in it), ``relative_error`` (if ``reference`` is given) and ``output``.
+    """
+    from fluxnb.memory import flush
+
+    flush()  # what earlier models left behind is not this one's
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    return _measure_loaded(model, inputs, reference)
+
+
 def measure(checkpoint: str, recipe: str, dtype: torch.dtype, inputs: dict[str, torch.Tensor],
             reference: torch.Tensor | None = None, keep: bool = False, **options: Any) -> dict[str, Any]:
-    """Load ``recipe``, run :func:`timed_forward` on ``inputs``; return what it cost and how far it is off.
+    """Load ``recipe`` with :func:`load_transformer` and measure it as :func:`measure_model` does, with
+    the loading counted too: ``load_s``, and ``vram_peak_gib`` from before the load.
 
-    Keys: ``weights_gib`` (:func:`weight_bytes`), ``load_s``, ``forward_s`` (median of 3 after a warm-up),
-    ``vram_peak_gib`` (allocated by PyTorch, on a GPU), ``relative_error`` (if ``reference`` is given),
-    ``output``, and ``model`` if ``keep`` (otherwise the model is freed before returning).
+    Also ``model`` if ``keep`` (otherwise the model is freed before returning).
     """
     from fluxnb.memory import flush
 
@@ -536,12 +543,7 @@ def measure(checkpoint: str, recipe: str, dtype: torch.dtype, inputs: dict[str, 
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     model = load_transformer(checkpoint, recipe, dtype, **options)
-    row: dict[str, Any] = dict(load_s=time.perf_counter() - start, weights_gib=weight_bytes(model) / 2**30)
-    row["output"], row["forward_s"] = timed_forward(model, inputs)
-    if torch.cuda.is_available():
-        row["vram_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    if reference is not None:
-        row["relative_error"] = relative_error(row["output"], reference)
+    row: dict[str, Any] = dict(load_s=time.perf_counter() - start, **_measure_loaded(model, inputs, reference))
     if keep:
         row["model"] = model
     else:
@@ -551,14 +553,16 @@ def measure(checkpoint: str, recipe: str, dtype: torch.dtype, inputs: dict[str, 
 
 
 def rows_table(rows: dict[str, dict[str, Any]]) -> str:
-    """Markdown of :func:`measure` results (and ``{"skipped": why}`` / ``{"error": what}`` entries)."""
+    """Markdown of :func:`measure_model` / :func:`measure` results (and ``{"skipped": why}`` / ``{"error": what}``
+    entries). A column no row has (``load_s`` of :func:`measure_model`, the VRAM peak on a CPU) is left out."""
     cols = [("weights_gib", "weights (GiB)", 4), ("vram_peak_gib", "VRAM peak (GiB)", 3), ("load_s", "load (s)", 2),
             ("forward_s", "forward (s)", 4), ("relative_error", "rel. error", 4)]
-    out = ["| recipe | " + " | ".join(c[1] for c in cols) + " | note |", "|---" * (len(cols) + 2) + "|"]
+    cols = [c for c in cols if any(row.get(c[0]) is not None for row in rows.values())]
+    out = ["| " + " | ".join(["recipe", *(c[1] for c in cols), "note"]) + " |", "|---" * (len(cols) + 2) + "|"]
     for name, row in rows.items():
         cells = ["-" if row.get(k) is None else f"{row[k]:.{d}f}" for k, _, d in cols]
         note = row.get("skipped") or row.get("error") or RECIPES.get(name, QuantRecipe(name, "", "", 0)).description
-        out.append(f"| {name} | " + " | ".join(cells) + f" | {str(note).replace('|', '/')[:200]} |")
+        out.append("| " + " | ".join([name, *cells, str(note).replace("|", "/")[:200]]) + " |")
     return "\n".join(out)
 
 
@@ -588,45 +592,6 @@ def committed_table(folder: Path = RESULTS) -> str:
         return ("No GPU quantization results are committed yet: run `bash benchmarks/gpu_quant.sh` on a GPU "
                 "machine, then `python -m benchmarks report` (see benchmarks/README.md).")
     return "\n\n".join(f.read_text().strip() for f in files)
-
-
-# --- the guessing game (notebook 07) --------------------------------------------------------------------
-
-def guessing_game(images: dict[str, Any], metrics: dict[str, dict[str, float]], seed: int = 0) -> Any:
-    """An ipywidgets game: the images in shuffled order, a dropdown under each to guess its recipe, and a
-    button that reveals the answers with each image's metrics. Returns the widget (display it)."""
-    import io
-    import random
-
-    import ipywidgets as w
-
-    names = list(images)
-    order = names[:]
-    random.Random(seed).shuffle(order)
-    cards, guesses = [], []
-    for i, name in enumerate(order):
-        buf = io.BytesIO()
-        images[name].resize((192, 192 * images[name].height // images[name].width)).save(buf, format="PNG")
-        guess = w.Dropdown(options=["?", *sorted(names)], value="?", layout=w.Layout(width="180px"))
-        guesses.append(guess)
-        cards.append(w.VBox([w.Label(f"image {i + 1}"), w.Image(value=buf.getvalue(), format="png"), guess]))
-    result = w.HTML()
-    button = w.Button(description="Reveal", button_style="info")
-
-    def reveal(_: Any = None) -> None:
-        right = sum(g.value == n for g, n in zip(guesses, order))
-        rows = "".join(
-            f"<tr><td>image {i + 1}</td><td>{n}</td><td>{g.value}</td><td>{'✔' if g.value == n else '✘'}</td>"
-            + "".join(f"<td>{metrics.get(n, {}).get(k, float('nan')):.4g}</td>" for k in ("relative_error", "psnr_db", "ssim"))
-            + "</tr>" for i, (n, g) in enumerate(zip(order, guesses)))
-        result.value = (f"<b>{right} of {len(order)} right.</b><table><tr><th></th><th>recipe</th><th>your guess</th>"
-                        "<th></th><th>rel. error</th><th>PSNR (dB)</th><th>SSIM</th></tr>" + rows + "</table>")
-
-    button.on_click(reveal)
-    game = w.VBox([w.HBox(cards, layout=w.Layout(flex_flow="row wrap")), button, result])
-    game.reveal = reveal  # so a test (or a notebook) can reveal without clicking
-    game.guesses = dict(zip(order, guesses))
-    return game
 
 
 def run_all(names: Iterable[str], run: Any, strict: bool = False) -> dict[str, Any]:

@@ -30,7 +30,7 @@ class DropMessages(logging.Filter):
         self.text, self.at_start = text, at_start
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
+        message = record.getMessage()  # the text as it would print, arguments filled in
         return not (message.startswith(self.text) if self.at_start else self.text in message)
 
 

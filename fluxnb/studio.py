@@ -43,11 +43,12 @@ from PIL import Image
 
 from fluxnb import capacity, planner, stages, streaming
 from fluxnb.environment import available_ram_gib, bf16_supported, free_vram_gib
-from fluxnb.errors import FluxnbError, check_generation_request
+from fluxnb.errors import MAX_SEED, FluxnbError, check_generation_request, check_prompt
+from fluxnb.exceptions import BadSettingError
 from fluxnb.memory import GIB, StepTimer, anon_ram_bytes, device_used_bytes, flush
 
 MAX_IMAGES = 8  # per click: each image is a full generation
-MAX_SEED = 2**32 - 1  # torch.Generator.manual_seed takes 64 bits; 32 keep seeds short to copy
+RANDOM_SEEDS = 2**32  # 'random seed' draws below this: torch takes 64 bits, 32 keep a seed short to copy
 ENCODER_PARTS = ("text_encoder", "text_encoder_2")
 DENOISER_PARTS = ("transformer", "vae")
 
@@ -78,28 +79,21 @@ class Generation:
 
 def validate_request(prompt: Any, seed: Any, steps: Any, guidance: Any, height: Any, width: Any,
                      count: Any = 1) -> Request:
-    """Check a form's values and return them as a :class:`Request`; ``ValueError`` says what to change.
+    """Check a form's values and return them as a :class:`Request`; :class:`BadSettingError` (a
+    ``ValueError``) says what to change.
 
-    Sizes, steps and guidance go through :func:`fluxnb.check_generation_request` (the same message as
-    the notebooks). Booleans are refused where numbers are expected (``True`` is an ``int`` in Python).
+    The prompt, seed, sizes, steps and guidance go through :func:`fluxnb.check_generation_request`, the
+    check every notebook helper runs, so a mistake gets the same message here and there; only the
+    number of images is the Studio's own setting.
     """
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("The prompt is empty: type what the image should show, e.g. 'a red bicycle in the snow'.")
-    for name, value in (("seed", seed), ("steps", steps), ("height", height), ("width", width),
-                        ("number of images", count)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}).")
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed={seed} must be between 0 and {MAX_SEED}; tick 'random seed' to draw one.")
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance != guidance:
-        raise ValueError(f"guidance must be a number (FLUX.1-dev: 3.5, schnell: 0), got {guidance!r}.")
-    check_generation_request(height, width, steps, float(guidance))
-    if not 1 <= count <= MAX_IMAGES:
-        raise ValueError(f"number of images={count} must be between 1 and {MAX_IMAGES}: each image is a full "
-                         "generation; click Generate again for more.")
+    check_prompt(prompt)  # a form always has a prompt: None is an empty field, not "not given"
+    check_generation_request(height, width, steps, guidance, seed=seed)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_IMAGES:
+        raise BadSettingError(f"number of images={count!r} must be a whole number from 1 to {MAX_IMAGES}: each image "
+                              "is a full generation; click Generate again for more.")
     if seed + count - 1 > MAX_SEED:  # image k uses seed + k
-        raise ValueError(f"seed={seed} with {count} images would go past the largest seed, {MAX_SEED}: "
-                         f"use a seed of at most {MAX_SEED - count + 1}.")
+        raise BadSettingError(f"seed={seed} with {count} images would go past the largest seed, {MAX_SEED}: "
+                              f"use a seed of at most {MAX_SEED - count + 1}.")
     return Request(prompt.strip(), seed, steps, float(guidance), height, width, count)
 
 
@@ -218,42 +212,141 @@ def png_settings(path: str | Path) -> dict[str, str]:
         return dict(image.text)
 
 
+def _stand_in_lines(s: dict[str, str]) -> list[str]:
+    """The one visible switch to a fluxnb stand-in, if the image was made with one (else nothing)."""
+    from fluxnb.checkpoints import is_stand_in, variant_of
+
+    kind = is_stand_in(s["checkpoint"]) if Path(s["checkpoint"]).is_dir() else None
+    if kind is None:
+        return []
+    model_id = s.get("model_id", "black-forest-labs/FLUX.1-dev")
+    choice = "tiny" if kind == "tiny" else f"random-{variant_of(model_id)}"
+    return [
+        f"# This image came from fluxnb's {choice!r} stand-in (random weights, not the real model). For the real",
+        "# model delete the next three lines.",
+        "import fluxnb",
+        f"MODEL_ID = fluxnb.resolve_checkpoint(MODEL_ID, choice={choice!r})",
+        f"PREQUANTIZED = TRANSFORMER = fluxnb.prequantized_checkpoint({model_id!r}, DTYPE, choice={choice!r})",
+    ]
+
+
 def reproduction_code(path: str | Path) -> str:
-    """Python that makes the image at ``path`` again, with the course's functions, from its metadata alone."""
+    """A standalone diffusers script that makes the image at ``path`` again, from its PNG metadata alone.
+
+    It is the staged flow of notebooks 01-03 written with diffusers, transformers and bitsandbytes only
+    (``recipes/prequantized_from_hub.py`` as one block), so it can be copied out of the course. fluxnb
+    appears only where the image needed it: the switch to a stand-in, and the course's block streamer
+    on a GPU too small to hold the whole transformer next to its step (notebook 08)."""
     s = png_settings(path)
     missing = [k for k in ("prompt", "seed", "steps", "guidance", "height", "width", "checkpoint", "dtype",
                            "text_dtype", "max_sequence_length", "prequantized") if k not in s]
     if missing:
-        raise ValueError(f"{path} has no {', '.join(missing)} in its metadata: it was not saved by the Studio, "
+        raise BadSettingError(f"{path} has no {', '.join(missing)} in its metadata: it was not saved by the Studio, "
                          "so its settings cannot be read back.")
+    from fluxnb.prequantized import PREQUANTIZED_REPOS
+
+    stand_in = _stand_in_lines(s)
     prequantized = None if s["prequantized"] == "None" else s["prequantized"]
     source = s.get("transformer_source", s["prequantized"])
     source = None if source == "None" else source
-    return "\n".join([
-        f"# Makes {Path(path).name} again (settings read from its PNG metadata; fluxnb {s.get('fluxnb', '?')}).",
+    model_id = s["checkpoint"]
+    if stand_in:  # the script names the real model; the stand-in lines switch it, as in the notebooks
+        model_id = s.get("model_id", "black-forest-labs/FLUX.1-dev")
+        from fluxnb.checkpoints import variant_of
+
+        prequantized = source = PREQUANTIZED_REPOS.get(variant_of(model_id)) or prequantized
+    resident = s.get("resident_blocks", "None")
+    if prequantized is None:  # no package: quantize both while loading, from the original weights
+        t5_load = ("T5EncoderModel.from_pretrained(MODEL_ID, subfolder=\"text_encoder_2\", dtype=TEXT_DTYPE,\n"
+                   "    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\",\n"
+                   "                                           bnb_4bit_compute_dtype=TEXT_DTYPE), use_safetensors=True)")
+    else:  # saved in NF4 already: loads as saved, computing in the dtype it was saved with unless told
+        t5_load = ("compute_in(T5EncoderModel.from_pretrained(PREQUANTIZED, subfolder=\"text_encoder_2\", "
+                   "dtype=TEXT_DTYPE,\n    use_safetensors=True), TEXT_DTYPE)")
+    if source is None:
+        tr_load = ("FluxTransformer2DModel.from_pretrained(MODEL_ID, subfolder=\"transformer\", dtype=DTYPE,\n"
+                   "    quantization_config=DiffusersBitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\",\n"
+                   "                                                    bnb_4bit_compute_dtype=DTYPE), use_safetensors=True)")
+    else:
+        tr_load = ("compute_in(FluxTransformer2DModel.from_pretrained(TRANSFORMER, subfolder=\"transformer\", "
+                   "dtype=DTYPE,\n    use_safetensors=True), DTYPE)")
+    where = ("the Hub package of NF4 weights" if prequantized and not Path(prequantized).is_dir()
+             else "a folder of NF4 weights")
+    lines = [
+        f"# Makes {Path(path).name} again: settings read from its PNG metadata (made by fluxnb "
+        f"{s.get('fluxnb', '?')}'s Studio).",
+        "# The staged flow of notebooks 01-03 in diffusers, transformers and bitsandbytes: encode the prompt, free",
+        "# the text encoders, denoise with the 4-bit transformer, decode with the VAE (recipes/prequantized_from_hub.py).",
+        "import gc",
+        "",
+        "import bitsandbytes as bnb",
         "import torch",
+        "from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel",
+        "from diffusers import BitsAndBytesConfig as DiffusersBitsAndBytesConfig",
+        "from transformers import BitsAndBytesConfig, CLIPTextModel, T5EncoderModel",
         "",
-        "import fluxnb",
-        "",
-        f"CHECKPOINT = {s['checkpoint']!r}  # model_id: {s.get('model_id', '?')}",
-        f"PREQUANTIZED = {prequantized!r}",
-        f"DTYPE, TEXT_DTYPE = {s['dtype']}, {s['text_dtype']}",
+        f"MODEL_ID = {model_id!r}",
+        f"PREQUANTIZED = {prequantized!r}  # T5 and the transformer in NF4: {where}"
+        if prequantized else "PREQUANTIZED = None  # no NF4 package: both are quantized while loading",
+        (f"TRANSFORMER = PREQUANTIZED" if source == prequantized else f"TRANSFORMER = {source!r}  # the NF4 transformer notebook 02 saved")
+        if source else None,
+        f"DTYPE, TEXT_DTYPE = {s['dtype']}, {s['text_dtype']}  # text encoders in fp32 on a GPU without bf16 (notebook 01)",
+        *stand_in,
         f"PROMPT = {s['prompt']!r}",
         f"SEED, STEPS, GUIDANCE = {int(s['seed'])}, {int(s['steps'])}, {float(s['guidance'])}",
-        f"HEIGHT, WIDTH = {int(s['height'])}, {int(s['width'])}",
+        f"HEIGHT, WIDTH, MAX_SEQUENCE_LENGTH = {int(s['height'])}, {int(s['width'])}, {int(s['max_sequence_length'])}",
+        "DEVICE = \"cuda\" if torch.cuda.is_available() else \"cpu\"",
         "",
-        "fluxnb.allow_bitsandbytes_on_cpu()  # no-op on a GPU",
-        "path = fluxnb.encode_and_save(CHECKPOINT, PROMPT, TEXT_DTYPE, fluxnb.output_dir('embeddings'),",
-        f"                              {int(s['max_sequence_length'])}, prequantized=PREQUANTIZED)",
-        "embeds, _ = fluxnb.load_embeddings(path)",
-        f"transformer = fluxnb.load_transformer_4bit(CHECKPOINT, DTYPE, prequantized={source!r})",
-        "pipe = fluxnb.load_denoising_pipeline(CHECKPOINT, transformer, DTYPE)",
-        *(["fluxnb.stages.tile_vae(pipe.vae)  # the Studio decoded this size in 512-pixel tiles"]
-          if s.get("vae_tiling") == "True" else []),
-        "latents = fluxnb.denoise(pipe, embeds, HEIGHT, WIDTH, STEPS, GUIDANCE, SEED)",
-        "image = fluxnb.decode(pipe.vae, latents, HEIGHT, WIDTH)",
-        "image.save('remade.png')",
-    ])
+        "",
+        "def compute_in(model, dtype):",
+        "    \"\"\"A model saved in 4 bits computes in the dtype it was saved with: make every 4-bit layer use ``dtype``.\"\"\"",
+        "    for layer in model.modules():",
+        "        if isinstance(layer, bnb.nn.Linear4bit):",
+        "            layer.compute_dtype = dtype",
+        "    return model",
+        "",
+        "",
+        "# 1. encode the prompt with CLIP and the 4-bit T5, then free both (notebook 01)",
+        f"t5 = {t5_load}",
+        "clip = CLIPTextModel.from_pretrained(MODEL_ID, subfolder=\"text_encoder\", dtype=TEXT_DTYPE, use_safetensors=True)",
+        "pipe = FluxPipeline.from_pretrained(MODEL_ID, text_encoder=clip.to(DEVICE), text_encoder_2=t5, transformer=None,",
+        "                                    vae=None, dtype=TEXT_DTYPE, use_safetensors=True)",
+        "with torch.no_grad():",
+        "    prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(prompt=PROMPT, prompt_2=None,",
+        "                                                                max_sequence_length=MAX_SEQUENCE_LENGTH)",
+        "del pipe, clip, t5",
+        "gc.collect()",
+        "torch.cuda.empty_cache()",
+        "",
+        "# 2. the 4-bit transformer and the VAE in one pipeline without text encoders (notebook 02)",
+        f"transformer = {tr_load}",
+        "vae = AutoencoderKL.from_pretrained(MODEL_ID, subfolder=\"vae\", dtype=DTYPE, use_safetensors=True).to(DEVICE)",
+        "pipe = FluxPipeline.from_pretrained(MODEL_ID, transformer=transformer, vae=vae, text_encoder=None,",
+        "                                    text_encoder_2=None, tokenizer=None, tokenizer_2=None, dtype=DTYPE,",
+        "                                    use_safetensors=True)",
+    ]
+    if resident not in ("None", ""):
+        lines += [
+            f"# This GPU had room for {resident} of the transformer's blocks next to the step: the others waited in host",
+            "# RAM and streamed in as they ran, with the course's own streamer (notebook 08; not part of diffusers).",
+            "import fluxnb",
+            f"fluxnb.enable_block_streaming(transformer, resident_blocks={int(resident)})",
+        ]
+    if s.get("vae_tiling") == "True":
+        lines += [
+            "# The Studio decoded this size in 512-pixel tiles, to fit the decode next to the transformer (notebook 08)",
+            "vae.enable_tiling()",
+            "vae.tile_sample_min_size, vae.tile_latent_min_size = 512, 512 // 2 ** (len(vae.config.block_out_channels) - 1)",
+        ]
+    lines += [
+        "",
+        "# 3. denoise from the embeddings and decode (notebook 03); the same seed gives the same image",
+        "image = pipe(prompt_embeds=prompt_embeds.to(DEVICE, DTYPE), pooled_prompt_embeds=pooled_prompt_embeds.to(DEVICE, DTYPE),",
+        "             height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE,",
+        "             generator=torch.Generator(\"cpu\").manual_seed(SEED)).images[0]  # CPU noise: the same on any device",
+        "image.save(\"remade.png\")",
+    ]
+    return "\n".join(line for line in lines if line is not None)
 
 
 class _StepCallback(StepTimer):
@@ -306,13 +399,14 @@ class Studio:
         self._embeddings: dict[str, dict[str, torch.Tensor]] = {}
         self._room_for: tuple[int, int] | None = None  # the step size the transformer's blocks were placed for
         self._tiled = False  # the VAE decodes in tiles (a size too large to decode whole next to the transformer)
+        self._resident: int | None = None  # blocks kept on the GPU while the others stream (None: all of them)
         self._stop = threading.Event()
         self._busy = threading.Lock()
         self.thread: threading.Thread | None = None
         self.last_error: BaseException | None = None
 
         d = {**dict(prompt="A cat holding a sign that says hello world", seed=0, steps=28, guidance=3.5,
-                    height=1024, width=1024, count=1), **(defaults or {})}
+                    height=768, width=768, count=1), **(defaults or {})}
         full = dict(layout=w.Layout(width="100%"))
         self.prompt = w.Textarea(value=d["prompt"], description="Prompt", rows=2, **full)
         self.seed = w.IntText(value=d["seed"], description="Seed")
@@ -332,10 +426,13 @@ class Studio:
         self.selected = w.Dropdown(options=[], description="Image")
         self.code_button = w.Button(description="Show code", icon="code")
         self.code = w.Textarea(value="", rows=12, layout=w.Layout(width="100%", display="none"))
+        self.full_button = w.Button(description="Full size", icon="expand")
+        self.full_view = w.Image(format="png", layout=w.Layout(max_width="100%", display="none"))  # 1 pixel = 1 pixel
         self.log = w.Output()
         self.generate_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         self.code_button.on_click(lambda _: self.show_code())
+        self.full_button.on_click(lambda _: self.show_full_size())
         self.selected.observe(self._selection_changed, "value")
         self.widget = w.VBox([
             self.prompt,
@@ -344,7 +441,7 @@ class Studio:
             w.HBox([self.width, self.height, self.count]),
             w.HBox([self.generate_button, self.stop_button]),
             self.progress, self.status, self.memory, self.gallery,
-            w.HBox([self.selected, self.code_button]), self.code, self.log,
+            w.HBox([self.selected, self.full_button, self.code_button]), self.full_view, self.code, self.log,
         ])
         self.widget.add_class("fluxnb-studio")
 
@@ -361,7 +458,7 @@ class Studio:
         With "random seed" ticked (and no ``seed`` override) a new seed is drawn and shown in the form.
         """
         if self.random_seed.value and "seed" not in overrides:
-            self.seed.value = random.SystemRandom().randint(0, MAX_SEED)
+            self.seed.value = random.SystemRandom().randrange(RANDOM_SEEDS)
         form = dict(prompt=self.prompt.value, seed=self.seed.value, steps=self.steps.value,
                     guidance=self.guidance.value, height=self.height.value, width=self.width.value,
                     count=self.count.value)
@@ -468,6 +565,7 @@ class Studio:
                     model_id=self.model_id, dtype=self.dtype, text_dtype=self.text_dtype,
                     prequantized=self.prequantized, transformer_source=self.transformer_source,
                     max_sequence_length=self.max_sequence_length, vae_tiling=self._tiled,
+                    resident_blocks=self._resident,
                     fluxnb=__version__, made_by="fluxnb.Studio")
 
     def _decide_keep_encoders(self, height: int, width: int) -> bool:
@@ -489,7 +587,7 @@ class Studio:
             keep = self._decide_keep_encoders(height, width)
             if self._denoiser is not None and not keep:
                 self._say("New prompt: freeing the transformer to load T5 (both do not fit on this GPU)...")
-                self._denoiser, self._room_for, self._tiled = None, None, False
+                self._denoiser, self._room_for, self._tiled, self._resident = None, None, False, None
                 flush()
             if self._encoders is None:
                 self._say("Loading the text encoders (CLIP, 4-bit T5)...")
@@ -538,6 +636,7 @@ class Studio:
             room = plan_room([streaming.block_bytes(b) for b in blocks], len(transformer.transformer_blocks),
                              height, width, int(free * GIB))
         self._room_for = (height, width)
+        self._resident = room.resident_blocks
         if room.resident_blocks is not None:
             streaming.enable_block_streaming(transformer, resident_blocks=room.resident_blocks)
         self._tiled = room.tiled_decode
@@ -551,7 +650,7 @@ class Studio:
 
     def close(self) -> None:
         """Free every model the Studio holds (to run something else in the same kernel)."""
-        self._encoders = self._denoiser = self._room_for = None
+        self._encoders = self._denoiser = self._room_for = self._resident = None
         self._tiled = False
         self._embeddings.clear()
         flush()
@@ -585,6 +684,17 @@ class Studio:
     def _selection_changed(self, change: dict[str, Any]) -> None:
         if self.code.layout.display is None and change["new"]:  # the code is shown: keep it in step
             self.show_code()
+        if self.full_view.layout.display is None and change["new"]:  # so is the full-size view
+            self.show_full_size()
+
+    def show_full_size(self) -> bytes:
+        """The Full size button: the selected PNG as saved, pixel for pixel (the gallery shows thumbnails)."""
+        if not self.selected.value:
+            self._say("No image yet: generate one first, then select it.", error=True)
+            return b""
+        self.full_view.value = Path(self.selected.value).read_bytes()
+        self.full_view.layout.display = None
+        return self.full_view.value
 
     def show_code(self) -> str:
         """The Show code button: the Python that makes the selected image again (also returned)."""

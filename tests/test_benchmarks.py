@@ -129,6 +129,54 @@ def test_committed_offload_results_regenerate_to_notebook_08s_table():
     assert "nf4-streamed" in body and "bf16-group-offload-block" in body
 
 
+def test_notebook_08_shows_host_ram_as_the_planners_anonymous_memory():
+    """One host-RAM figure: 08's column is the anonymous memory recipes.json (the planner) has, never max RSS;
+    the rows whose pinned copies anonymous memory misses say so, and only their note gives the resident set."""
+    results = json.loads(sorted(cli.RESULTS.glob("*-offload.json"))[0].read_text())
+    body = report.offload_markdown(results)
+    head = next(line for line in body.splitlines() if line.startswith("| recipe |")).split(" | ")
+    column = head.index("host RAM peak, anon (GiB)")
+    assert not any("RSS" in h for h in head)
+    planner = {(r["recipe"], r["size"]): r["ram_peak_gib"] for r in json.loads(report.RECIPES_JSON.read_text())["recipes"]}
+    shown = 0
+    for line in body.splitlines():
+        cells = line.split(" | ")
+        key = (cells[0].removeprefix("| "), cells[1]) if len(cells) > column else None
+        if key in planner:
+            value = cells[column]
+            assert value.startswith(f"{planner[key]:.2f}"), (key, value)
+            assert value.endswith("+ pinned (below)") == (report.PINNED_OUTSIDE_ANON in key[0])
+            shown += 1
+    assert shown >= 6
+    streamed = results["recipes"]["nf4-streamed"]
+    rss = max(s["ram_maxrss_gib"] for s in streamed["stages"])
+    assert f"{rss:.2f}" not in body  # the 13.42 GiB that made 08 disagree with the planner
+    pinned = max(s["ram_maxrss_gib"] for s in results["recipes"]["bf16-group-offload-block"]["stages"])
+    note = next(line for line in body.splitlines() if line.startswith("- + pinned"))
+    assert f"`bf16-group-offload-block` {pinned:.2f} GiB" in note
+
+
+def test_notebook_04_embeds_its_short_table_and_links_the_rest():
+    """04 shows at most eight recipes from recipes.json, as generated, with a link to docs/results.md; no dump."""
+    data = json.loads(report.RECIPES_JSON.read_text())
+    body = report.measured_markdown(data)
+    nb = json.loads((report.ROOT / "notebooks" / "04_memory_profiling.ipynb").read_text())
+    text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert f"{report.MEASURED_START}\n{body.strip()}\n{report.MEASURED_END}" in text
+    rows = [line for line in body.splitlines() if line.startswith("| `")]
+    assert 6 <= len(rows) <= 8 and "[docs/results.md](../docs/results.md)" in body
+    by_name = {(r["recipe"], r["size"]): r for r in data["recipes"]}
+    for line in rows:
+        name = line.split("`")[1]
+        row = by_name[(name, report.MEASURED_SIZE)]
+        assert f"| {row['s_per_step']:.3f} | {row['vram_peak_gib']:.2f} | {row['ram_peak_gib']:.2f} |" in line
+    for dump in (report.START, report.COURSE_START, "| notebook | result |", "could bring back"):
+        assert dump not in text
+    assert len(text.split()) < 2500  # the generated dump alone was about 3,300 words
+    missing = dict(data, recipes=[r for r in data["recipes"] if r["recipe"] != "bf16-resident"])
+    assert "`bf16-resident`" not in report.measured_markdown(missing)  # a recipe without a row is left out
+
+
 def test_markers_are_replaced_and_missing_markers_fail():
     text = f"before\n{report.START}\nold\n{report.END}\nafter"
     assert report.replace_marked(text, "new") == f"before\n{report.START}\nnew\n{report.END}\nafter"

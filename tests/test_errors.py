@@ -61,7 +61,7 @@ BAD_ARGUMENTS = [  # (argument, bad value, exception, what the message must say)
     ("guidance", -1.0, ValueError, r"guidance_scale=-1.0 must be >= 0"),
     ("seed", 1.5, TypeError, r"seed must be an integer, not float \(1.5\).*random.randrange"),
     ("seed", "42", TypeError, r"seed must be an integer, not str"),
-    ("seed", -1, ValueError, r"seed=-1 is out of range: use 0 <= seed < 2\*\*64"),
+    ("seed", -1, ValueError, r"seed=-1 is out of range: use 0 <= seed <= 2\*\*64 - 1"),
     ("seed", True, TypeError, r"seed must be an integer, not bool"),
 ]
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fluxnb
-from fluxnb.memory import MemoryTracker, StepTimer, anon_ram_bytes, plot_records, records_to_markdown
+from fluxnb.memory import (MemoryTracker, StepTimer, anon_ram_bytes, course_ram_peak_gib, plot_records,
+                           records_to_markdown)
 
 
 def test_bytes_to_giga_bytes_is_gib():
@@ -53,6 +54,33 @@ def test_vram_fields_are_absent_not_zero_on_cpu():
     assert rec.vram_allocated_gib is None and rec.vram_reserved_gib is None and rec.vram_device_gib is None
     table = tracker.to_markdown()
     assert "VRAM" not in table and "RAM anon" in table
+
+
+def test_host_ram_is_shown_as_anonymous_memory_only():
+    """One host-RAM figure: the lifetime max RSS is recorded (the benchmarks' notes use it), never shown."""
+    tracker = MemoryTracker()
+    with tracker.stage("x"):
+        pass
+    (rec,) = tracker.records
+    assert rec.ram_maxrss_gib > 0 and "ram_maxrss_gib" in rec.as_dict()
+    head = tracker.to_markdown().splitlines()[0]
+    assert "RAM anon (GiB)" in head and "maxrss" not in head.lower() and "RSS" not in head
+    fig = tracker.plot()
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()][-1] == "RAM anon (GiB)"
+    assert all("rss" not in t.get_text().lower() for t in fig.axes[0].get_legend().get_texts())
+    records = [dict(stage="s", ram_anon_gib=1.0, ram_maxrss_gib=9.0)]
+    assert records_to_markdown(records).splitlines()[0] == "| stage | RAM anon (GiB) |"
+    assert "9.00" in records_to_markdown(records, columns=["stage", "ram_maxrss_gib"])  # asked for by name
+
+
+def test_a_course_runs_host_ram_is_the_smaller_upper_bound():
+    """The summed anonymous memory counts a forked child's shared pages twice; the cgroup counts file pages."""
+    # 09_faster inside colab-t4: torch.compile's forked workers made the sum exceed the cgroup's peak
+    assert course_ram_peak_gib(dict(ram_anon_peak_gib=7.758, ram_peak_gib=2.861)) == 2.861
+    # 03_generate: the cgroup filled with the weight files' pages up to the cap; anonymous memory did not
+    assert course_ram_peak_gib(dict(ram_anon_peak_gib=6.926, ram_peak_gib=12.0)) == 6.926
+    assert course_ram_peak_gib(dict(ram_anon_peak_gib=0.57, ram_peak_gib=None)) == 0.57  # RAM not enforced
+    assert course_ram_peak_gib(dict(ram_anon_peak_gib=None, ram_peak_gib=None)) is None
 
 
 def test_markdown_and_plot_show_every_stage():

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import fluxnb
+from fluxnb import quant_configs
 from fluxnb import quantization as Q
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -157,18 +158,6 @@ def test_run_all_shows_a_failure_and_strict_raises_it():
         Q.run_all(["bnb-nf4"], boom, strict=True)
 
 
-def test_guessing_game_reveals_the_answers_and_the_metrics():
-    images = {n: Image.new("RGB", (32, 32), c) for n, c in [("bf16", "red"), ("bnb-nf4", "blue")]}
-    metrics = {"bf16": dict(relative_error=0.0, psnr_db=float("inf"), ssim=1.0),
-               "bnb-nf4": dict(relative_error=0.1234, psnr_db=20.5, ssim=0.5)}
-    game = Q.guessing_game(images, metrics)
-    game.guesses["bf16"].value = "bf16"
-    game.guesses["bnb-nf4"].value = "bf16"
-    game.reveal()
-    html = game.children[-1].value
-    assert "1 of 2 right" in html and "0.1234" in html and "20.5" in html
-
-
 def test_committed_table_says_when_there_is_none(tmp_path):
     assert "No GPU quantization results are committed yet" in Q.committed_table(tmp_path)
     (tmp_path / "quant-h100.md").write_text("| recipe |\n")
@@ -217,3 +206,146 @@ def test_quanto_fp8_is_skipped_where_its_kernel_would_be_compiled_first(monkeypa
     monkeypatch.delenv("FLUXNB_BUILD_QUANTO_KERNELS")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))  # a T4: no Marlin path
     assert Q.quanto_kernel_problem() is None
+
+
+# --- the recipes' configs: one builder each, and the notebooks write the same ones out ----------------
+
+def _builders_expected():
+    from diffusers import BitsAndBytesConfig, GGUFQuantizationConfig, QuantoConfig, TorchAoConfig
+    from sdnq import SDNQConfig
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
+
+    def bnb4(quant_type, double):
+        return lambda c, dtype: (c.load_in_4bit and not c.load_in_8bit and c.bnb_4bit_quant_type == quant_type
+                                 and c.bnb_4bit_compute_dtype == dtype and c.bnb_4bit_use_double_quant is double)
+
+    return {
+        "bnb-int8": (BitsAndBytesConfig, lambda c, dtype: c.load_in_8bit and not c.load_in_4bit
+                     and c.llm_int8_threshold == 6.0 and c.llm_int8_skip_modules is None),
+        "bnb-nf4": (BitsAndBytesConfig, bnb4("nf4", False)),
+        "bnb-fp4": (BitsAndBytesConfig, bnb4("fp4", False)),
+        "bnb-nf4-dq": (BitsAndBytesConfig, bnb4("nf4", True)),
+        "torchao-int8wo": (TorchAoConfig, lambda c, dtype: type(c.quant_type) is Int8WeightOnlyConfig),
+        "torchao-fp8": (TorchAoConfig, lambda c, dtype: type(c.quant_type) is Float8DynamicActivationFloat8WeightConfig
+                        and all(isinstance(g, PerRow) for g in c.quant_type.granularity)),
+        "quanto-int8": (QuantoConfig, lambda c, dtype: c.weights_dtype == "int8"),
+        "quanto-fp8": (QuantoConfig, lambda c, dtype: c.weights_dtype == "float8"),
+        "gguf-q8_0": (GGUFQuantizationConfig, lambda c, dtype: c.compute_dtype == dtype),
+        "gguf-q4_0": (GGUFQuantizationConfig, lambda c, dtype: c.compute_dtype == dtype),
+        "sdnq-int8": (SDNQConfig, lambda c, dtype: c.weights_dtype == "int8"),
+    }
+
+
+def test_the_table_has_one_builder_per_recipe_and_none_for_the_unquantized():
+    assert list(quant_configs.CONFIGS) == list(Q.RECIPES)  # the same recipes, in the same order
+    assert [r for r, b in quant_configs.CONFIGS.items() if b is None] == ["bf16", "fp8-layerwise"]
+    assert set(_builders_expected()) == {r for r, b in quant_configs.CONFIGS.items() if b is not None}
+    with pytest.raises(KeyError, match="unknown recipe"):
+        quant_configs.build("int3", torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("recipe", sorted(_builders_expected()))
+def test_every_builder_returns_its_librarys_config_with_the_recipes_options(recipe, dtype):
+    cls, right = _builders_expected()[recipe]
+    config = quant_configs.build(recipe, dtype)
+    assert type(config) is cls, f"{recipe}: {type(config).__name__}"
+    assert right(config, dtype), f"{recipe}: {config.to_dict()}"
+    assert quant_configs.build("bf16", dtype) is None and quant_configs.build("fp8-layerwise", dtype) is None
+
+
+def test_options_reach_the_config_and_override_the_recipes_own():
+    int8 = quant_configs.build("bnb-int8", torch.float16, llm_int8_threshold=0.0, llm_int8_skip_modules=["proj_out"])
+    assert int8.llm_int8_threshold == 0.0 and int8.llm_int8_skip_modules == ["proj_out"]
+    nf4 = quant_configs.build("bnb-nf4", torch.float16, bnb_4bit_compute_dtype=torch.float32)
+    assert nf4.bnb_4bit_compute_dtype == torch.float32 and nf4.bnb_4bit_quant_type == "nf4"
+    assert quant_configs.build("torchao-int8wo", torch.bfloat16, modules_to_not_convert=["x"]).modules_to_not_convert == ["x"]
+    assert Q.quantization_config("bnb-nf4-dq", torch.float16).to_dict() == quant_configs.bnb_nf4_double_quant(
+        torch.float16).to_dict()
+
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+CONFIG_CLASSES = {"BitsAndBytesConfig", "TorchAoConfig", "QuantoConfig", "SDNQConfig", "GGUFQuantizationConfig"}
+
+
+def _code(notebook):
+    return [("".join(c["source"])) for c in json.loads((NOTEBOOKS / notebook).read_text())["cells"]
+            if c["cell_type"] == "code"]
+
+
+def _written_configs(notebook, dtype):
+    """Every config object a notebook's code cells build (a call of one of CONFIG_CLASSES), evaluated with
+    the notebook's own imports and ``DTYPE = dtype``; calls whose arguments name other variables are left out."""
+    import ast
+
+    trees = [ast.parse("\n".join(l for l in src.splitlines() if not l.lstrip().startswith("%"))) for src in _code(notebook)]
+    namespace = {"torch": torch, "DTYPE": dtype, "SKIP": ["x_embedder", "context_embedder", "proj_out", "norm_out"]}
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("diffusers", "torchao", "sdnq"):
+                exec(compile(ast.Module([node], []), notebook, "exec"), namespace)
+    found = []
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in CONFIG_CLASSES:
+                try:
+                    found.append(eval(compile(ast.Expression(node), notebook, "eval"), namespace))
+                except NameError:
+                    continue  # e.g. 05's bnb_4bit_compute_dtype=compute: a variant, not a recipe
+    return found
+
+
+@pytest.mark.parametrize("notebook, recipes", [
+    ("05_bitsandbytes_options.ipynb", ["bnb-int8", "bnb-nf4", "bnb-fp4", "bnb-nf4-dq"]),
+    ("06_quantization_backends.ipynb", ["torchao-int8wo", "torchao-fp8", "quanto-int8", "quanto-fp8", "sdnq-int8",
+                                        "gguf-q8_0", "gguf-q4_0"]),
+])
+def test_the_notebooks_write_out_the_same_configs_as_the_table(notebook, recipes):
+    """05 and 06 build each recipe's config in a code cell, with the same options as the table the benchmarks use."""
+    dtype = torch.bfloat16
+    written = [(type(c), c.to_dict()) for c in _written_configs(notebook, dtype)]
+    code = "\n".join(_code(notebook))
+    for recipe in recipes:
+        config = quant_configs.build(recipe, dtype)
+        assert (type(config), config.to_dict()) in written, f"{notebook}: {recipe}'s config is not written out"
+        assert f'"{recipe}"' in code, f"{notebook} does not measure {recipe}"
+    assert "Q.measure(" not in code and "Q.quantization_config" not in code  # the lesson's own calls, not fluxnb's
+    assert code.count("quantization_config=") > len(recipes) // 2
+
+
+def test_notebook_06_loads_gguf_and_layerwise_casting_as_load_transformer_does():
+    import inspect
+
+    code = "\n".join(_code("06_quantization_backends.ipynb"))
+    ours = inspect.getsource(Q.load_transformer)
+    casting = "enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype="
+    assert casting + "DTYPE)" in code and casting + "dtype)" in ours
+    assert "from_single_file(" in code and "config=SLICE, subfolder=\"transformer\"" in code
+    assert 'config=checkpoint,\n            subfolder="transformer"' in ours
+
+
+def test_measure_model_measures_a_model_loaded_by_hand_as_measure_does(tiny, reference):
+    from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
+
+    inputs, ref = reference
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = FluxTransformer2DModel.from_pretrained(tiny, subfolder="transformer", quantization_config=config,
+                                                   dtype=torch.float32)
+    row = Q.measure_model(model, inputs, ref)
+    by_name = Q.measure(tiny, "bnb-nf4", torch.float32, inputs, ref)
+    assert row["weights_gib"] == by_name["weights_gib"] < Q.weight_bytes(Q.load_transformer(tiny, "bf16", torch.float32)) / 2**30
+    assert row["relative_error"] == pytest.approx(by_name["relative_error"], rel=1e-6) and row["relative_error"] > 0
+    assert row["forward_s"] > 0 and "load_s" not in row and by_name["load_s"] > 0
+    assert "relative_error" not in Q.measure_model(model, inputs)
+
+
+def test_rows_table_leaves_out_the_columns_no_row_has():
+    table = Q.rows_table({"bnb-nf4": dict(weights_gib=1.0, forward_s=0.5, relative_error=0.1),
+                          "torchao-fp8": {"skipped": "needs a GPU"}})
+    lines = table.splitlines()
+    assert lines[0] == "| recipe | weights (GiB) | forward (s) | rel. error | note |"
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    assert lines[2].startswith("| bnb-nf4 | 1.0000 | 0.5000 | 0.1000 | 4-bit NormalFloat")
+    assert lines[3] == "| torchao-fp8 | - | - | - | needs a GPU |"
+    only_skipped = Q.rows_table({"torchao-fp8": {"skipped": "needs a GPU"}}).splitlines()
+    assert only_skipped == ["| recipe | note |", "|---|---|", "| torchao-fp8 | needs a GPU |"]

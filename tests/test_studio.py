@@ -4,6 +4,7 @@ Runs on the tiny stand-in (conftest.py sets FLUXNB_CHECKPOINT=tiny and a scratch
 """
 
 import html
+import io
 from collections import Counter
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 
 import fluxnb
 from fluxnb import stages
+from fluxnb.exceptions import BadSettingError
 from fluxnb.studio import Studio, png_settings, reproduction_code, validate_request
 
 MODEL_ID = "black-forest-labs/FLUX.1-dev"
@@ -114,6 +116,38 @@ def test_show_code_remakes_the_selected_image_exactly(checkpoint, tmp_path, monk
     monkeypatch.setenv("FLUXNB_OUTPUT", str(tmp_path / "elsewhere"))  # no saved embeddings: encodes again
     exec(compile(code, "reproduction", "exec"), {})
     assert np.array_equal(pixels(tmp_path / "remade.png"), pixels(result.paths[0]))
+    # a standalone diffusers script: fluxnb only in the visible switch to the stand-in it was made with
+    fluxnb_lines = [line for line in code.splitlines() if "fluxnb" in line and not line.startswith("#")]
+    assert fluxnb_lines == ["import fluxnb", "MODEL_ID = fluxnb.resolve_checkpoint(MODEL_ID, choice='tiny')",
+                            "PREQUANTIZED = TRANSFORMER = fluxnb.prequantized_checkpoint('black-forest-labs/FLUX.1-dev', "
+                            "DTYPE, choice='tiny')"], fluxnb_lines
+    assert "MODEL_ID = 'black-forest-labs/FLUX.1-dev'" in code and str(tmp_path) not in code  # no local cache paths
+    for call in ("T5EncoderModel.from_pretrained", "FluxTransformer2DModel.from_pretrained", "pipe.encode_prompt"):
+        assert call in code
+
+
+def test_full_size_shows_the_selected_png_as_saved(checkpoint, tmp_path):
+    studio = make_studio(checkpoint, tmp_path)
+    assert studio.show_full_size() == b"" and "generate one first" in studio.status.value
+    first = studio.generate(prompt="a boat", seed=1, steps=2, height=32, width=48).paths[0]
+    studio.full_button.click()
+    assert studio.full_view.value == first.read_bytes() and studio.full_view.layout.display is None
+    second = studio.generate(prompt="a boat", seed=2, steps=2, height=32, width=48).paths[0]
+    assert studio.full_view.value == second.read_bytes()  # follows the selection
+    with Image.open(io.BytesIO(studio.full_view.value)) as shown:
+        assert shown.size == (48, 32)  # full size, not the gallery's thumbnail
+
+
+def test_show_code_of_a_streamed_image_names_the_course_streamer(checkpoint, tmp_path, monkeypatch):
+    """On a GPU too small for every block, the script streams as the Studio did, with the course's streamer."""
+    from fluxnb import studio as studio_module
+
+    monkeypatch.setattr(studio_module, "plan_room", lambda *args: studio_module.Room(2, tiled_decode=False))
+    monkeypatch.setattr(studio_module, "free_vram_gib", lambda: 8.0)
+    studio = make_studio(checkpoint, tmp_path)
+    path = studio.generate(prompt="a cat", steps=2, height=32, width=32, seed=5).paths[0]
+    code = reproduction_code(path)
+    assert "fluxnb.enable_block_streaming(transformer, resident_blocks=2)" in code and "notebook 08" in code
 
 
 def test_stop_ends_the_generation_cleanly_and_the_next_click_works(checkpoint, tmp_path):
@@ -140,14 +174,14 @@ def test_stop_ends_the_generation_cleanly_and_the_next_click_works(checkpoint, t
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("prompt", "   ", "The prompt is empty"),
+    ("prompt", "   ", "prompt is empty"),
     ("height", 1000, "height=1000 must be a positive multiple of 16"),
     ("width", 0, "width=0 must be a positive multiple of 16"),
     ("steps", 0, "num_inference_steps=0 must be an integer >= 1"),
     ("guidance", -1.0, "guidance_scale=-1.0 must be >= 0"),
-    ("count", 0, "number of images=0 must be between 1 and 8"),
-    ("count", 9, "number of images=9 must be between 1 and 8"),
-    ("seed", -5, "seed=-5 must be between 0 and 4294967295"),
+    ("count", 0, "number of images=0 must be a whole number from 1 to 8"),
+    ("count", 9, "number of images=9 must be a whole number from 1 to 8"),
+    ("seed", -5, "seed=-5 is out of range"),
 ])
 def test_bad_input_is_refused_with_a_message_before_anything_loads(checkpoint, tmp_path, loads, field, value, message):
     studio = make_studio(checkpoint, tmp_path)
@@ -161,18 +195,28 @@ def test_bad_input_is_refused_with_a_message_before_anything_loads(checkpoint, t
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(steps="20"), "steps must be a whole number, got '20'"),
-    (dict(seed=True), "seed must be a whole number, got True"),
-    (dict(height=512.0), "height must be a whole number"),
-    (dict(guidance="high"), "guidance must be a number"),
-    (dict(guidance=float("nan")), "guidance must be a number"),
-    (dict(prompt=None), "The prompt is empty"),
-    (dict(seed=4294967295, count=2), "seed=4294967295 with 2 images would go past the largest seed"),
+    (dict(steps="20"), "num_inference_steps='20' must be an integer >= 1"),
+    (dict(seed=True), "seed must be an integer, not bool"),
+    (dict(height=512.0), "height=512.0 must be a positive multiple of 16"),
+    (dict(guidance="high"), "guidance_scale must be a number"),
+    (dict(guidance=float("nan")), "guidance_scale must be a number"),
+    (dict(prompt=None), "prompt must be a string, not NoneType"),
+    (dict(count=2.0), "number of images=2.0 must be a whole number"),
+    (dict(seed=2**64 - 1, count=2), "seed=18446744073709551615 with 2 images would go past the largest seed"),
 ])
 def test_validate_request_rejects_wrong_types(kwargs, message):
+    """The form's checks are the notebooks' checks (fluxnb.errors): the same mistake, the same error."""
     good = dict(prompt="a cat", seed=0, steps=4, guidance=3.5, height=64, width=64, count=1)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(BadSettingError, match=message.replace("(", r"\(")) as caught:
         validate_request(**{**good, **kwargs})
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, TypeError)
+    if "count" in kwargs:
+        return  # the number of images is the Studio's own setting
+    request = {k: v for k, v in {**good, **kwargs}.items() if k != "count"}
+    with pytest.raises(BadSettingError) as direct:
+        fluxnb.errors.check_prompt(request.pop("prompt"))
+        fluxnb.check_generation_request(**request)
+    assert str(direct.value) == str(caught.value)
 
 
 def test_a_second_generation_while_one_runs_is_refused(checkpoint, tmp_path):
@@ -269,7 +313,7 @@ def test_a_size_too_big_to_decode_whole_decodes_in_tiles_and_show_code_says_so(c
     path = studio.generate(prompt="a cat", steps=2, height=64, width=64, seed=5).paths[0]
     assert studio._denoiser.vae.use_tiling and studio._denoiser.vae.tile_sample_min_size == 512
     assert png_settings(path)["vae_tiling"] == "True"
-    assert "fluxnb.stages.tile_vae(pipe.vae)" in reproduction_code(path)
+    assert "vae.enable_tiling()" in reproduction_code(path)
     assert "512-pixel tiles" in html.unescape(studio.status.value) or studio.generations[-1].paths
 
 
