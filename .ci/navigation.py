@@ -44,6 +44,12 @@ FOOTER = "<!-- fluxnb:footer -->"
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 BINDER_BADGE = "https://mybinder.org/badge_logo.svg"
 INSTALL = re.compile(r'%pip install -q "fluxnb @ git\+https://github\.com/[^"]+"')
+SETUP = "## Setup"  # the heading of the markdown cell before each lesson's setup cell; both are made here
+BACKENDS = ("torchao", "optimum-quanto", "gguf", "torchmetrics", "sdnq")  # 05-07's extra installs, pinned as in requirements.txt
+SETUP_KIND = {  # what a lesson's setup cell adds to the install: "drive" (keep downloads on Google Drive) by default
+    "05_bitsandbytes_options.ipynb": "backends", "06_quantization_backends.ipynb": "backends",
+    "07_spot_the_quantized.ipynb": "backends", "10_multi_gpu.ipynb": "kaggle",
+}
 
 
 def colab_url(name: str) -> str:
@@ -100,6 +106,49 @@ def solutions_footer(i: int) -> str:
             f"[{solutions_name(name)} on Colab]({colab_url(f'{SOLUTIONS}/{solutions_name(name)}')})")
 
 
+def pins(names: tuple[str, ...], root: Path = ROOT) -> str:
+    """``name==version`` for each of ``names``, read from requirements.txt (the one place versions are pinned)."""
+    lines = (root / "requirements.txt").read_text().splitlines()
+    found = {line.split("==")[0].strip().lower(): line.strip() for line in lines if "==" in line and not line.startswith("#")}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise SystemExit(f"requirements.txt pins no {', '.join(missing)}")
+    return " ".join(found[n] for n in names)
+
+
+def setup_cells(i: int, root: Path = ROOT) -> tuple[str, str]:
+    """Lesson ``i``'s setup: the markdown that says what the cell does, and the cell. Made here for every
+    lesson, so the twelve say the same thing the same way and install the same pinned versions."""
+    kind = SETUP_KIND.get(COURSE[i][0], "drive")
+    install = f'    %pip install -q "fluxnb @ git+https://github.com/{REPO}"'
+    what = "the course's pinned libraries" + (" and the quantization backends" if kind == "backends" else "")
+    where = "Colab or Kaggle" if kind == "kaggle" else "Colab"
+    text = (f"{SETUP}\n\nRun this cell first. On {where} it installs {what} next to the PyTorch already\n"
+            "there (about a minute; on Colab, pick **Runtime → Change runtime type → T4 GPU** before). Anywhere else\n"
+            "it does nothing: the README's setup command installed them.")
+    code = [f"# On {where}: install {what} (its PyTorch stays).", "# Elsewhere nothing happens here.",
+            "import os", "import sys", ""]
+    if kind == "drive":
+        text += ("\n\nColab gives every notebook a fresh machine: with `USE_GOOGLE_DRIVE = True` the downloads and\n"
+                 "outputs stay on your Google Drive for the next notebook (it needs the free space the download check prints).")
+        code += ['USE_GOOGLE_DRIVE = False  # True: keep the Hugging Face cache and the outputs on your Google Drive',
+                 'if "google.colab" in sys.modules:', install,
+                 "    if USE_GOOGLE_DRIVE:",
+                 "        from google.colab import drive", "",
+                 '        drive.mount("/content/drive")',
+                 '        os.environ["HF_HOME"] = "/content/drive/MyDrive/fluxnb/huggingface"  # before huggingface_hub is imported',
+                 '        os.environ["FLUXNB_OUTPUT"] = "/content/drive/MyDrive/fluxnb/outputs"']
+    elif kind == "backends":
+        code += ['if "google.colab" in sys.modules:', install, f"    %pip install -q {pins(BACKENDS, root)}",
+                 f'    print("installed: {what}, pinned as in requirements.txt")']
+    else:  # kaggle: the free two-GPU machine
+        text += "\n\nOn Kaggle, choose **Settings → Accelerator → GPU T4 x2** first."
+        code += ['if "google.colab" in sys.modules:', install, f'    print("installed: {what}")',
+                 'elif "KAGGLE_KERNEL_RUN_TYPE" in os.environ:  # Kaggle: Settings -> Accelerator -> GPU T4 x2', install,
+                 f'    print("installed on Kaggle: {what}")']
+    return text, "\n".join(code)
+
+
 def _cell(text: str) -> dict:
     return {"cell_type": "markdown", "id": "nav-footer", "metadata": {}, "source": text.splitlines(keepends=True)}
 
@@ -116,6 +165,15 @@ def update_notebook(nb: dict, i: int, solutions: bool = False, lesson: dict | No
     first = re.sub(r"^\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)\n*", "", first)  # the older, hand-made badge
     nb["cells"][0]["source"] = ((solutions_header(i) if solutions else header(i)) + "\n\n" + first).splitlines(keepends=True)
     cells = [c for c in nb["cells"] if not "".join(c["source"]).startswith(FOOTER)]
+    if not solutions:  # the setup: the "## Setup" markdown cell and the first code cell, right after it
+        text, code = setup_cells(i)
+        at = next((k for k, c in enumerate(cells)
+                   if c["cell_type"] == "markdown" and "".join(c["source"]).startswith(SETUP)), None)
+        if at is not None:
+            if at + 1 >= len(cells) or cells[at + 1]["cell_type"] != "code":
+                raise SystemExit(f"{COURSE[i][0]}: the setup code cell must follow its {SETUP!r} cell")
+            cells[at]["source"] = text.splitlines(keepends=True)
+            cells[at + 1]["source"] = code.splitlines(keepends=True)
     for cell in cells:
         if cell["cell_type"] == "code":
             cell["source"] = INSTALL.sub(f'%pip install -q "fluxnb @ git+https://github.com/{REPO}"',

@@ -1,7 +1,7 @@
 """The staged FLUX.1 recipe, exactly as notebooks 01-03 teach it (the d2l ``#@save`` idea).
 
 Each notebook shows these functions' code in its cells; later notebooks call them from here instead
-of repeating it. ``tests/test_notebooks_match_package.py`` checks that the notebook cells marked
+of repeating it. ``tests/test_notebooks.py::test_saved_cells_are_exactly_the_package_code`` checks that the cells marked
 ``#@save`` and this file say the same thing.
 
 The flow keeps one big model on the GPU at a time:

@@ -128,3 +128,24 @@ def test_a_lesson_without_solutions_or_solutions_without_a_lesson_are_refused(tm
     problems = " ".join(navigation.layout_problems(root))
     assert navigation.solutions_name(navigation.COURSE[5][0]) in problems and "99_extra_solutions.ipynb" in problems
     assert navigation.main(["--root", str(root), "--check"]) == 1
+
+
+def test_every_lesson_has_the_one_generated_setup_cell(tmp_path):
+    """The setup markdown and cell of every lesson come from navigation.setup_cells, with the backends'
+    versions read from requirements.txt; a hand edit is put back, and an unpinned backend is refused."""
+    pinned = {line.split("==")[0].lower(): line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if "==" in line}
+    for i, (name, _) in enumerate(navigation.COURSE):
+        cells = _cells(ROOT / "notebooks" / name)
+        at = next(k for k, c in enumerate(cells) if "".join(c["source"]).startswith(navigation.SETUP))
+        text, code = navigation.setup_cells(i)
+        assert "".join(cells[at]["source"]) == text and "".join(cells[at + 1]["source"]) == code, name
+        if navigation.SETUP_KIND.get(name) == "backends":
+            assert all(pinned[b] in code for b in navigation.BACKENDS), name
+    (tmp_path / "requirements.txt").write_text("torchao==0.18.0\n")
+    try:
+        navigation.pins(("torchao", "sdnq"), tmp_path)
+    except SystemExit as refused:
+        assert "sdnq" in str(refused)
+    else:
+        raise AssertionError("an unpinned backend was accepted")
