@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fluxnb.envelopes import committed_run
+from fluxnb.envelopes import committed_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- fluxnb:benchmark-table:start -->", "<!-- fluxnb:benchmark-table:end -->"
@@ -631,15 +631,9 @@ def recipe_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def course_rows(folder: Path = COURSE_RESULTS) -> list[dict[str, Any]]:
     """The committed course runs inside each envelope, one row per envelope: every notebook's latest run
-    there (:func:`fluxnb.envelopes.committed_run`, which notebook 00 reads too)."""
-    names = []
-    for path in sorted(folder.glob("course-*.json")):
-        name = (json.loads(path.read_text()).get("envelope") or {}).get("name")
-        if name and name not in names:
-            names.append(name)
+    there (:func:`fluxnb.envelopes.committed_runs`, which notebook 00 reads too)."""
     rows = []
-    for name in names:
-        run = committed_run(name, folder)
+    for name, run in committed_runs(folder).items():
         env, nbs = run["envelope"], run["notebooks"]
         rows.append(dict(envelope=name, vram_gib=env.get("vram_gib"), ram_gib=env.get("ram_gib"),
                          bf16=env.get("bf16"), passed=sum(nb["passed"] for nb in nbs), notebooks=len(nbs),

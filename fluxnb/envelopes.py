@@ -77,6 +77,37 @@ def others_vram_bytes() -> int:
     return int(os.environ.get(OTHERS_VAR, "0") or 0)
 
 
+def committed_runs(folder: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    """Every envelope's merged committed runs (:func:`committed_run`), by envelope name, in the order the
+    files first name them; each file is read once."""
+    latest: dict[str, dict[str, dict[str, Any]]] = {}
+    envelopes: dict[str, dict[str, Any]] = {}
+    enforced: dict[str, list[bool]] = {}
+    for path in sorted(folder.glob("course-*.json")):  # the file names say what ran; the envelope is inside
+        run = json.loads(path.read_text())
+        name = (run.get("envelope") or {}).get("name")
+        if not name:
+            continue
+        envelopes.setdefault(name, run["envelope"])
+        enforced.setdefault(name, []).append(bool(run.get("ram_enforced")))
+        p = run["provenance"]
+        for nb in run["notebooks"]:
+            seen = latest.setdefault(name, {}).get(nb["notebook"])
+            if seen is None or p["date"] > seen["date"]:
+                latest[name][nb["notebook"]] = dict(nb, date=p["date"], gpu=p["gpu"], source=path.name,
+                                                    libraries=p.get("libraries", {}))
+    merged = {}
+    for name, envelope in envelopes.items():
+        notebooks = [latest[name][k] for k in sorted(latest[name])]
+        dates = sorted(nb["date"][:10] for nb in notebooks)
+        provenance = dict(gpu=", ".join(sorted({nb["gpu"] for nb in notebooks})),
+                          date=dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}",
+                          sources=sorted({nb["source"] for nb in notebooks}))
+        merged[name] = dict(envelope=envelope, provenance=provenance, notebooks=notebooks,
+                            ram_enforced=all(enforced[name]), passed=all(nb["passed"] for nb in notebooks))
+    return merged
+
+
 def committed_run(name: str, folder: Path = RESULTS) -> dict[str, Any] | None:
     """Every notebook's latest committed run inside envelope ``name``, or None if there is none.
 
@@ -86,27 +117,4 @@ def committed_run(name: str, folder: Path = RESULTS) -> dict[str, Any] | None:
     this merges them: each notebook row keeps the run it came from (``date``, ``gpu``, ``source``).
     Notebook 00, the planner and ``docs/results.md`` all read this one answer.
     """
-    latest: dict[str, dict[str, Any]] = {}
-    envelope: dict[str, Any] | None = None
-    enforced: list[bool] = []
-    for path in sorted(folder.glob("course-*.json")):  # the file names say what ran; the envelope is inside
-        run = json.loads(path.read_text())
-        if (run.get("envelope") or {}).get("name") != name:
-            continue
-        envelope = envelope or run["envelope"]
-        enforced.append(bool(run.get("ram_enforced")))
-        p = run["provenance"]
-        for nb in run["notebooks"]:
-            seen = latest.get(nb["notebook"])
-            if seen is None or p["date"] > seen["date"]:
-                latest[nb["notebook"]] = dict(nb, date=p["date"], gpu=p["gpu"], source=path.name,
-                                              libraries=p.get("libraries", {}))
-    if envelope is None:
-        return None
-    notebooks = [latest[k] for k in sorted(latest)]
-    dates = sorted(nb["date"][:10] for nb in notebooks)
-    provenance = dict(gpu=", ".join(sorted({nb["gpu"] for nb in notebooks})),
-                      date=dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}",
-                      sources=sorted({nb["source"] for nb in notebooks}))
-    return dict(envelope=envelope, provenance=provenance, notebooks=notebooks, ram_enforced=all(enforced),
-                passed=all(nb["passed"] for nb in notebooks))
+    return committed_runs(folder).get(name)

@@ -29,6 +29,8 @@ from typing import Any
 
 from PIL import Image
 
+from fluxnb.exceptions import BadSettingError
+
 QUESTION = "Which recipe made which image?"
 UNCHOSEN = "pick a recipe"
 METRICS = (("relative_error", "rel. error (fixed input)", "{:.4f}"), ("psnr_db", "PSNR vs reference (dB)", "{:.2f}"),
@@ -42,14 +44,12 @@ def stand_in_note(stand_in: str | None, sliced: bool) -> str:
     ``stand_in`` is :func:`fluxnb.is_stand_in` of the checkpoint (``"tiny"``, ``"random"`` or None);
     ``sliced``: the images come from the first blocks of the transformer only (notebook 07's ``BLOCKS``).
     """
-    if stand_in == "tiny":
-        return ("These images come from the tiny stand-in checkpoint (random weights, a few small layers): they are "
-                "noise, so you are matching noise with noise. What the game shows is that a small numerical error "
-                "in the weights changes every pixel; with FLUX.1's real weights the same cell is a real test.")
     if stand_in is not None:
-        return ("These images come from a stand-in checkpoint with FLUX.1's real shapes and random weights: they are "
-                "noise, so you are matching noise with noise. What the game shows is that a small numerical error "
-                "in the weights changes every pixel; with FLUX.1's real weights the same cell is a real test.")
+        what = ("the tiny stand-in checkpoint (random weights, a few small layers)" if stand_in == "tiny"
+                else "a stand-in checkpoint with FLUX.1's real shapes and random weights")
+        return (f"These images come from {what}: they are noise, so you are matching noise with noise. What the game "
+                "shows is that a small numerical error in the weights changes every pixel; with FLUX.1's real "
+                "weights the same cell is a real test.")
     if sliced:
         return ("These images come from FLUX.1's real weights, but only from the first blocks of its transformer (a "
                 "slice, so that this GPU holds the unquantized reference): a slice makes no picture, so compare "
@@ -99,18 +99,18 @@ class SpotTheQuantized:
                  not_run: Mapping[str, str] | None = None, rng: random.Random | int | None = None,
                  image_px: int = 384, columns: int = 2) -> None:
         if len(images) < 2:
-            raise ValueError(f"The game needs at least two images to tell apart, got {len(images)}: run the cells "
-                             "that make the reference's and the recipes' images first.")
+            raise BadSettingError(f"The game needs at least two images to tell apart, got {len(images)}: run the cells "
+                                   "that make the reference's and the recipes' images first.")
         if reference not in images:
-            raise ValueError(f"reference={reference!r} is not among the images ({', '.join(images)}): pass the name "
-                             "of the unquantized image, e.g. reference='bf16'.")
+            raise BadSettingError(f"reference={reference!r} is not among the images ({', '.join(images)}): pass the name "
+                                   "of the unquantized image, e.g. reference='bf16'.")
         missing = [name for name in images if any(key not in metrics.get(name, {}) for key, _, _ in METRICS)]
         if missing:
-            raise ValueError(f"No relative_error, psnr_db and ssim for {', '.join(missing)}: compute them for every "
-                             "image (Q.image_metrics) before starting the game.")
+            raise BadSettingError(f"No relative_error, psnr_db and ssim for {', '.join(missing)}: compute them for every "
+                                   "image (Q.image_metrics) before starting the game.")
         if image_px < 64 or columns < 1:
-            raise ValueError(f"image_px={image_px} and columns={columns}: show images at least 64 px wide "
-                             "(320 or more to judge them), at least one per row.")
+            raise BadSettingError(f"image_px={image_px} and columns={columns}: show images at least 64 px wide "
+                                   "(320 or more to judge them), at least one per row.")
         import ipywidgets as w
 
         self.images = dict(images)

@@ -497,7 +497,7 @@ def _free_bytes(free_bytes: int | None) -> int | None:
     if free_bytes is not None:
         return free_bytes
     free_gib = environment.free_vram_gib()
-    return None if free_gib is None else int(free_gib * 2**30)
+    return None if free_gib is None else int(free_gib * GIB)
 
 
 def _keep(sizes: Sequence[int], n_double: int, need_bytes: int, free_bytes: int | None) -> int | None:

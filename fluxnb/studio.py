@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 
 from fluxnb import capacity, planner, stages, streaming
+from fluxnb.checkpoints import is_stand_in, variant_of
 from fluxnb.environment import available_ram_gib, bf16_supported, free_vram_gib
 from fluxnb.errors import MAX_SEED, FluxnbError, check_generation_request, check_prompt
 from fluxnb.exceptions import BadSettingError
@@ -212,14 +213,11 @@ def png_settings(path: str | Path) -> dict[str, str]:
         return dict(image.text)
 
 
-def _stand_in_lines(s: dict[str, str]) -> list[str]:
-    """The one visible switch to a fluxnb stand-in, if the image was made with one (else nothing)."""
-    from fluxnb.checkpoints import is_stand_in, variant_of
-
-    kind = is_stand_in(s["checkpoint"]) if Path(s["checkpoint"]).is_dir() else None
+def _stand_in_lines(checkpoint: str, model_id: str) -> list[str]:
+    """The one visible switch to a fluxnb stand-in, if ``checkpoint`` is one (else nothing)."""
+    kind = is_stand_in(checkpoint) if Path(checkpoint).is_dir() else None
     if kind is None:
         return []
-    model_id = s.get("model_id", "black-forest-labs/FLUX.1-dev")
     choice = "tiny" if kind == "tiny" else f"random-{variant_of(model_id)}"
     return [
         f"# This image came from fluxnb's {choice!r} stand-in (random weights, not the real model). For the real",
@@ -245,15 +243,14 @@ def reproduction_code(path: str | Path) -> str:
                          "so its settings cannot be read back.")
     from fluxnb.prequantized import PREQUANTIZED_REPOS
 
-    stand_in = _stand_in_lines(s)
+    real_model = s.get("model_id", "black-forest-labs/FLUX.1-dev")
+    stand_in = _stand_in_lines(s["checkpoint"], real_model)
     prequantized = None if s["prequantized"] == "None" else s["prequantized"]
     source = s.get("transformer_source", s["prequantized"])
     source = None if source == "None" else source
     model_id = s["checkpoint"]
     if stand_in:  # the script names the real model; the stand-in lines switch it, as in the notebooks
-        model_id = s.get("model_id", "black-forest-labs/FLUX.1-dev")
-        from fluxnb.checkpoints import variant_of
-
+        model_id = real_model
         prequantized = source = PREQUANTIZED_REPOS.get(variant_of(model_id)) or prequantized
     resident = s.get("resident_blocks", "None")
     if prequantized is None:  # no package: quantize both while loading, from the original weights
