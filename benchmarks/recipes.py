@@ -22,6 +22,7 @@ import torch
 import fluxnb
 from fluxnb import faster
 import fluxnb.checkpoints
+from fluxnb import quant_metrics, gguf_export
 from fluxnb import quantization as quant
 from fluxnb.memory import MemoryTracker, StepTimer
 
@@ -361,7 +362,7 @@ def quant_reference_path(checkpoint: str, dtype: torch.dtype) -> Path:
 
 def _fixed_embeds(ctx: Context, config: Any) -> dict[str, torch.Tensor]:
     """Seeded stand-ins for the T5 and CLIP embeddings: no text encoder in these rows (saves a load each)."""
-    inputs = quant.fixed_inputs(config, *QUANT_INPUT, seed=ctx.seed, dtype=ctx.dtype)
+    inputs = quant_metrics.fixed_inputs(config, *QUANT_INPUT, seed=ctx.seed, dtype=ctx.dtype)
     return {"prompt_embeds": inputs["encoder_hidden_states"], "pooled_prompt_embeds": inputs["pooled_projections"]}
 
 
@@ -376,14 +377,14 @@ def quantized(recipe: str) -> Callable[[Context], None]:
 
     def run(ctx: Context) -> None:
         quant.require(recipe)
-        backend = quant.BACKENDS[quant.RECIPES[recipe].backend]
+        backend = quant.BACKENDS[quant.SCHEMES[recipe].backend]
         ctx.extra["backend"] = (f"{backend.package} {quant.package_version(backend.package)}" if backend.package
                                 else "diffusers")
         gguf_folder = fluxnb.checkpoints.cache_dir() / "gguf" / Path(ctx.checkpoint).name
         if recipe.startswith("gguf-"):
             start = time.perf_counter()
             with ctx.stage("make GGUF file"):
-                quant.make_gguf(ctx.checkpoint, gguf_folder / f"transformer-{recipe[5:].upper()}.gguf", recipe[5:],
+                gguf_export.make_gguf(ctx.checkpoint, gguf_folder / f"transformer-{recipe[5:].upper()}.gguf", recipe[5:],
                                 workers=os.cpu_count())  # the GPU machine's RAM holds a worker per core
             ctx.extra["make_s"] = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
@@ -391,7 +392,7 @@ def quantized(recipe: str) -> Callable[[Context], None]:
             transformer = quant.load_transformer(ctx.checkpoint, recipe, ctx.dtype, gguf_folder=gguf_folder)
         ctx.extra["load_s"] = round(time.perf_counter() - start, 3)
         with ctx.stage("fixed-input forward"):
-            out = quant.transformer_output(transformer, quant.fixed_inputs(transformer.config, *QUANT_INPUT,
+            out = quant_metrics.transformer_output(transformer, quant_metrics.fixed_inputs(transformer.config, *QUANT_INPUT,
                                                                            seed=ctx.seed, dtype=ctx.dtype))
         ref_path = quant_reference_path(ctx.checkpoint, ctx.dtype)
         if recipe == "bf16":
@@ -404,11 +405,11 @@ def quantized(recipe: str) -> Callable[[Context], None]:
             from safetensors import safe_open
 
             with safe_open(str(ref_path), framework="pt") as f:
-                ctx.extra["relative_error"] = round(quant.relative_error(out, f.get_tensor("output")), 6)
+                ctx.extra["relative_error"] = round(quant_metrics.relative_error(out, f.get_tensor("output")), 6)
                 ctx.extra["reference_made"] = f.metadata()["made"]
         else:
             raise FileNotFoundError(f"no reference output at {ref_path}: put quant-bf16 first in --recipes")
-        ctx.extra["weight_gib"] = round(quant.weight_bytes(transformer) / 2**30, 3)
+        ctx.extra["weight_gib"] = round(quant_metrics.weight_bytes(transformer) / 2**30, 3)
         with ctx.stage("load VAE"):
             pipe = fluxnb.load_denoising_pipeline(ctx.checkpoint, transformer, ctx.dtype)
         _denoise_all_sizes(ctx, pipe, _fixed_embeds(ctx, transformer.config))
@@ -451,7 +452,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("two-pipelines-nf4", "the course's NF4 flow on each of 2 GPUs, two images at once (torchrun)",
            torchrun("replicas", 2, "nf4"), needs_gpu=True, compute_dtype="bf16", gpus=2),
     *[Recipe(f"quant-{name}", f"quantization: {r.description}", quantized(name),
-             needs_gpu=name in ("torchao-fp8",)) for name, r in quant.RECIPES.items()],
+             needs_gpu=name in ("torchao-fp8",)) for name, r in quant.SCHEMES.items()],
 ]}
 
 

@@ -207,9 +207,9 @@ def quant_table(results: dict[str, Any]) -> str:
         rows.append(f"| {r['recipe']} | {r.get('backend') or '-'} | {_f(r.get('weight_gib'))} | {_f(peaks.get('vram_device_gib'))} "
                     f"| {_f(peaks.get('ram_anon_gib'))} | " + " | ".join(_f(speed.get(t), 3) for t in sizes)
                     + f" | {_f(r.get('load_s'), 1)} | {_f(r.get('make_s'), 1)} | {_f(r.get('relative_error'), 4)} | {note} |")
-    from fluxnb.quantization import RECIPES
+    from fluxnb.quantization import SCHEMES
 
-    for name in RECIPES:  # a recipe of the course with no row: say so rather than leave it out silently
+    for name in SCHEMES:  # a scheme of the course with no row: say so rather than leave it out silently
         if f"quant-{name}" not in rows_in:
             rows.append(f"| quant-{name} | " + " | ".join(["-"] * (7 + len(sizes))) + " | not measured in these runs |")
     return "\n".join(rows)

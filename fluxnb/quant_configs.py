@@ -1,15 +1,15 @@
-"""Each quantization recipe's config, built with the library's own class: a table from recipe to builder.
+"""Each quantization scheme's config, built with the library's own class: a table from scheme to builder.
 
-:data:`CONFIGS` maps a recipe of :data:`fluxnb.quantization.RECIPES` to a small named function that
+:data:`CONFIGS` maps a scheme of :data:`fluxnb.quantization.SCHEMES` to a small named function that
 returns the config object ``FluxTransformer2DModel.from_pretrained(..., quantization_config=...)`` (or,
-for GGUF, ``from_single_file``) takes; ``None`` where a recipe loads without one (the reference, and
+for GGUF, ``from_single_file``) takes; ``None`` where a scheme loads without one (the reference, and
 layerwise casting, which is a method called after loading). :func:`fluxnb.quantization.load_transformer`
 and the benchmarks use the table; notebooks 05 and 06 write the same calls out in their cells, and
 ``tests/test_quantization.py`` checks that both build the same configs.
 
 Every builder takes the compute dtype and keyword options that go to the config (they override the
-recipe's own settings), and imports its library only when called, so ``import fluxnb`` stays light and
-a missing backend fails only for its own recipes.
+scheme's own settings), and imports its library only when called, so ``import fluxnb`` stays light and
+a missing backend fails only for its own schemes.
 """
 
 from __future__ import annotations
@@ -116,9 +116,9 @@ CONFIGS: dict[str, ConfigBuilder | None] = {
 }
 
 
-def build(recipe: str, dtype: torch.dtype, **options: Any) -> Any:
-    """The config :data:`CONFIGS` builds for ``recipe`` (None where it loads without one)."""
-    if recipe not in CONFIGS:
-        raise KeyError(f"unknown recipe {recipe!r}; known: {', '.join(CONFIGS)}")
-    builder = CONFIGS[recipe]
+def build(scheme: str, dtype: torch.dtype, **options: Any) -> Any:
+    """The config :data:`CONFIGS` builds for ``scheme`` (None where it loads without one)."""
+    if scheme not in CONFIGS:
+        raise KeyError(f"unknown quantization scheme {scheme!r}; known: {', '.join(CONFIGS)}")
+    builder = CONFIGS[scheme]
     return None if builder is None else builder(dtype, **options)
