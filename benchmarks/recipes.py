@@ -1,4 +1,4 @@
-"""The recipes the benchmark measures, each run by :mod:`benchmarks.worker` in a process of its own.
+"""How the benchmark runs each recipe of :data:`fluxnb.recipes.RECIPES`, each in a process of its own (:mod:`benchmarks.worker`).
 
 Every recipe is built from the functions the notebooks teach (``fluxnb.stages``), so the benchmark
 measures the course's code, not a copy of it. A recipe yields the same stage structure:
@@ -22,7 +22,8 @@ import torch
 import fluxnb
 from fluxnb import faster
 import fluxnb.checkpoints
-from fluxnb import quant_metrics, gguf_export
+import fluxnb.recipes
+from fluxnb import gguf_export, quant_metrics
 from fluxnb import quantization as quant
 from fluxnb.memory import MemoryTracker, StepTimer
 
@@ -31,15 +32,22 @@ DEFAULT_SIZES = "1024x1024,512x768"  # height x width: the course's size, and a 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A way to run FLUX.1; ``run`` does the work, recording stages and sizes in the Context."""
+    """How the benchmark runs one recipe of :data:`fluxnb.recipes.RECIPES` (the table that names and describes
+    it); ``run`` does the work, recording stages and sizes in the Context."""
 
     name: str
-    description: str
     run: Callable[[Context], None]
     needs_gpu: bool = False
     compute_dtype: str = "auto"  # "auto": fluxnb.pick_dtype(); "fp16": as on a T4
     env: dict[str, str] = field(default_factory=dict)  # set for the recipe's process before torch starts
     gpus: int = 1  # GPUs it needs; with fewer the runner records it as skipped
+
+    @property
+    def description(self) -> str:
+        """What the recipe does, from the one table of recipes (a ``quant-<scheme>`` one: from its scheme's row)."""
+        if self.name.startswith(fluxnb.recipes.PER_SCHEME):
+            return f"quantization: {quant.SCHEMES[self.name.removeprefix(fluxnb.recipes.PER_SCHEME)].description}"
+        return fluxnb.recipes.RECIPES[self.name].description
 
 
 @dataclass
@@ -366,36 +374,36 @@ def _fixed_embeds(ctx: Context, config: Any) -> dict[str, torch.Tensor]:
     return {"prompt_embeds": inputs["encoder_hidden_states"], "pooled_prompt_embeds": inputs["pooled_projections"]}
 
 
-def quantized(recipe: str) -> Callable[[Context], None]:
-    """One quantization recipe of :mod:`fluxnb.quantization` on the full transformer.
+def quantized(scheme: str) -> Callable[[Context], None]:
+    """The recipe ``quant-<scheme>``: one quantization scheme of :mod:`fluxnb.quantization` on the full transformer.
 
-    Loads the transformer with ``recipe`` (a GGUF file is made first, timed apart as ``make_s``), runs one
+    Loads the transformer with ``scheme`` (a GGUF file is made first, timed apart as ``make_s``), runs one
     forward at fixed inputs and compares it with the reference that ``quant-bf16`` saved earlier in the
     same command (``relative_error``), then times denoising at each size with fixed embeddings. No text
     encoders and no decode: these rows compare the transformer alone.
     """
 
     def run(ctx: Context) -> None:
-        quant.require(recipe)
-        backend = quant.BACKENDS[quant.SCHEMES[recipe].backend]
+        quant.require(scheme)
+        backend = quant.BACKENDS[quant.SCHEMES[scheme].backend]
         ctx.extra["backend"] = (f"{backend.package} {quant.package_version(backend.package)}" if backend.package
                                 else "diffusers")
         gguf_folder = fluxnb.checkpoints.cache_dir() / "gguf" / Path(ctx.checkpoint).name
-        if recipe.startswith("gguf-"):
+        if scheme.startswith("gguf-"):
             start = time.perf_counter()
             with ctx.stage("make GGUF file"):
-                gguf_export.make_gguf(ctx.checkpoint, gguf_folder / f"transformer-{recipe[5:].upper()}.gguf", recipe[5:],
-                                workers=os.cpu_count())  # the GPU machine's RAM holds a worker per core
+                gguf_export.make_gguf(ctx.checkpoint, gguf_folder / f"transformer-{scheme[5:].upper()}.gguf",
+                                      scheme[5:], workers=os.cpu_count())  # the GPU machine's RAM holds a worker per core
             ctx.extra["make_s"] = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
-        with ctx.stage(f"load transformer ({recipe})"):
-            transformer = quant.load_transformer(ctx.checkpoint, recipe, ctx.dtype, gguf_folder=gguf_folder)
+        with ctx.stage(f"load transformer ({scheme})"):
+            transformer = quant.load_transformer(ctx.checkpoint, scheme, ctx.dtype, gguf_folder=gguf_folder)
         ctx.extra["load_s"] = round(time.perf_counter() - start, 3)
         with ctx.stage("fixed-input forward"):
-            out = quant_metrics.transformer_output(transformer, quant_metrics.fixed_inputs(transformer.config, *QUANT_INPUT,
-                                                                           seed=ctx.seed, dtype=ctx.dtype))
+            inputs = quant_metrics.fixed_inputs(transformer.config, *QUANT_INPUT, seed=ctx.seed, dtype=ctx.dtype)
+            out = quant_metrics.transformer_output(transformer, inputs)
         ref_path = quant_reference_path(ctx.checkpoint, ctx.dtype)
-        if recipe == "bf16":
+        if scheme == "bf16":
             from safetensors.torch import save_file
 
             ref_path.parent.mkdir(parents=True, exist_ok=True)
@@ -418,41 +426,26 @@ def quantized(recipe: str) -> Callable[[Context], None]:
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("bf16-resident", "all components in bf16, resident on the GPU", all_resident, needs_gpu=True),
-    Recipe("staged-nf4", "course flow: NF4 T5 encode, free, NF4 transformer denoise, free, VAE decode", staged("nf4")),
-    Recipe("staged-nf4-expandable", "the course flow with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
-           staged("nf4"), needs_gpu=True, env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
-    Recipe("staged-nf4-fp16", "the same flow computing in fp16, as on a T4 (no bf16)", staged("nf4"),
-           compute_dtype="fp16"),
-    Recipe("nf4-model-offload", "NF4 T5 + NF4 transformer in one pipeline, enable_model_cpu_offload",
-           model_offload, needs_gpu=True),
-    Recipe("staged-int8", "the course flow with bitsandbytes LLM.int8 (8-bit) T5 and transformer", staged("int8")),
-    Recipe("nf4-save-reload", "load time: NF4 quantized on the fly vs from a saved NF4 checkpoint",
-           save_and_reload),
-    Recipe("staged-nf4-compile", "the course flow, transformer blocks compiled (compile_repeated_blocks, fullgraph)",
-           staged("nf4", compile_how="regional"), needs_gpu=True),
-    Recipe("staged-nf4-compile-full", "the course flow, whole transformer compiled (Module.compile, fullgraph)",
-           staged("nf4", compile_how="full"), needs_gpu=True),
+    Recipe("bf16-resident", all_resident, needs_gpu=True),
+    Recipe("staged-nf4", staged("nf4")),
+    Recipe("staged-nf4-expandable", staged("nf4"), needs_gpu=True,
+           env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+    Recipe("staged-nf4-fp16", staged("nf4"), compute_dtype="fp16"),
+    Recipe("nf4-model-offload", model_offload, needs_gpu=True),
+    Recipe("staged-int8", staged("int8")),
+    Recipe("nf4-save-reload", save_and_reload),
+    Recipe("staged-nf4-compile", staged("nf4", compile_how="regional"), needs_gpu=True),
+    Recipe("staged-nf4-compile-full", staged("nf4", compile_how="full"), needs_gpu=True),
     # notebook 09: step caching (run with --steps 28 --sizes 1024x1024; s/step is the mean over the steps)
-    Recipe("staged-nf4-steps", "the course flow, s/step as the mean over all timed steps (the caches' baseline)",
-           staged_cached(None), needs_gpu=True),
-    *[Recipe(f"staged-nf4-cache-{name}", f"the course flow with diffusers' {name} step cache ({how})",
-             staged_cached(name), needs_gpu=True) for name, (_, how) in faster.CACHES.items()],
+    Recipe("staged-nf4-steps", staged_cached(None), needs_gpu=True),
+    *[Recipe(f"staged-nf4-cache-{name}", staged_cached(name), needs_gpu=True) for name in faster.CACHES],
     # notebook 10: two GPUs (nvidia-h200-x2)
-    Recipe("split-bf16-2gpu", "encoders balanced, bf16 transformer device_map='auto' over 2 GPUs capped at 16 GiB each, "
-           "VAE alone", split_two_gpus(16.0, nf4_text=False), needs_gpu=True, compute_dtype="bf16", gpus=2),
-    Recipe("split-fp16-kaggle", "Kaggle's 2x T4 shape: NF4 T5 (fp32), fp16 transformer device_map='auto' over 2 GPUs "
-           "capped at 14.74 GiB each, VAE alone", split_two_gpus(14.74, nf4_text=True), needs_gpu=True,
-           compute_dtype="fp16", gpus=2),
-    Recipe("cp-bf16-1gpu", "bf16 transformer resident, torchrun on 1 GPU (context parallel's baseline)",
-           torchrun("cp", 1, "none"), needs_gpu=True, compute_dtype="bf16"),
-    Recipe("cp-bf16-2gpu", "bf16 transformer on each of 2 GPUs, one image: context parallel "
-           "(ContextParallelConfig(ulysses_degree=2))", torchrun("cp", 2, "none"), needs_gpu=True,
-           compute_dtype="bf16", gpus=2),
-    Recipe("two-pipelines-nf4", "the course's NF4 flow on each of 2 GPUs, two images at once (torchrun)",
-           torchrun("replicas", 2, "nf4"), needs_gpu=True, compute_dtype="bf16", gpus=2),
-    *[Recipe(f"quant-{name}", f"quantization: {r.description}", quantized(name),
-             needs_gpu=name in ("torchao-fp8",)) for name, r in quant.SCHEMES.items()],
+    Recipe("split-bf16-2gpu", split_two_gpus(16.0, nf4_text=False), needs_gpu=True, compute_dtype="bf16", gpus=2),
+    Recipe("split-fp16-kaggle", split_two_gpus(14.74, nf4_text=True), needs_gpu=True, compute_dtype="fp16", gpus=2),
+    Recipe("cp-bf16-1gpu", torchrun("cp", 1, "none"), needs_gpu=True, compute_dtype="bf16"),
+    Recipe("cp-bf16-2gpu", torchrun("cp", 2, "none"), needs_gpu=True, compute_dtype="bf16", gpus=2),
+    Recipe("two-pipelines-nf4", torchrun("replicas", 2, "nf4"), needs_gpu=True, compute_dtype="bf16", gpus=2),
+    *[Recipe(fluxnb.recipes.PER_SCHEME + name, quantized(name), needs_gpu=name in ("torchao-fp8",)) for name in quant.SCHEMES],
 ]}
 
 
@@ -636,22 +629,14 @@ def vae_tiling(ctx: Context) -> None:
 
 
 RECIPES.update({r.name: r for r in [
-    Recipe("nf4-resident", "NF4 transformer from the saved 4-bit package, resident (the reference)", nf4_resident,
-           needs_gpu=True, env=EXPANDABLE),
-    Recipe("nf4-streamed", "NF4 transformer, all 57 blocks streamed from pinned host RAM (fluxnb.streaming)",
-           streamed(0), needs_gpu=True, env=EXPANDABLE),
-    Recipe("nf4-streamed-8gb", "NF4 transformer, as many blocks resident as fit a 7.6 GiB card, the rest streamed",
-           streamed("8gb"), needs_gpu=True, env=EXPANDABLE),
-    Recipe("nf4-model-offload-transformer", "the course's model offload: NF4 transformer + VAE, enable_model_cpu_offload",
-           transformer_model_offload, needs_gpu=True, env=EXPANDABLE),
-    Recipe("bf16-group-offload-block", "bf16 transformer, diffusers group offload, block level, with streams",
-           group_offload("bf16", "block_level", True), needs_gpu=True, env=EXPANDABLE),
-    Recipe("nf4-group-offload-block", "NF4 transformer (quantized on the GPU), group offload, block level, streams",
-           group_offload("nf4", "block_level", True), needs_gpu=True, env=EXPANDABLE),
-    Recipe("nf4-group-offload-block-cpu", "NF4 package loaded to host RAM, group offload, block level, streams",
-           group_offload("nf4", "block_level", True, from_cpu=True), needs_gpu=True, env=EXPANDABLE),
-    Recipe("nf4-group-offload-leaf", "NF4 transformer (quantized on the GPU), group offload, leaf level, streams",
-           group_offload("nf4", "leaf_level", True), needs_gpu=True, env=EXPANDABLE),
-    Recipe("vae-tiling", "VAE decode, whole image vs enable_tiling() with 512-pixel tiles", vae_tiling,
-           needs_gpu=True, env=EXPANDABLE),
+    Recipe("nf4-resident", nf4_resident, needs_gpu=True, env=EXPANDABLE),
+    Recipe("nf4-streamed", streamed(0), needs_gpu=True, env=EXPANDABLE),
+    Recipe("nf4-streamed-8gb", streamed("8gb"), needs_gpu=True, env=EXPANDABLE),
+    Recipe("nf4-model-offload-transformer", transformer_model_offload, needs_gpu=True, env=EXPANDABLE),
+    Recipe("bf16-group-offload-block", group_offload("bf16", "block_level", True), needs_gpu=True, env=EXPANDABLE),
+    Recipe("nf4-group-offload-block", group_offload("nf4", "block_level", True), needs_gpu=True, env=EXPANDABLE),
+    Recipe("nf4-group-offload-block-cpu", group_offload("nf4", "block_level", True, from_cpu=True), needs_gpu=True,
+           env=EXPANDABLE),
+    Recipe("nf4-group-offload-leaf", group_offload("nf4", "leaf_level", True), needs_gpu=True, env=EXPANDABLE),
+    Recipe("vae-tiling", vae_tiling, needs_gpu=True, env=EXPANDABLE),
 ]})

@@ -6,7 +6,9 @@ switch and the offline stand-ins (:mod:`fluxnb.checkpoints`, :mod:`fluxnb.prequa
 anything loads (:mod:`fluxnb.errors`, :mod:`fluxnb.exceptions`), what fits (:mod:`fluxnb.capacity`,
 :mod:`fluxnb.planner`), block streaming (:mod:`fluxnb.streaming`), bitsandbytes on a CPU
 (:mod:`fluxnb.cpu_bitsandbytes`) and the Studio (:mod:`fluxnb.studio`). Notebooks 05-10 import their
-own modules (:mod:`fluxnb.quantization`, :mod:`fluxnb.game`, :mod:`fluxnb.faster`, :mod:`fluxnb.multigpu`).
+own modules (:mod:`fluxnb.quantization`, :mod:`fluxnb.quant_metrics`, :mod:`fluxnb.gguf_export`,
+:mod:`fluxnb.slices`, :mod:`fluxnb.game`, :mod:`fluxnb.faster`, :mod:`fluxnb.multigpu`); :mod:`fluxnb.recipes`
+is the one table of recipes (ways to run FLUX.1) that capacity, the planner and the benchmark read.
 The tools that rehearse the course on a GPU machine, the runner (:mod:`fluxnb.course`,
 :mod:`fluxnb.kernel`) and the dry run (:mod:`fluxnb.fit`), are not imported by ``import fluxnb``;
 :mod:`fluxnb.envelopes` describes the machines they rehearse. CONTRIBUTING.md lists every module.

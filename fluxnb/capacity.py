@@ -3,7 +3,9 @@
 The one place that answers "does it fit?": how much a denoising step needs on top of the loaded
 weights, a VAE decode (whole, or in tiles), a step cache, and so how many transformer blocks must
 stream from host RAM for a size to fit (:func:`fluxnb.streaming.resident_blocks` counts them); and, per recipe, the peak VRAM of a
-whole image (:func:`estimate_vram_gib`, which :func:`fluxnb.check_size_fits` and the OOM advice use).
+whole image (:func:`estimate_vram_gib`, which :func:`fluxnb.check_size_fits` and the OOM advice use); and
+"what should I try next?" when one ran out of memory (:func:`next_recipe`, walking the course's recipes
+down from the most VRAM to the least and naming each one's script from :data:`fluxnb.recipes.RECIPES`).
 
 Every number comes from :data:`CAPACITY` (``fluxnb/results/capacity.json``), which
 ``python -m fluxnb.capacity`` writes from the committed benchmark results
@@ -23,12 +25,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from fluxnb.recipes import how_to_run
+
 GIB = 1024**3  # the one definition: fluxnb counts memory in GiB, as PyTorch's messages do
 CAPACITY = Path(__file__).parent / "results" / "capacity.json"
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 MARGIN_GIB = 0.2  # VRAM a plan leaves free: peaks move by a few hundred MiB between runs and drivers
 TIGHT_GIB = 0.5  # a measured run with less to spare is called tight: another program opening on the GPU could push it over
 TEXT_TOKENS = 512  # FLUX.1-dev's T5 sequence (schnell: 256): part of every step's tokens
+# The recipes with a size model, from the most VRAM to the least: the ladder :func:`next_recipe` walks down.
 SIZE_MODEL_RECIPES = ("bf16-resident", "staged-nf4-expandable", "staged-nf4-fp16", "nf4-model-offload")
 STREAMING_RECIPES = ("staged-nf4-expandable", "staged-nf4-fp16")  # notebooks 03-04 stream blocks when short
 _SIZED = re.compile(r"(.*?)(\d+)x(\d+)(.*)$")
@@ -238,6 +243,30 @@ def largest_size_that_fits(recipe: str, height: int, width: int, vram_gib: float
     """The largest size with about the aspect ratio of ``height`` x ``width`` (multiples of 16) that
     :func:`estimate_vram_gib` puts within ``vram_gib``; None if not even 256 px a side fits."""
     return largest_size_where(height, width, lambda h, w: estimate_vram_gib(recipe, h, w) <= vram_gib)
+
+
+def next_recipe(recipe: str, height: int, width: int, vram_gib: float, bf16: bool = True) -> str:
+    """What to try after ``recipe`` ran out of memory at ``height`` x ``width`` on a GPU of ``vram_gib``, in words.
+
+    The first recipe after ``recipe`` in :data:`SIZE_MODEL_RECIPES` whose estimated peak fits, and that
+    computes in a dtype the GPU has (no bf16 recipe without ``bf16``: a T4), named by its script
+    (:func:`fluxnb.recipes.how_to_run`); if none fits, the last one at the largest size that does. The
+    estimates leave block streaming out: the recipe that failed may already have streamed.
+
+    This, not :func:`fluxnb.planner.plan`, answers an out-of-memory error: the planner ranks whole
+    measured runs at the sizes the benchmark ran, this model covers any size.
+    """
+    names = list(SIZE_MODEL_RECIPES)
+    start = names.index(recipe) + 1 if recipe in names else 0
+    for name in names[start:]:
+        if recipe_dtype(name) == "torch.bfloat16" and not bf16:
+            continue  # a T4 has no bf16
+        need = estimate_vram_gib(name, height, width, stream_blocks=False)
+        if need <= vram_gib:
+            return f"{how_to_run(name)}, estimated {need:.1f} GiB at {height}x{width}"
+    fits = largest_size_that_fits(names[-1], height, width, vram_gib)
+    size = f"at {fits[0]}x{fits[1]}" if fits else "at a much smaller size"
+    return f"{how_to_run(names[-1])} {size} (no recipe in the course's list fits {height}x{width} here)"
 
 
 def course_recipe(dtype: Any = None) -> str:

@@ -24,14 +24,15 @@ import math
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fluxnb.capacity import GIB, course_recipe, estimate_vram_gib, largest_size_that_fits, recipe_dtype
+from fluxnb import capacity  # called as capacity.next_recipe(): the one answer to "what next?"
+from fluxnb.capacity import GIB, course_recipe, estimate_vram_gib, largest_size_that_fits
 from fluxnb.checkpoints import is_stand_in
 from fluxnb import environment  # called as environment.x(): the machine, as tests replace it
 from fluxnb.exceptions import (  # noqa: F401  (raised here and by the modules below)
@@ -141,8 +142,8 @@ def check_generation_request(height: int, width: int, steps: int, guidance: floa
 
 
 # --- a size this GPU cannot hold ------------------------------------------------------------------
-# The memory model is fluxnb.capacity's (one place for "does it fit?"): course_recipe, estimate_vram_gib,
-# largest_size_that_fits and recipe_dtype are imported from there, and stay importable here.
+# The memory model is fluxnb.capacity's (one place for "does it fit?" and "what next?"): course_recipe,
+# estimate_vram_gib and largest_size_that_fits are imported from there, and stay importable here.
 
 
 def check_size_fits(height: int, width: int, checkpoint: str | None = None, recipe: str | None = None,
@@ -167,8 +168,8 @@ def check_size_fits(height: int, width: int, checkpoint: str | None = None, reci
     if need <= vram_gib:
         return
     fits = largest_size_that_fits(recipe, height, width, vram_gib)
-    instead = (f"try HEIGHT, WIDTH = {fits[0]}, {fits[1]}" if fits else
-               "no size fits this recipe here: use model CPU offload (notebook 04) or a larger GPU")
+    instead = (f"try HEIGHT, WIDTH = {fits[0]}, {fits[1]}" if fits else "no size fits this recipe here: next, "
+               f"{capacity.next_recipe(recipe, height, width, vram_gib, environment.bf16_supported())}, or a larger GPU")
     raise BadSettingError(
         f"{height}x{width} needs about {need:.1f} GiB of VRAM with the {recipe} recipe (estimated from "
         "benchmarks/results/h100.json: activations grow with the pixel count), and this GPU has "
@@ -386,39 +387,9 @@ def prompt_truncation_notice(pipe: Any, prompt: str, max_sequence_length: int) -
 
 # --- CUDA out of memory ---------------------------------------------------------------------------
 
-# The recipes the course teaches, from the most VRAM to the least (``estimate_vram_gib`` names), with
-# the copy-paste script of each. No planner exists yet: this is a fixed list. A planner plugs in by
-# replacing ``NEXT_RECIPE`` (same signature).
-RECIPE_LADDER: tuple[tuple[str, str], ...] = (
-    ("bf16-resident", "recipes/all_resident_bf16.py (everything in bf16 on the GPU)"),
-    ("staged-nf4-expandable", "recipes/card_8gb_staged_nf4_bf16.py (staged NF4, bf16: notebooks 01-03)"),
-    ("staged-nf4-fp16", "recipes/t4_staged_nf4_fp16.py (staged NF4, fp16: a T4)"),
-    ("nf4-model-offload", "recipes/model_cpu_offload.py (NF4 transformer, model CPU offload: notebook 04)"),
-)
-
-
-def next_recipe_that_fits(recipe: str, height: int, width: int, vram_gib: float) -> str:
-    """The first recipe of :data:`RECIPE_LADDER` after ``recipe`` whose estimated peak fits ``vram_gib``
-    at this size (and in a dtype this GPU has); else a smaller size with the last one."""
-
-    names = [name for name, _ in RECIPE_LADDER]
-    start = names.index(recipe) + 1 if recipe in names else 0
-    for name, script in RECIPE_LADDER[start:]:
-        if recipe_dtype(name) == str(torch.bfloat16) and not environment.bf16_supported():
-            continue  # a T4 has no bf16
-        if estimate_vram_gib(name, height, width, stream_blocks=False) <= vram_gib:
-            return f"{script}, estimated {estimate_vram_gib(name, height, width, stream_blocks=False):.1f} GiB at {height}x{width}"
-    name, script = RECIPE_LADDER[-1]
-    fits = largest_size_that_fits(name, height, width, vram_gib)
-    size = f"at {fits[0]}x{fits[1]}" if fits else "at a much smaller size"
-    return f"{script} {size} (no recipe in the course's list fits {height}x{width} here)"
-
-
-NEXT_RECIPE: Callable[[str, int, int, float], str] = next_recipe_that_fits
-
-
 class NotEnoughVRAMError(FluxnbError, torch.OutOfMemoryError):
-    """CUDA ran out of memory; the message says what was in use and which recipe to try next."""
+    """CUDA ran out of memory; the message says what was in use and which recipe to try next
+    (:func:`fluxnb.capacity.next_recipe`)."""
 
 
 def memory_in_use() -> str:
@@ -433,7 +404,7 @@ def memory_in_use() -> str:
 @contextmanager
 def oom_advice(height: int, width: int, recipe: str | None = None, vram_gib: float | None = None) -> Iterator[None]:
     """Turn a CUDA out-of-memory error inside the block into :class:`NotEnoughVRAMError`: the memory in
-    use when it happened, and the next recipe that fits (``NEXT_RECIPE``, a fixed list for now).
+    use when it happened, and the next recipe that fits (:func:`fluxnb.capacity.next_recipe`).
     ``recipe``: what is running (default: the course's staged NF4 flow in this GPU's dtype); ``vram_gib``:
     the GPU's total (default: this one's). The original error stays attached as the cause."""
 
@@ -446,10 +417,10 @@ def oom_advice(height: int, width: int, recipe: str | None = None, vram_gib: flo
 
         in_use = memory_in_use()
         total = vram_gib if vram_gib is not None else (environment.machine_info().vram_gib or 0.0)
+        next_one = capacity.next_recipe(recipe, height, width, total, environment.bf16_supported())
         raise NotEnoughVRAMError(
-            f"CUDA ran out of memory during {recipe} at {height}x{width} ({in_use}). Next: "
-            f"{NEXT_RECIPE(recipe, height, width, total)}. Restart the runtime (or del pipe; fluxnb.flush()) "
-            "first: the failed run still holds its memory."
+            f"CUDA ran out of memory during {recipe} at {height}x{width} ({in_use}). Next: {next_one}. "
+            "Restart the runtime (or del pipe; fluxnb.flush()) first: the failed run still holds its memory."
         ) from error
 
 

@@ -11,7 +11,11 @@ unknown. A recipe fits when its measured device-level VRAM peak (CUDA context in
 multi-GPU recipe) plus a 0.2 GiB margin is at most this card's VRAM, its host RAM peak at most this machine's RAM, it needs
 no more GPUs than there are, and it computed in a dtype this GPU has (no bf16 on a T4: fp16 rows only).
 Speeds were measured on the GPU each row names; on another GPU they are scaled by a rough ratio of
-peak tensor FLOPS, and say so.
+peak tensor FLOPS, and say so. Where the recipe picked has a copy-paste script, the plan names it
+(:data:`fluxnb.recipes.RECIPES`).
+
+The planner answers "which recipe should this machine run?" at a measured size; "this ran out of
+memory: what next?" at any size is :func:`fluxnb.capacity.next_recipe`'s (the errors ask it).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fluxnb import recipes  # the one table of recipes: the script of the one picked
 from fluxnb.capacity import MARGIN_GIB, tokens
 
 RECIPES_JSON = Path(__file__).resolve().parent / "results" / "recipes.json"
@@ -171,6 +176,9 @@ def plan(vram_gib: float | None = None, ram_gib: float | None = None, gpu_count:
                    f"{_speed_note(best, gpu_name)}.",
              f"expected peaks: {best['vram_peak_gib']:.2f} GiB VRAM" + (" per GPU" if best["gpus"] > 1 else "")
              + f" (CUDA context included; {vram_left:.2f} GiB to spare), {best['ram_peak_gib']:.2f} GiB host RAM."]
+    script = recipes.RECIPES[best["recipe"]].script if best["recipe"] in recipes.RECIPES else None
+    if script:
+        notes.append(f"the same recipe as one copy-paste script: `{script}` (in the course's repository).")
     if best.get("compile_s"):
         notes.append(f"it compiles first: {best['compile_s']:.0f} s once per process on {best['gpu']} (notebook 09 "
                      "says when that pays off).")

@@ -93,3 +93,16 @@ def test_compile_says_why_it_cannot_trace_a_streaming_transformer():
     assert "stream from host RAM" in faster.compile_blocker(transformer)
     streamer.remove()
     assert faster.compile_blocker(transformer) is None  # a plain (not 4-bit) transformer, blocks back: nothing stops it
+
+
+def test_next_recipe_walks_down_the_ladder_in_a_dtype_the_gpu_has():
+    """"What should I try next?" has one answer: the next recipe of SIZE_MODEL_RECIPES that fits, by its script."""
+    on_t4 = capacity.next_recipe("bf16-resident", 1024, 1024, 14.74, bf16=False)
+    assert on_t4.startswith("recipes/t4_staged_nf4_fp16.py (staged NF4, fp16: a T4), estimated ")  # no bf16 on a T4
+    on_ampere = capacity.next_recipe("bf16-resident", 1024, 1024, 14.74, bf16=True)
+    assert on_ampere.startswith("recipes/card_8gb_staged_nf4_bf16.py (staged NF4, bf16: notebooks 01-03), estimated ")
+    need = capacity.estimate_vram_gib("staged-nf4-expandable", 1024, 1024, stream_blocks=False)
+    assert on_ampere.endswith(f"estimated {need:.1f} GiB at 1024x1024")
+    nothing = capacity.next_recipe("staged-nf4-fp16", 2048, 2048, 7.6, bf16=False)
+    assert nothing.startswith("recipes/model_cpu_offload.py (NF4 transformer, model CPU offload: notebook 04) at ")
+    assert nothing.endswith("(no recipe in the course's list fits 2048x2048 here)")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import fluxnb
-from fluxnb import errors
+from fluxnb import capacity, errors
 from tests.conftest import BAD_TOKEN, GATED, GOOD_TOKEN, NO_LICENCE_TOKEN
 
 REPO = Path(__file__).parent.parent
@@ -128,7 +128,8 @@ def test_a_size_the_gpu_cannot_hold_is_refused_before_loading(monkeypatch, tiny)
     with pytest.raises(ValueError, match=r"no size fits this recipe here"):  # loading NF4 whole needs ~7.3 GiB
         fluxnb.check_size_fits(1024, 1024, "black-forest-labs/FLUX.1-dev", vram_gib=6.0)
     fluxnb.check_size_fits(1024, 1024, "black-forest-labs/FLUX.1-dev", vram_gib=14.74)  # a T4 holds it
-    with pytest.raises(ValueError, match=r"no size fits this recipe here"):
+    with pytest.raises(ValueError, match=r"no size fits this recipe here: next, recipes/card_8gb_staged_nf4_bf16.py "
+                                         r"\(staged NF4, bf16: notebooks 01-03\), estimated [\d.]+ GiB at 1024x1024"):
         fluxnb.check_size_fits(1024, 1024, "black-forest-labs/FLUX.1-dev", recipe="bf16-resident", vram_gib=14.74)
     fluxnb.check_size_fits(4096, 4096, tiny)  # the tiny stand-in is not FLUX's memory
 
@@ -350,9 +351,11 @@ def test_out_of_memory_names_the_memory_and_the_next_recipe(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory")
 
 
-def test_a_planner_can_replace_the_fixed_list(monkeypatch):
-    monkeypatch.setattr(errors, "NEXT_RECIPE", lambda recipe, h, w, vram: f"planned for {recipe} {h}x{w} {vram}")
-    with pytest.raises(fluxnb.NotEnoughVRAMError, match=r"Next: planned for staged-nf4-fp16 512x512 7.6\."):
+def test_oom_advice_asks_capacity_what_next(monkeypatch):
+    """One answer to "what should I try next?": the message says what fluxnb.capacity.next_recipe says."""
+    monkeypatch.setattr(fluxnb.environment, "bf16_supported", lambda: True)
+    monkeypatch.setattr(capacity, "next_recipe", lambda recipe, h, w, vram, bf16: f"asked for {recipe} {h}x{w} {vram} {bf16}")
+    with pytest.raises(fluxnb.NotEnoughVRAMError, match=r"Next: asked for staged-nf4-fp16 512x512 7.6 True\."):
         with fluxnb.oom_advice(512, 512, recipe="staged-nf4-fp16", vram_gib=7.6):
             raise torch.OutOfMemoryError("CUDA out of memory")
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import fluxnb
-from fluxnb import errors, stages
+from fluxnb import capacity, faster, quantization, recipes, stages
 from fluxnb.prequantized import PREQUANTIZED_REPOS
 
 REPO = Path(__file__).parent.parent
@@ -50,8 +50,24 @@ def run_recipe(name: str, out: Path, *extra: str) -> subprocess.CompletedProcess
 def test_the_course_recipes_each_have_a_script():
     assert set(NAMES) == {"t4_staged_nf4_fp16", "card_8gb_staged_nf4_bf16", "model_cpu_offload",
                           "prequantized_from_hub", "two_gpus", "all_resident_bf16"}
-    for _, script in errors.RECIPE_LADDER:  # what an out-of-memory message tells a learner to run
-        assert (REPO / script.split(" ")[0]).is_file(), script
+    for name in capacity.SIZE_MODEL_RECIPES:  # what an out-of-memory message tells a learner to run
+        assert recipes.RECIPES[name].script, name
+
+
+def test_one_table_names_every_script_and_every_benchmark_row():
+    """fluxnb.recipes.RECIPES is the one list of recipes: every script in recipes/ is named there, every
+    script it names exists, and the benchmark runs exactly its measured recipes (in its own order)."""
+    from benchmarks.recipes import RECIPES as BENCHMARK
+
+    scripts = [r.script for r in recipes.RECIPES.values() if r.script]
+    assert sorted(scripts) == sorted(f"recipes/{p.name}" for p in RECIPES)  # each script once, and no other
+    assert all((REPO / script).is_file() for script in scripts)
+    per_scheme = {recipes.PER_SCHEME + scheme for scheme in quantization.SCHEMES}  # described by their schemes
+    assert set(BENCHMARK) == {name for name, r in recipes.RECIPES.items() if r.measured} | per_scheme
+    assert all(BENCHMARK[name].description == recipes.RECIPES[name].description for name in set(BENCHMARK) - per_scheme)
+    assert {f"staged-nf4-cache-{name}" for name in faster.CACHES} <= set(recipes.RECIPES)  # one row per step cache
+    assert all(r.measured or r.script for r in recipes.RECIPES.values())  # a recipe nobody runs is not one
+    assert recipes.how_to_run("staged-nf4-fp16") == "recipes/t4_staged_nf4_fp16.py (staged NF4, fp16: a T4)"
 
 
 @pytest.fixture(scope="module")
