@@ -538,7 +538,7 @@ def streamed(resident_blocks: int | str) -> Callable[[Context], None]:
 
     def run(ctx: Context) -> None:
         from fluxnb.stages import load_transformer_streamed
-        from fluxnb.streaming import active_streamer
+        from fluxnb.streaming import BlockStreamingConfig, get_block_streamer
 
         def load() -> Any:
             keep = resident_blocks
@@ -551,10 +551,10 @@ def streamed(resident_blocks: int | str) -> Callable[[Context], None]:
                 height, width = max(ctx.sizes, key=lambda hw: hw[0] * hw[1])
                 keep = blocks_to_keep(transformer, height, width, free_bytes=free)
                 keep = 57 if keep is None else keep
-                fluxnb.enable_block_streaming(transformer, "cuda", resident_blocks=keep)
+                fluxnb.apply_block_streaming(transformer, BlockStreamingConfig(resident_blocks=keep, device="cuda"))
             else:
                 transformer = load_transformer_streamed(ctx.checkpoint, ctx.dtype, _prequantized(ctx), int(keep))
-            streamer = active_streamer(transformer)
+            streamer = get_block_streamer(transformer)
             streamer.profile = True
             ctx.extra.setdefault("info", {}).update(resident_blocks=int(keep), host_gib=round(streamer.host_bytes / 2**30, 3),
                                                     slots_gib=round(streamer.device_bytes / 2**30, 3))
@@ -562,7 +562,7 @@ def streamed(resident_blocks: int | str) -> Callable[[Context], None]:
 
         pipe = _denoise_transformer(ctx, load, f"NF4 transformer (streamed, {resident_blocks} resident)",
                                     tiled_decode=resident_blocks == 0)
-        ctx.extra["info"]["per_block"] = active_streamer(pipe.transformer).timings().summary()
+        ctx.extra["info"]["per_block"] = get_block_streamer(pipe.transformer).timings().summary()
 
     return run
 

@@ -39,7 +39,14 @@ from fluxnb.environment import (
     output_dir,
     pick_dtype,
 )
-from fluxnb.streaming import blocks_to_keep, enable_block_streaming, resident_blocks_that_fit
+from fluxnb.streaming import (
+    BlockStreamingConfig,
+    apply_block_streaming,
+    blocks_to_keep,
+    get_block_streamer,
+    remove_block_streaming,
+    resident_blocks_that_fit,
+)
 from fluxnb.errors import (
     FluxnbError,
     NeedsGPUError,
@@ -88,7 +95,8 @@ __version__ = "0.1.0"
 __all__ = [
     "MemoryTracker", "NonFiniteLatentsError", "StepTimer", "allow_bitsandbytes_on_cpu", "available_ram_gib",
     "build_random", "build_tiny", "bytes_to_giga_bytes", "check_checkpoint_access", "check_free_disk",
-    "blocks_to_keep", "check_generation_request", "committed_run", "decode", "denoise", "download_gb", "download_plan",
+    "BlockStreamingConfig", "apply_block_streaming", "blocks_to_keep", "get_block_streamer", "remove_block_streaming",
+    "check_generation_request", "committed_run", "decode", "denoise", "download_gb", "download_plan",
     "embeddings_path", "encode_and_save", "encode_prompt", "execution_device", "export_prequantized",
     "find_hub_token", "flush", "free_vram_gib", "generation_settings", "is_stand_in", "load_denoising_pipeline",
     "load_embeddings", "load_pipeline_all_at_once", "load_text_encoders_4bit", "load_transformer_4bit",

@@ -89,11 +89,11 @@ def compile_blocker(transformer: Any) -> str | None:
 
     Without a GPU, inductor cannot compile bitsandbytes' 4-bit layers (their CPU path calls ops it
     has no lowering for), so the tiny course explains and skips the compile cells; nor can it trace a
-    transformer whose blocks stream (:func:`fluxnb.enable_block_streaming`'s hooks repoint weights).
+    transformer whose blocks stream (:func:`fluxnb.apply_block_streaming`'s hooks repoint weights).
     """
-    from fluxnb.streaming import active_streamer
+    from fluxnb.streaming import get_block_streamer
 
-    if active_streamer(transformer) is not None:
+    if get_block_streamer(transformer) is not None:
         return ("its blocks stream from host RAM on this GPU (a step does not fit next to all of them), and "
                 "torch.compile cannot trace the streaming hooks: on a GPU that holds the step (a T4 does), it compiles")
     quantized = getattr(transformer, "is_quantized", False) or getattr(transformer, "hf_quantizer", None) is not None

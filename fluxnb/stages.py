@@ -311,7 +311,7 @@ def load_transformer_streamed(checkpoint: str, dtype: torch.dtype, prequantized:
     """
     from diffusers import FluxTransformer2DModel
 
-    from fluxnb.streaming import enable_block_streaming
+    from fluxnb.streaming import BlockStreamingConfig, apply_block_streaming
 
     if prequantized:
         transformer = FluxTransformer2DModel.from_pretrained(
@@ -319,5 +319,5 @@ def load_transformer_streamed(checkpoint: str, dtype: torch.dtype, prequantized:
         set_compute_dtype(transformer, dtype)
     else:
         transformer = load_transformer_4bit(checkpoint, dtype)
-    enable_block_streaming(transformer, execution_device(), resident_blocks=resident_blocks)
+    apply_block_streaming(transformer, BlockStreamingConfig(resident_blocks=resident_blocks, device=execution_device()))
     return transformer

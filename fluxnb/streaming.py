@@ -29,6 +29,27 @@ The same code runs with ``device="cpu"`` (no pinning, no streams): the tiny cour
 that to check the logic. It changes where tensors live, never their values, nor the kernels that compute
 with them (:func:`cpu_weight_layout`: a CPU with AVX512-BF16 gives bitsandbytes' 4-bit layers another
 weight layout, streamed or not).
+
+How it is applied, in the shape of diffusers' own hooks (``diffusers.hooks``: ``apply_group_offloading``,
+``apply_first_block_cache``): a config dataclass (:class:`BlockStreamingConfig`), an apply function
+(:func:`apply_block_streaming`), a hook registered by name (:data:`BLOCK_STREAMING_HOOK`) in diffusers'
+``HookRegistry`` on the transformer, a public accessor (:func:`get_block_streamer`) and remover
+(:func:`remove_block_streaming`). Why the registry, and why only there:
+
+* ``HookRegistry.register_hook`` always wraps the module's ``forward``. On the transformer the wrapper is
+  diffusers' pass-through: :class:`BlockStreamingHook` keeps ``ModelHook``'s ``pre_forward`` and
+  ``post_forward``, which return their arguments and the output unchanged, so a step computes exactly
+  what it did (tests/test_streaming.py compares outputs bit for bit). The hook sets streaming up when it
+  is registered (``initialize_hook``, as group offloading offloads there) and undoes it when removed.
+* The per-block work stays in PyTorch's forward pre/post hooks on each streamed block, not in
+  ``ModelHook``s on the blocks: those would replace each block's ``forward``, which diffusers' caches
+  (first block cache, in notebook 09) wrap with their own hooks; a torch pre-hook runs in
+  ``Module.__call__`` before whatever wraps ``forward``, so the block's weights are in its slot whichever
+  hooks a block carries.
+* Only streamed transformers carry the hook: a transformer that never streams keeps its own ``forward``
+  (notebook 09 compiles it and caches its steps), and :func:`remove_block_streaming` gives it back the
+  class's ``forward``. torch.compile is refused for a streamed transformer
+  (:func:`fluxnb.faster.compile_blocker`): it cannot trace the hooks that repoint the weights.
 """
 
 from __future__ import annotations
@@ -40,6 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
 from fluxnb import environment  # environment.free_vram_gib(), as tests and envelopes set it
 from fluxnb.capacity import GIB, largest_size_where, step_bytes
@@ -198,8 +220,8 @@ class StreamStats:
 class BlockStreamer:
     """Keeps some of a model's blocks in (pinned) host memory and streams them to ``device`` on use.
 
-    Build it with :func:`enable_block_streaming`; ``remove()`` puts the streamed blocks back on the
-    GPU (if they fit) and takes the hooks off.
+    Built by :func:`apply_block_streaming` (found again with :func:`get_block_streamer`);
+    :func:`remove_block_streaming` puts the streamed blocks back on the GPU and takes the hooks off.
     """
 
     def __init__(self, blocks: list[torch.nn.Module], streamed: list[int], device: torch.device | str,
@@ -272,7 +294,7 @@ class BlockStreamer:
 
     @property
     def active(self) -> bool:
-        """True until :meth:`remove`."""
+        """True until :func:`remove_block_streaming`."""
         return bool(self._handles)
 
     @property
@@ -362,8 +384,11 @@ class BlockStreamer:
             self._pending.clear()
         return self.stats
 
-    def remove(self) -> None:
-        """Take the hooks off and put every streamed block back on ``device`` as ordinary tensors."""
+    def _restore(self) -> None:
+        """Take the hooks off and put every streamed block back on ``device`` as ordinary tensors.
+
+        Private: :func:`remove_block_streaming` calls it, through the hook, and takes the hook off the
+        transformer too, so that the transformer can be streamed again."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
         for handle in self._handles:
@@ -381,35 +406,113 @@ class BlockStreamer:
         self._slots.clear()
 
 
-def enable_block_streaming(transformer: torch.nn.Module, device: torch.device | str | None = None,
-                           resident_blocks: int = 0, slots: int = 2, profile: bool = False) -> BlockStreamer:
-    """Stream FLUX's transformer blocks from host memory; keep ``resident_blocks`` of them on the GPU.
+BLOCK_STREAMING_HOOK = "fluxnb_block_streaming"  # its name in the transformer's diffusers HookRegistry
+
+
+@dataclass(frozen=True)
+class BlockStreamingConfig:
+    """How :func:`apply_block_streaming` streams a FLUX transformer's blocks.
+
+    ``resident_blocks``: how many of the blocks stay on the GPU for good (0: stream them all; all of
+    them: nothing streams); :func:`choose_streamed` says which: single-stream blocks first, spread evenly.
+    ``device``: where the blocks compute (None: CUDA if there is a GPU, else the CPU). ``slots``: how many
+    GPU buffers the streamed blocks take turns in (2: one computes while the next is copied).
+    ``profile``: time copies and computes with CUDA events (:meth:`BlockStreamer.timings`).
+    """
+
+    resident_blocks: int = 0
+    device: torch.device | str | None = None
+    slots: int = 2
+    profile: bool = False
+
+    def streamed(self, transformer: torch.nn.Module) -> list[int]:
+        """Indices (in run order, :func:`transformer_blocks`) of ``transformer``'s blocks that stream."""
+        return choose_streamed(len(transformer.transformer_blocks), len(transformer.single_transformer_blocks),
+                               self.resident_blocks)
+
+
+class BlockStreamingHook(ModelHook):
+    """The diffusers hook that holds a transformer's :class:`BlockStreamer` under :data:`BLOCK_STREAMING_HOOK`.
+
+    Registering it (``initialize_hook``) streams the blocks; removing it (``deinitalize_hook``, diffusers'
+    spelling) puts them back. Its ``pre_forward`` and ``post_forward`` are ``ModelHook``'s own, which
+    pass the arguments and the output through unchanged: the work of a step is in the streamer's
+    per-block torch hooks (the module docstring says why).
+    """
+
+    def __init__(self, config: BlockStreamingConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.streamer: BlockStreamer | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Move what is not a block to the device and stream the blocks the config names."""
+        device = self.config.device
+        if device is None:
+            device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        blocks = transformer_blocks(module)
+        streamed = self.config.streamed(module)
+        block_ids = {id(b) for b in blocks}
+        for name, child in module.named_children():
+            if name not in ("transformer_blocks", "single_transformer_blocks") and id(child) not in block_ids:
+                child.to(device)
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(device)
+        self.streamer = BlockStreamer(blocks, streamed, device, slots=self.config.slots, profile=self.config.profile)
+        if self.streamer.cuda:
+            torch.cuda.empty_cache()  # give the streamed blocks' old GPU memory back to the device
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Put every streamed block back on the device as ordinary tensors."""
+        if self.streamer is not None:
+            self.streamer._restore()
+        return module
+
+
+def apply_block_streaming(transformer: torch.nn.Module, config: BlockStreamingConfig | None = None) -> BlockStreamer:
+    """Stream FLUX's transformer blocks from host memory, as ``config`` says; returns the :class:`BlockStreamer`.
 
     Everything that is not a block (embedders, final norm and projection: about 0.1 GiB in NF4) moves
-    to ``device``. The streamed blocks' tensors move to one pinned host buffer each; the GPU gets
+    to the config's device. The streamed blocks' tensors move to one pinned host buffer each; the GPU gets
     ``slots`` buffers the size of the largest streamed block. Works for bitsandbytes 4-bit and 8-bit
-    weights alike, and for plain bf16/fp16 ones. Returns the :class:`BlockStreamer` (``remove()``
-    undoes it; ``host_bytes`` and ``device_bytes`` say what it costs; ``timings()`` with ``profile``).
+    weights alike, and for plain bf16/fp16 ones. The streamer's ``host_bytes`` and ``device_bytes`` say
+    what it costs, ``timings()`` what it took (with ``profile``); :func:`get_block_streamer` finds it
+    again and :func:`remove_block_streaming` undoes it. Refused while the transformer streams already.
     """
-    if device is None:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if active_streamer(transformer) is not None:
-        raise RuntimeError("this transformer streams its blocks already: call .remove() on the streamer first "
-                           "(fluxnb.streaming.active_streamer(transformer).remove())")
-    blocks = transformer_blocks(transformer)
-    streamed = choose_streamed(len(transformer.transformer_blocks), len(transformer.single_transformer_blocks),
-                               resident_blocks)
-    block_ids = {id(b) for b in blocks}
-    for name, child in transformer.named_children():
-        if name not in ("transformer_blocks", "single_transformer_blocks") and id(child) not in block_ids:
-            child.to(device)
-    for param in transformer.parameters(recurse=False):
-        param.data = param.data.to(device)
-    streamer = BlockStreamer(blocks, streamed, device, slots=slots, profile=profile)
-    transformer._fluxnb_streamer = streamer  # the one way back to it from the model
-    if streamer.cuda:
-        torch.cuda.empty_cache()  # give the streamed blocks' old GPU memory back to the device
-    return streamer
+    if get_block_streamer(transformer) is not None:
+        raise RuntimeError("this transformer streams its blocks already: remove that first "
+                           "(fluxnb.remove_block_streaming(transformer))")
+    hook = BlockStreamingHook(config or BlockStreamingConfig())
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, BLOCK_STREAMING_HOOK)
+    return hook.streamer
+
+
+def _streaming_hook(transformer: torch.nn.Module) -> BlockStreamingHook | None:
+    """The :class:`BlockStreamingHook` in ``transformer``'s diffusers HookRegistry, if one is registered."""
+    registry = getattr(transformer, "_diffusers_hook", None)  # diffusers' own test for a registry (modeling_utils)
+    return None if registry is None else registry.get_hook(BLOCK_STREAMING_HOOK)
+
+
+def get_block_streamer(transformer: torch.nn.Module) -> BlockStreamer | None:
+    """The :class:`BlockStreamer` that :func:`apply_block_streaming` registered on ``transformer``; None if
+    its blocks do not stream."""
+    hook = _streaming_hook(transformer)
+    return None if hook is None else hook.streamer
+
+
+def remove_block_streaming(transformer: torch.nn.Module) -> None:
+    """Put every streamed block of ``transformer`` back on its device and take the streaming hook off.
+
+    Nothing to do if its blocks do not stream. The transformer's ``forward`` is the class's own again
+    (diffusers' registry leaves the bound method as an instance attribute: it goes too).
+    """
+    if _streaming_hook(transformer) is None:
+        return
+    transformer._diffusers_hook.remove_hook(BLOCK_STREAMING_HOOK, recurse=False)
+    forward = vars(transformer).get("forward")
+    if getattr(forward, "__self__", None) is transformer and getattr(forward, "__func__", None) is type(transformer).forward:
+        del transformer.forward
 
 
 class DoesNotFit(FluxnbError, ValueError):
@@ -419,7 +522,7 @@ class DoesNotFit(FluxnbError, ValueError):
 def most_resident(sizes: Sequence[int], n_double: int, budget_bytes: int, slots: int = 2) -> int:
     """The most blocks that can stay resident when the blocks may use ``budget_bytes`` of VRAM: the
     resident blocks' bytes plus ``slots`` buffers the size of the largest streamed block (what
-    :func:`fluxnb.enable_block_streaming` allocates). 0 if even full streaming does not fit."""
+    :func:`apply_block_streaming` allocates). 0 if even full streaming does not fit."""
     n_single = len(sizes) - n_double
     for resident in range(len(sizes), -1, -1):
         streamed = set(choose_streamed(n_double, n_single, resident))
@@ -447,13 +550,6 @@ def resident_blocks(sizes: Sequence[int], n_double: int, need_bytes: int, free_b
     return keep
 
 
-def active_streamer(transformer: torch.nn.Module) -> BlockStreamer | None:
-    """The :class:`BlockStreamer` that :func:`enable_block_streaming` put on ``transformer``, while it is
-    active (its ``remove()`` puts every block back on the GPU); None if its blocks do not stream."""
-    streamer = getattr(transformer, "_fluxnb_streamer", None)
-    return streamer if streamer is not None and streamer.active else None
-
-
 def largest_size_resident(transformer: torch.nn.Module, height: int, width: int,
                           free_bytes: int | None = None) -> tuple[int, int] | None:
     """The largest size with about the aspect ratio of ``height`` x ``width`` (multiples of 16, at least 256
@@ -468,7 +564,7 @@ def largest_size_resident(transformer: torch.nn.Module, height: int, width: int,
 def resident_blocks_that_fit(transformer: torch.nn.Module, budget_bytes: int, slots: int = 2) -> int:
     """The most blocks that can stay resident when the blocks may use ``budget_bytes`` of VRAM.
 
-    Counts what :func:`enable_block_streaming` would do: the resident blocks' bytes plus ``slots``
+    Counts what :func:`apply_block_streaming` would do: the resident blocks' bytes plus ``slots``
     buffers the size of the largest streamed block. 0 if even full streaming does not fit (then the
     caller's budget is too small for the slots alone, and it says so).
     """

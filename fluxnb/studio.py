@@ -327,7 +327,7 @@ def reproduction_code(path: str | Path) -> str:
             f"# This GPU had room for {resident} of the transformer's blocks next to the step: the others waited in host",
             "# RAM and streamed in as they ran, with the course's own streamer (notebook 08; not part of diffusers).",
             "import fluxnb",
-            f"fluxnb.enable_block_streaming(transformer, resident_blocks={int(resident)})",
+            f"fluxnb.apply_block_streaming(transformer, fluxnb.BlockStreamingConfig(resident_blocks={int(resident)}))",
         ]
     if s.get("vae_tiling") == "True":
         lines += [
@@ -622,9 +622,8 @@ class Studio:
         if self._room_for == (height, width):
             return
         transformer = pipe.transformer
-        streamer = streaming.active_streamer(transformer)
-        if streamer is not None:
-            streamer.remove()  # every block back on the GPU, as it was loaded
+        if streaming.get_block_streamer(transformer) is not None:
+            streaming.remove_block_streaming(transformer)  # every block back on the GPU, as it was loaded
             flush()
         free = free_vram_gib()
         room = Room(None, False)
@@ -635,7 +634,7 @@ class Studio:
         self._room_for = (height, width)
         self._resident = room.resident_blocks
         if room.resident_blocks is not None:
-            streaming.enable_block_streaming(transformer, resident_blocks=room.resident_blocks)
+            streaming.apply_block_streaming(transformer, streaming.BlockStreamingConfig(resident_blocks=room.resident_blocks))
         self._tiled = room.tiled_decode
         if room.tiled_decode:
             stages.tile_vae(pipe.vae)

@@ -76,7 +76,7 @@ def test_notebook_09_makes_room_or_skips_instead_of_running_out_of_memory():
         assert capacity.tokens(h, w) <= capacity.tokens(height, width)  # new shapes, no more memory
     assert _assigned(parameters, "RUN_WHOLE_MODEL") is False  # the longest compile is opt-in
     baseline = next(c for c in cells if "eager_first, eager = time_steps" in c)
-    assert baseline.index("fluxnb.blocks_to_keep(") < baseline.index("enable_block_streaming(") < baseline.index("time_steps(")
+    assert baseline.index("fluxnb.blocks_to_keep(") < baseline.index("apply_block_streaming(") < baseline.index("time_steps(")
     caches = next(c for c in cells if "cache_rows, reference = [], None" in c)
     assert "keep is not None" in caches and "fluxnb.capacity.cache_bytes(" in caches  # skips what would not fit
 
@@ -89,9 +89,9 @@ def test_compile_says_why_it_cannot_trace_a_streaming_transformer():
     from fluxnb.checkpoints import TINY_TRANSFORMER
 
     transformer = FluxTransformer2DModel(**dict(TINY_TRANSFORMER, num_layers=1, num_single_layers=2)).eval()
-    streamer = streaming.enable_block_streaming(transformer, "cpu", resident_blocks=1)
+    streaming.apply_block_streaming(transformer, streaming.BlockStreamingConfig(resident_blocks=1, device="cpu"))
     assert "stream from host RAM" in faster.compile_blocker(transformer)
-    streamer.remove()
+    streaming.remove_block_streaming(transformer)
     assert faster.compile_blocker(transformer) is None  # a plain (not 4-bit) transformer, blocks back: nothing stops it
 
 

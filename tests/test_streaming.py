@@ -14,10 +14,14 @@ import fluxnb
 from fluxnb import streaming
 from fluxnb.checkpoints import TINY_TRANSFORMER
 from fluxnb.streaming import (
+    BLOCK_STREAMING_HOOK,
+    BlockStreamingConfig,
     _block_tensors,
+    apply_block_streaming,
     block_bytes,
     choose_streamed,
-    enable_block_streaming,
+    get_block_streamer,
+    remove_block_streaming,
     resident_blocks_that_fit,
     transformer_blocks,
 )
@@ -67,10 +71,10 @@ def test_choose_streamed_streams_single_blocks_first_spread_evenly():
 def test_streamed_outputs_equal_resident_ones(plain, resident):
     inputs = _inputs(plain.config)
     reference = _run(plain, inputs)
-    streamer = enable_block_streaming(plain, "cpu", resident_blocks=resident)
+    apply_block_streaming(plain, BlockStreamingConfig(resident_blocks=resident, device="cpu"))
     assert torch.equal(_run(plain, inputs), reference)
     assert torch.equal(_run(plain, inputs), reference)  # the second run reuses the prefetched block
-    streamer.remove()
+    remove_block_streaming(plain)
     assert torch.equal(_run(plain, inputs), reference)
 
 
@@ -80,7 +84,7 @@ def test_each_block_computes_from_a_slot_and_waits_in_the_host_buffer(nf4_checkp
     states = [p.quant_state for p in blocks[0].parameters() if getattr(p, "quant_state", None) is not None]
     assert states, "the tiny NF4 transformer should have 4-bit weights in its blocks"
     reference = _run(transformer, _inputs(transformer.config))
-    streamer = enable_block_streaming(transformer, "cpu", resident_blocks=0)
+    streamer = apply_block_streaming(transformer, BlockStreamingConfig(resident_blocks=0, device="cpu"))
 
     def inside(tensor, buffer):
         start = buffer.data_ptr()
@@ -108,20 +112,44 @@ def test_each_block_computes_from_a_slot_and_waits_in_the_host_buffer(nf4_checkp
 def test_more_slots_prefetch_further_and_stay_within_their_buffers(plain):
     inputs = _inputs(plain.config)
     reference = _run(plain, inputs)
-    streamer = enable_block_streaming(plain, "cpu", resident_blocks=0, slots=3)
+    streamer = apply_block_streaming(plain, BlockStreamingConfig(resident_blocks=0, device="cpu", slots=3))
     assert torch.equal(_run(plain, inputs), reference)
     assert len(streamer._slots) == 3
     with pytest.raises(ValueError, match="at least 2"):
-        streamer.remove()
-        enable_block_streaming(plain, "cpu", resident_blocks=0, slots=1)
+        remove_block_streaming(plain)
+        apply_block_streaming(plain, BlockStreamingConfig(resident_blocks=0, device="cpu", slots=1))
+    assert get_block_streamer(plain) is None  # a refused config registers nothing
 
 
 def test_streaming_twice_is_refused_until_removed(plain):
-    streamer = enable_block_streaming(plain, "cpu", resident_blocks=4)
+    apply_block_streaming(plain, BlockStreamingConfig(resident_blocks=4, device="cpu"))
     with pytest.raises(RuntimeError, match="streams its blocks already"):
-        enable_block_streaming(plain, "cpu")
-    streamer.remove()
-    enable_block_streaming(plain, "cpu").remove()
+        apply_block_streaming(plain, BlockStreamingConfig(device="cpu"))
+    remove_block_streaming(plain)
+    apply_block_streaming(plain, BlockStreamingConfig(device="cpu"))
+    remove_block_streaming(plain)
+    remove_block_streaming(plain)  # nothing streams: nothing to do
+
+
+def test_the_streamer_is_a_hook_registered_by_name_and_removing_it_restores_the_model(plain):
+    """Issue 18: the streamer is found through diffusers' HookRegistry by its name, not a private
+    attribute; the hook passes a step through unchanged (diffusers' cache_context walks it, as FluxPipeline
+    does each step), and removing it gives the transformer back the class's own forward."""
+    from diffusers.hooks import HookRegistry
+
+    inputs = _inputs(plain.config)
+    reference = _run(plain, inputs)
+    assert get_block_streamer(plain) is None and "forward" not in vars(plain)
+    streamer = apply_block_streaming(plain, BlockStreamingConfig(resident_blocks=2, device="cpu"))
+    registry = HookRegistry.check_if_exists_or_initialize(plain)
+    assert registry.get_hook(BLOCK_STREAMING_HOOK).streamer is streamer is get_block_streamer(plain)
+    assert streamer.active and len(streamer._blocks) == len(transformer_blocks(plain)) - 2
+    with plain.cache_context("cond"):
+        assert torch.equal(_run(plain, inputs), reference)
+    remove_block_streaming(plain)
+    assert not streamer.active and get_block_streamer(plain) is None
+    assert registry.get_hook(BLOCK_STREAMING_HOOK) is None and "forward" not in vars(plain)
+    assert torch.equal(_run(plain, inputs), reference)
 
 
 def test_resident_blocks_that_fit_counts_the_slots(plain):
@@ -157,11 +185,11 @@ def test_streamed_nf4_equals_resident_with_either_cpu_kernel(nf4_checkpoint, rep
     inputs = _inputs(load().config)
     reference = _run(load(), inputs)
     streamed = load()
-    streamer = enable_block_streaming(streamed, "cpu", resident_blocks=resident)
+    apply_block_streaming(streamed, BlockStreamingConfig(resident_blocks=resident, device="cpu"))
     for run in range(2):  # the second run starts from the packed host copies again
         torch.testing.assert_close(_run(streamed, inputs), reference, rtol=0, atol=0, equal_nan=True,
                                    msg=f"run {run + 1}: streaming changed the result (repack={repack})")
-    streamer.remove()
+    remove_block_streaming(streamed)
     torch.testing.assert_close(_run(streamed, inputs), reference, rtol=0, atol=0, equal_nan=True)
 
 

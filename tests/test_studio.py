@@ -147,7 +147,7 @@ def test_show_code_of_a_streamed_image_names_the_course_streamer(checkpoint, tmp
     studio = make_studio(checkpoint, tmp_path)
     path = studio.generate(prompt="a cat", steps=2, height=32, width=32, seed=5).paths[0]
     code = reproduction_code(path)
-    assert "fluxnb.enable_block_streaming(transformer, resident_blocks=2)" in code and "notebook 08" in code
+    assert "fluxnb.apply_block_streaming(transformer, fluxnb.BlockStreamingConfig(resident_blocks=2))" in code and "notebook 08" in code
 
 
 def test_stop_ends_the_generation_cleanly_and_the_next_click_works(checkpoint, tmp_path):
@@ -292,7 +292,7 @@ def test_a_size_that_does_not_fit_streams_blocks_and_the_image_is_unchanged(chec
     real_say = studio._say
     studio._say = lambda text, error=False: (said.append(text), real_say(text, error))
     path = studio.generate(prompt="a cat", steps=2, height=64, width=64, seed=5).paths[0]
-    streamer = streaming.active_streamer(studio._denoiser.transformer)
+    streamer = streaming.get_block_streamer(studio._denoiser.transformer)
     assert streamer is not None and streamer.host_bytes > 0
     assert any("streaming 1 of its 2 blocks from host RAM" in text for text in said), said
     np.testing.assert_array_equal(pixels(path), pixels(reference))
@@ -300,7 +300,7 @@ def test_a_size_that_does_not_fit_streams_blocks_and_the_image_is_unchanged(chec
     studio.generate(prompt="a cat", steps=2, height=64, width=64, seed=6)  # same size: nothing re-placed
     assert asked == [(64, 64)]
     studio.generate(prompt="a cat", steps=2, height=32, width=32, seed=5)  # fits: every block back
-    assert asked == [(64, 64), (32, 32)] and streaming.active_streamer(studio._denoiser.transformer) is None
+    assert asked == [(64, 64), (32, 32)] and streaming.get_block_streamer(studio._denoiser.transformer) is None
     assert studio.loads["denoiser"] == 1
 
 
