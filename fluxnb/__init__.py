@@ -14,97 +14,64 @@ The tools that rehearse the course on a GPU machine, the runner (:mod:`fluxnb.co
 :mod:`fluxnb.envelopes` describes the machines they rehearse. CONTRIBUTING.md lists every module.
 """
 
+import importlib
+from typing import Any
+
 from fluxnb.quiet import silence_torchvision_fallback
 
 silence_torchvision_fallback()  # before diffusers is imported: a warning a learner cannot act on (fluxnb/quiet.py)
 
-from fluxnb import capacity, planner  # noqa: E402  (fluxnb.capacity.step_bytes, fluxnb.planner.eta in the notebooks)
-from fluxnb.checkpoints import (  # noqa: E402
-    build_random,
-    build_tiny,
-    generation_settings,
-    is_stand_in,
-    parameter_counts,
-    resolve_checkpoint,
-)
-from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
-from fluxnb.envelopes import committed_run
-from fluxnb.environment import (
-    available_ram_gib,
-    check_free_disk,
-    find_hub_token,
-    free_vram_gib,
-    machine_info,
-    missing_resources,
-    output_dir,
-    pick_dtype,
-)
-from fluxnb.streaming import (
-    BlockStreamingConfig,
-    apply_block_streaming,
-    blocks_to_keep,
-    get_block_streamer,
-    remove_block_streaming,
-    resident_blocks_that_fit,
-)
-from fluxnb.errors import (
-    FluxnbError,
-    NeedsGPUError,
-    NotEnoughVRAMError,
-    check_checkpoint_access,
-    check_generation_request,
-    check_embeddings,
-    check_latents_size,
-    check_part,
-    check_size_fits,
-    estimate_vram_gib,
-    load_image_with_settings,
-    oom_advice,
-    prompt_truncation_notice,
-)
-from fluxnb.memory import MemoryTracker, StepTimer, bytes_to_giga_bytes, flush
-from fluxnb.stages import (
-    NonFiniteLatentsError,
-    decode,
-    denoise,
-    encode_and_save,
-    embeddings_path,
-    encode_prompt,
-    execution_device,
-    load_denoising_pipeline,
-    load_embeddings,
-    load_pipeline_all_at_once,
-    load_text_encoders_4bit,
-    load_transformer_4bit,
-    load_transformer_offload,
-    load_transformer_streamed,
-    save_embeddings,
-    save_image,
-    set_compute_dtype,
-)
-from fluxnb.studio import Studio
-from fluxnb.prequantized import (
-    download_gb,
-    download_plan,
-    export_prequantized,
-    prequantized_checkpoint,
-    saved_quantized_dir,
-)
-
 __version__ = "0.1.0"
-__all__ = [
-    "MemoryTracker", "NonFiniteLatentsError", "StepTimer", "allow_bitsandbytes_on_cpu", "available_ram_gib",
-    "build_random", "build_tiny", "bytes_to_giga_bytes", "check_checkpoint_access", "check_free_disk",
-    "BlockStreamingConfig", "apply_block_streaming", "blocks_to_keep", "get_block_streamer", "remove_block_streaming",
-    "check_generation_request", "committed_run", "decode", "denoise", "download_gb", "download_plan",
-    "embeddings_path", "encode_and_save", "encode_prompt", "execution_device", "export_prequantized",
-    "find_hub_token", "flush", "free_vram_gib", "generation_settings", "is_stand_in", "load_denoising_pipeline",
-    "load_embeddings", "load_pipeline_all_at_once", "load_text_encoders_4bit", "load_transformer_4bit",
-    "load_transformer_offload", "load_transformer_streamed", "machine_info", "missing_resources", "output_dir",
-    "parameter_counts", "pick_dtype",
-    "prequantized_checkpoint", "resident_blocks_that_fit", "resolve_checkpoint", "save_embeddings", "save_image", "saved_quantized_dir",
-    "set_compute_dtype",
-    "FluxnbError", "NeedsGPUError", "NotEnoughVRAMError", "check_embeddings", "check_latents_size", "check_part", "check_size_fits", "estimate_vram_gib",
-    "load_image_with_settings", "oom_advice", "prompt_truncation_notice",
-    "Studio",
-]
+
+# Where each public name lives. ``import fluxnb`` imports none of these modules: a name is imported from
+# its module the first time it is used (PEP 562's module ``__getattr__``; ``from fluxnb import x`` too).
+# So ``import fluxnb`` stays light (the Studio and its widgets load when ``fluxnb.Studio`` is touched),
+# and ``python -m fluxnb.planner`` / ``python -m fluxnb.capacity`` find their module not imported yet
+# (runpy warns when the package's import has imported it before it runs as ``__main__``).
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "checkpoints": ("build_random", "build_tiny", "generation_settings", "is_stand_in", "parameter_counts",
+                    "resolve_checkpoint"),
+    "cpu_bitsandbytes": ("allow_bitsandbytes_on_cpu",),
+    "envelopes": ("committed_run",),
+    "environment": ("available_ram_gib", "check_free_disk", "find_hub_token", "free_vram_gib", "machine_info",
+                    "missing_resources", "output_dir", "pick_dtype"),
+    "errors": ("FluxnbError", "NeedsGPUError", "NotEnoughVRAMError", "check_checkpoint_access",
+               "check_embeddings", "check_generation_request", "check_latents_size", "check_part",
+               "check_size_fits", "estimate_vram_gib", "load_image_with_settings", "oom_advice",
+               "prompt_truncation_notice"),
+    "memory": ("MemoryTracker", "StepTimer", "bytes_to_giga_bytes", "flush"),
+    "prequantized": ("download_gb", "download_plan", "export_prequantized", "prequantized_checkpoint",
+                     "saved_quantized_dir"),
+    "stages": ("NonFiniteLatentsError", "decode", "denoise", "embeddings_path", "encode_and_save", "encode_prompt",
+               "execution_device", "load_denoising_pipeline", "load_embeddings", "load_pipeline_all_at_once",
+               "load_text_encoders_4bit", "load_transformer_4bit", "load_transformer_offload",
+               "load_transformer_streamed", "save_embeddings", "save_image", "set_compute_dtype"),
+    "streaming": ("BlockStreamingConfig", "apply_block_streaming", "blocks_to_keep", "get_block_streamer",
+                  "remove_block_streaming", "resident_blocks_that_fit"),
+    "studio": ("Studio",),
+}
+# The lesson modules a notebook may reach as ``fluxnb.<module>`` after ``import fluxnb`` (``fluxnb.planner.eta``,
+# ``fluxnb.capacity.step_bytes``, ``fluxnb.streaming.transformer_blocks``): imported on first use too. The
+# rehearsal tooling (course, kernel, fit) is not among them: ``import fluxnb.course`` says what it loads.
+_SUBMODULES = frozenset({"capacity", "checkpoints", "cpu_bitsandbytes", "envelopes", "environment", "errors",
+                         "exceptions", "faster", "game", "memory", "multigpu", "planner", "prequantized",
+                         "quantization", "stages", "streaming", "studio"})
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    """A public name or a lesson module, imported the first time it is asked for (then kept here)."""
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"fluxnb.{_HOME[name]}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"fluxnb.{name}")
+    else:
+        raise AttributeError(f"module 'fluxnb' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """What a notebook's completion offers: the public names and the lesson modules, imported or not."""
+    return sorted(set(globals()) | set(_HOME) | _SUBMODULES)

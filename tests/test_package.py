@@ -51,11 +51,39 @@ def test_each_module_imports_alone(module):
 
 def test_import_fluxnb_stays_light():
     """A lesson's `import fluxnb` loads neither the widgets, the notebook runner's Jupyter machinery,
-    nor the benchmark code: the Studio and the course runner import theirs when used."""
+    nor the benchmark code: the Studio and the course runner import theirs when used. Nor the Studio,
+    the planner or the capacity model themselves: every name is imported when first used (PEP 562)."""
     code = ("import sys, fluxnb; heavy = ('ipywidgets', 'jupyter_client', 'nbclient', 'nbformat', 'benchmarks', "
-            "'fluxnb.course', 'fluxnb.kernel', 'fluxnb.multigpu'); print([m for m in heavy if m in sys.modules])")
+            "'fluxnb.course', 'fluxnb.kernel', 'fluxnb.multigpu', 'fluxnb.studio', 'fluxnb.planner', "
+            "'fluxnb.capacity'); print([m for m in heavy if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_fluxnb_names_and_lesson_modules_import_when_first_used():
+    """``fluxnb.Studio`` imports the Studio's module, ``fluxnb.planner.eta`` the planner, as the notebooks
+    use them after a plain ``import fluxnb``; ``__all__`` names only what resolves."""
+    code = ("import sys, fluxnb; before = 'fluxnb.studio' in sys.modules; fluxnb.Studio; "
+            "assert callable(fluxnb.planner.eta) and callable(fluxnb.capacity.step_bytes); "
+            "assert all(getattr(fluxnb, name) is not None for name in fluxnb.__all__); "
+            "assert set(fluxnb.__all__) <= set(dir(fluxnb)); "
+            "print(before, 'fluxnb.studio' in sys.modules, 'fluxnb.course' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "False True False"
+    import fluxnb
+
+    with pytest.raises(AttributeError, match="no attribute 'course_runner'"):
+        fluxnb.course_runner  # noqa: B018  (an unknown name is an AttributeError, as on any module)
+
+
+def test_python_m_planner_runs_without_runpy_warning():
+    """``python -m fluxnb.planner`` warned "found in sys.modules after import of package 'fluxnb'" while
+    ``fluxnb/__init__`` imported the planner: runpy then runs a second copy of the module."""
+    out = subprocess.run([sys.executable, "-W", "default::RuntimeWarning", "-m", "fluxnb.planner", "--vram", "7.6",
+                          "--ram", "16", "--bf16"], capture_output=True, text=True, check=True, timeout=300,
+                         cwd=PACKAGE.parent)
+    assert "RuntimeWarning" not in out.stderr, out.stderr
+    assert "fastest measured recipe that fits" in out.stdout
 
 
 def test_fluxnb_exceptions_share_one_base():
