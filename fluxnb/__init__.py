@@ -54,8 +54,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
 # ``fluxnb.capacity.step_bytes``, ``fluxnb.streaming.transformer_blocks``): imported on first use too. The
 # rehearsal tooling (course, kernel, fit) is not among them: ``import fluxnb.course`` says what it loads.
 _SUBMODULES = frozenset({"capacity", "checkpoints", "cpu_bitsandbytes", "envelopes", "environment", "errors",
-                         "exceptions", "faster", "game", "memory", "multigpu", "planner", "prequantized",
-                         "quantization", "stages", "streaming", "studio"})
+                         "exceptions", "faster", "game", "gguf_export", "memory", "multigpu", "planner",
+                         "prequantized", "quant_configs", "quant_metrics", "quantization", "recipes", "slices",
+                         "stages", "streaming", "studio"})
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_HOME)
 

@@ -72,6 +72,8 @@ def test_fluxnb_names_and_lesson_modules_import_when_first_used():
     assert out.stdout.strip().splitlines()[-1] == "False True False"
     import fluxnb
 
+    rehearsal = {"course", "kernel", "fit", "quiet"}  # quiet is imported by `import fluxnb` itself
+    assert set(MODULES) - rehearsal == fluxnb._SUBMODULES, "name each new lesson module in fluxnb._SUBMODULES"
     with pytest.raises(AttributeError, match="no attribute 'course_runner'"):
         fluxnb.course_runner  # noqa: B018  (an unknown name is an AttributeError, as on any module)
 
