@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,9 +32,10 @@ import torch
 import fluxnb
 from benchmarks import report, worker
 from benchmarks.recipes import DEFAULT_SIZES, RECIPES
-from fluxnb import course
+from fluxnb.lab import course
 from fluxnb import envelopes as fluxnb_envelopes
-from fluxnb.course import RamCgroup
+from fluxnb.lab.limits import RamCgroup
+from fluxnb.lab.supervisor import module_command, run_process
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXPANDABLE = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
@@ -71,24 +71,20 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
     path.write_text(json.dumps(results, indent=1) + "\n")
 
 
-def run_worker(args: list[str], log: Path, timeout_s: int, preexec: Any = None,
+def run_worker(args: list[str], log: Path, timeout_s: int, cgroup: RamCgroup | None = None,
                env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Run ``benchmarks.worker`` in a fresh process (``env`` added to ours); return (exit code, output).
+    """Run ``benchmarks.worker`` in a fresh process (``env`` added to ours, inside ``cgroup`` from its first
+    byte); return (exit code, output); -1 if it ran past ``timeout_s`` (then it is killed).
 
     Each worker gets empty torch.compile caches beside its log, so a compile time is a cold one, as on
     a fresh Colab VM, and never depends on which recipe ran before on the same machine.
     """
-    cmd = [sys.executable, "-m", "benchmarks.worker", *args]
     cold_caches = {"TORCHINDUCTOR_CACHE_DIR": str(log.parent / "inductor-cache"),
                    "TRITON_CACHE_DIR": str(log.parent / "triton-cache")}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, preexec_fn=preexec,
-                              cwd=Path(__file__).resolve().parent.parent,
-                              env={**os.environ, **cold_caches, **(env or {})})
-        code, output = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as err:  # its output may arrive as bytes even with text=True
-        parts = [p.decode(errors="replace") if isinstance(p, bytes) else (p or "") for p in (err.stdout, err.stderr)]
-        code, output = -1, "".join(parts) + f"\nTIMEOUT after {timeout_s} s"
+    done = run_process(module_command("benchmarks.worker", *args), timeout_s, output="all",
+                       cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **cold_caches, **(env or {})},
+                       cgroup=cgroup.path if cgroup else None)
+    code, output = (-1, done.output + f"\nTIMEOUT after {timeout_s} s") if done.timed_out else (done.returncode, done.output)
     log.write_text(output)
     return code, output
 
@@ -215,11 +211,6 @@ def cmd_envelope(ns: argparse.Namespace) -> int:
         target, env = ENVELOPES[name]
         vram_gib, ram_gib, dtype = target.vram_gib, target.ram_gib, "auto" if target.bf16 else "fp16"
         group = RamCgroup.create(f"fluxnb-{name}", ram_gib)
-
-        def join_group(group: RamCgroup | None = group) -> None:
-            if group is not None:
-                (group.path / "cgroup.procs").write_text(str(os.getpid()))
-
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
             args = ["--recipe", "staged-nf4", "--checkpoint", checkpoint, "--sizes", ns.sizes, "--steps",
@@ -227,7 +218,7 @@ def cmd_envelope(ns: argparse.Namespace) -> int:
                     "--json", str(out)]
             if dtype != "auto":
                 args += ["--dtype", dtype]
-            code, output = run_worker(args, Path(tmp) / "log.txt", ns.timeout, preexec=join_group, env=env)
+            code, output = run_worker(args, Path(tmp) / "log.txt", ns.timeout, cgroup=group, env=env)
             result = json.loads(out.read_text()) if out.is_file() else None
         oom_kills, ram_peak = 0, None
         if group is not None:

@@ -25,7 +25,9 @@ import fluxnb.checkpoints
 import fluxnb.recipes
 from fluxnb import gguf_export, quant_metrics
 from fluxnb import quantization as quant
-from fluxnb.memory import MemoryTracker, StepTimer
+from fluxnb.capacity import GIB
+from fluxnb.envelopes import ENVELOPES
+from fluxnb.memory import GpuTracker, MemoryTracker, StepTimer
 
 DEFAULT_SIZES = "1024x1024,512x768"  # height x width: the course's size, and a smaller landscape one
 
@@ -318,7 +320,7 @@ def split_two_gpus(vram_gib: float, nf4_text: bool) -> Callable[[Context], None]
 
     def run(ctx: Context) -> None:
         height, width = ctx.sizes[0]
-        tracker = multigpu.GpuTracker()
+        tracker = GpuTracker()
         start = time.perf_counter()
         with ctx.stage(f"split flow {height}x{width}"):
             out = multigpu.run_split(ctx.checkpoint, ctx.dtype, vram_gib, height, width, ctx.steps, ctx.prompt,
@@ -417,7 +419,7 @@ def quantized(scheme: str) -> Callable[[Context], None]:
                 ctx.extra["reference_made"] = f.metadata()["made"]
         else:
             raise FileNotFoundError(f"no reference output at {ref_path}: put quant-bf16 first in --recipes")
-        ctx.extra["weight_gib"] = round(quant_metrics.weight_bytes(transformer) / 2**30, 3)
+        ctx.extra["weight_gib"] = round(quant_metrics.weight_bytes(transformer) / GIB, 3)
         with ctx.stage("load VAE"):
             pipe = fluxnb.load_denoising_pipeline(ctx.checkpoint, transformer, ctx.dtype)
         _denoise_all_sizes(ctx, pipe, _fixed_embeds(ctx, transformer.config))
@@ -441,7 +443,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     *[Recipe(f"staged-nf4-cache-{name}", staged_cached(name), needs_gpu=True) for name in faster.CACHES],
     # notebook 10: two GPUs (nvidia-h200-x2)
     Recipe("split-bf16-2gpu", split_two_gpus(16.0, nf4_text=False), needs_gpu=True, compute_dtype="bf16", gpus=2),
-    Recipe("split-fp16-kaggle", split_two_gpus(14.74, nf4_text=True), needs_gpu=True, compute_dtype="fp16", gpus=2),
+    Recipe("split-fp16-kaggle", split_two_gpus(ENVELOPES["colab-t4"].vram_gib, nf4_text=True), needs_gpu=True, compute_dtype="fp16", gpus=2),
     Recipe("cp-bf16-1gpu", torchrun("cp", 1, "none"), needs_gpu=True, compute_dtype="bf16"),
     Recipe("cp-bf16-2gpu", torchrun("cp", 2, "none"), needs_gpu=True, compute_dtype="bf16", gpus=2),
     Recipe("two-pipelines-nf4", torchrun("replicas", 2, "nf4"), needs_gpu=True, compute_dtype="bf16", gpus=2),
@@ -547,7 +549,7 @@ def streamed(resident_blocks: int | str) -> Callable[[Context], None]:
                 from fluxnb.streaming import blocks_to_keep
 
                 transformer = fluxnb.load_transformer_4bit(ctx.checkpoint, ctx.dtype, prequantized=_prequantized(ctx))
-                free = int(7.6 * 2**30) - device_used_bytes() - int(0.16 * 2**30)  # the VAE loads next (bf16)
+                free = int(ENVELOPES["8gb-card"].vram_gib * GIB) - device_used_bytes() - int(0.16 * GIB)  # the VAE loads next (bf16)
                 height, width = max(ctx.sizes, key=lambda hw: hw[0] * hw[1])
                 keep = blocks_to_keep(transformer, height, width, free_bytes=free)
                 keep = 57 if keep is None else keep
@@ -556,8 +558,8 @@ def streamed(resident_blocks: int | str) -> Callable[[Context], None]:
                 transformer = load_transformer_streamed(ctx.checkpoint, ctx.dtype, _prequantized(ctx), int(keep))
             streamer = get_block_streamer(transformer)
             streamer.profile = True
-            ctx.extra.setdefault("info", {}).update(resident_blocks=int(keep), host_gib=round(streamer.host_bytes / 2**30, 3),
-                                                    slots_gib=round(streamer.device_bytes / 2**30, 3))
+            ctx.extra.setdefault("info", {}).update(resident_blocks=int(keep), host_gib=round(streamer.host_bytes / GIB, 3),
+                                                    slots_gib=round(streamer.device_bytes / GIB, 3))
             return transformer
 
         pipe = _denoise_transformer(ctx, load, f"NF4 transformer (streamed, {resident_blocks} resident)",

@@ -54,7 +54,7 @@ def label(results: dict[str, Any], only: str | None = None) -> str:
     if only is not None:
         entries = [e for name, e in results.get("recipes", {}).items() if name.startswith(only)]
     commands = dict.fromkeys(e["provenance"]["command"] for e in entries if e.get("provenance")) or [p["command"]]
-    from fluxnb.course import versions_line
+    from fluxnb.lab.course import versions_line
 
     return (f"measured on {gpu_name(p)} with {what} ({versions_line(p, ('accelerate',))}; made by "
             + "; ".join(f"`{c}`" for c in commands) + ")")
@@ -374,7 +374,7 @@ def write_facts(facts: dict[str, str] | None = None) -> list[Path]:
 
 def course_markdown(folder: Path = COURSE_RESULTS) -> str:
     """The committed course runs (``fluxnb/results/course-*.json``), one table each, envelopes in order."""
-    from fluxnb.course import results_markdown
+    from fluxnb.lab.course import results_markdown
     from fluxnb.envelopes import ENVELOPES
 
     order = {name: i for i, name in enumerate(ENVELOPES)}
@@ -672,7 +672,7 @@ def notebook_outputs(executed: Path, course_results: Path | None = None, command
     and library warnings dropped) under the first line of its source, headed by where it ran: the GPU,
     versions, date and command of ``course_results`` (``python -m fluxnb.course``'s JSON, or a benchmark
     results JSON made on the same machine in the same call, with ``command`` saying what ran the notebook)."""
-    from fluxnb.course import versions_line
+    from fluxnb.lab.course import versions_line
 
     nb = json.loads(Path(executed).read_text())
     head = f"Outputs of `{Path(executed).name}`"

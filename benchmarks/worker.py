@@ -18,7 +18,7 @@ import torch
 
 import fluxnb
 from benchmarks.recipes import DEFAULT_SIZES, RECIPES, Context
-from fluxnb.memory import GIB, MemoryTracker, device_used_bytes
+from fluxnb.memory import GIB, MemoryTracker, cap_vram, device_used_bytes
 
 PEAK_FIELDS = ("vram_device_gib", "vram_allocated_gib", "vram_reserved_gib", "ram_anon_gib")
 TIME_FIELDS = ("load_s", "compile_s", "on_the_fly_s", "prequantized_s",  # what recipes put in Context.extra
@@ -35,17 +35,6 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
         height, _, width = item.strip().lower().partition("x")
         sizes.append((int(height), int(width)))
     return sizes
-
-
-def cap_vram(vram_gib: float) -> dict[str, float]:
-    """Make this process behave like a card with ``vram_gib`` in all, CUDA context included."""
-    torch.cuda.init()
-    torch.zeros(1, device="cuda")  # create the context, so it can be measured
-    context = device_used_bytes() or 0
-    total = torch.cuda.get_device_properties(0).total_memory
-    fraction = (vram_gib * GIB - context) / total
-    torch.cuda.set_per_process_memory_fraction(fraction)
-    return {"vram_cap_gib": vram_gib, "cuda_context_gib": round(context / GIB, 3), "allocator_fraction": round(fraction, 4)}
 
 
 def peaks(stages: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -71,7 +60,7 @@ def run(recipe_name: str, checkpoint: str, sizes: list[tuple[int, int]], steps: 
                                   steps=steps, sample_interval_s=sample_interval_s, ok=False, error=None,
                                   failed_stage=None)
     if vram_gib is not None:
-        result["envelope"] = cap_vram(vram_gib)
+        result["envelope"] = {"vram_cap_gib": vram_gib, "cuda_context_gib": cap_vram(vram_gib, devices=[0])["cuda:0"]}
     fluxnb.allow_bitsandbytes_on_cpu()
     ctx = Context(checkpoint=checkpoint, sizes=sizes, steps=steps, dtype=dtype,
                   tracker=MemoryTracker(interval_s=sample_interval_s))

@@ -9,9 +9,10 @@ anything loads (:mod:`fluxnb.errors`, :mod:`fluxnb.exceptions`), what fits (:mod
 own modules (:mod:`fluxnb.quantization`, :mod:`fluxnb.quant_metrics`, :mod:`fluxnb.gguf_export`,
 :mod:`fluxnb.slices`, :mod:`fluxnb.game`, :mod:`fluxnb.faster`, :mod:`fluxnb.multigpu`); :mod:`fluxnb.recipes`
 is the one table of recipes (ways to run FLUX.1) that capacity, the planner and the benchmark read.
-The tools that rehearse the course on a GPU machine, the runner (:mod:`fluxnb.course`,
-:mod:`fluxnb.kernel`) and the dry run (:mod:`fluxnb.fit`), are not imported by ``import fluxnb``;
-:mod:`fluxnb.envelopes` describes the machines they rehearse. CONTRIBUTING.md lists every module.
+The tools that rehearse the course on a GPU machine live apart, in :mod:`fluxnb.lab` (the runner
+behind ``python -m fluxnb.course``, RAM and VRAM limits, the one subprocess supervisor); neither they nor
+the dry run (:mod:`fluxnb.fit`) are imported by ``import fluxnb``. :mod:`fluxnb.envelopes` describes the
+machines they rehearse. CONTRIBUTING.md lists every module.
 """
 
 import importlib
@@ -52,7 +53,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
 }
 # The lesson modules a notebook may reach as ``fluxnb.<module>`` after ``import fluxnb`` (``fluxnb.planner.eta``,
 # ``fluxnb.capacity.step_bytes``, ``fluxnb.streaming.transformer_blocks``): imported on first use too. The
-# rehearsal tooling (course, kernel, fit) is not among them: ``import fluxnb.course`` says what it loads.
+# rehearsal tooling (fluxnb.lab, course, fit) is not among them: ``import fluxnb.lab`` says what it loads.
 _SUBMODULES = frozenset({"capacity", "checkpoints", "cpu_bitsandbytes", "envelopes", "environment", "errors",
                          "exceptions", "faster", "game", "gguf_export", "memory", "multigpu", "planner",
                          "prequantized", "quant_configs", "quant_metrics", "quantization", "recipes", "slices",

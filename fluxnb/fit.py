@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import traceback
@@ -45,9 +44,9 @@ import torch
 from fluxnb.capacity import TIGHT_GIB
 from fluxnb.checkpoints import build_random, cache_dir, is_stand_in, resolve_checkpoint, stand_in_dir
 from fluxnb.errors import NeedsGPUError, check_generation_request
-from fluxnb.course import signal_name
 from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
 from fluxnb.environment import machine_info, pick_dtype
+from fluxnb.lab.supervisor import module_command, run_process, signal_name
 from fluxnb.memory import MemoryTracker, StepTimer, flush, records_to_markdown
 from fluxnb.stages import (
     decode,
@@ -60,6 +59,7 @@ from fluxnb.stages import (
 
 MODEL_ID = "black-forest-labs/FLUX.1-dev"
 PROMPT, GUIDANCE, SEED = "A cat holding a sign that says hello world", 3.5, 0  # notebook 04's parameters
+BUILD_TIMEOUT_S = 3600  # the random stand-in: about a minute on a big GPU, far longer on a CPU or a slow disk
 NOTEBOOK_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # every notebook's parameters cell
 PEAK_FIELDS = ("vram_device_gib", "vram_reserved_gib", "vram_allocated_gib", "ram_anon_gib")
 NO_GPU = ("No GPU here: the dry run measures a GPU. `--checkpoint tiny` runs the same path on the CPU to "
@@ -182,13 +182,12 @@ def prepare_checkpoint(choice: str) -> str | None:
     print(f"Building the {choice} stand-in once (FLUX.1's real shapes, random weights): ~34 GB of disk in "
           f"{cache_dir()} (FLUXNB_CACHE), about a minute on a big GPU, longer on the CPU. Later runs reuse it.",
           flush=True)
-    proc = subprocess.run([sys.executable, "-m", "fluxnb.fit", "--build", "--checkpoint", choice],
-                          stdout=subprocess.PIPE, text=True, check=False)
-    if proc.returncode != 0:
-        how = f"was killed by {signal_name(proc.returncode)}" if proc.returncode < 0 else "stopped"
+    build = run_process(module_command("fluxnb.fit", "--build", "--checkpoint", choice), BUILD_TIMEOUT_S, output="stdout")
+    if build.returncode != 0:
+        how = "stopped" if build.returncode and build.returncode > 0 else build.describe()
         print(f"The {choice} build {how}; nothing was measured. The reason is above.", file=sys.stderr)
         return None
-    return proc.stdout.strip().splitlines()[-1]
+    return build.output.strip().splitlines()[-1]
 
 
 # --- the parent: run the child, judge ------------------------------------------------------------
@@ -202,7 +201,7 @@ def child_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 def child_command(worker_args: list[str]) -> list[str]:
     """The command line of the measured child (the tests replace it with one that dies)."""
-    return [sys.executable, "-m", "fluxnb.fit", "--worker", *worker_args]
+    return module_command("fluxnb.fit", "--worker", *worker_args)
 
 
 def run_child(checkpoint: str, height: int, width: int, steps: int, timeout_s: int, out: Path) -> dict[str, Any]:
@@ -215,10 +214,7 @@ def run_child(checkpoint: str, height: int, width: int, steps: int, timeout_s: i
     out.unlink(missing_ok=True)  # an old result must never pass for this run's
     cmd = child_command(["--checkpoint", checkpoint, "--height", str(height), "--width", str(width),
                          "--steps", str(steps), "--json", str(out)])
-    try:
-        code: int | None = subprocess.run(cmd, env=child_env(os.environ), timeout=timeout_s, check=False).returncode
-    except subprocess.TimeoutExpired:  # subprocess.run has killed the child already
-        code = None
+    code = run_process(cmd, timeout_s, env=child_env(os.environ)).returncode  # None: killed at the timeout
     result = json.loads(out.read_text()) if out.is_file() else dict(
         ok=False, error=None, failed_stage=None, stage_in_progress="start-up", stages=[], peaks={})
     stage = result.get("stage_in_progress") or "start-up"

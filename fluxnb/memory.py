@@ -28,7 +28,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -122,45 +122,55 @@ class StageRecord:
         return asdict(self)
 
 
-_ACTIVE_SAMPLERS: set[_Sampler] = set()
+_ACTIVE_SAMPLERS: set[PeakSampler] = set()
 
 
-class _Sampler(threading.Thread):
-    """Background thread that keeps per-stage peaks of host anon RAM and of the three VRAM views.
+class PeakSampler(threading.Thread):
+    """Background thread that keeps the peak of each value ``read()`` returns (bytes, by name).
 
-    The allocator's own peak counters are polled too: a ``flush()`` inside a stage resets them, and
-    without polling, the stage would report the peak after the reset instead of its real peak.
+    :class:`MemoryTracker` reads host anon RAM and the three VRAM views of this process's GPU,
+    :class:`GpuTracker` the device memory of every GPU: one sampler, two readings. It samples once when
+    made, every ``interval_s`` while it runs, and once when stopped; :func:`flush` samples every running
+    one first, so a reset of the allocator's peak counters inside a stage does not hide that stage's peak.
     """
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, read: Callable[[], Mapping[str, int]], interval_s: float) -> None:
         super().__init__(daemon=True)
+        self.read = read
         self.interval_s = interval_s
-        self.ram_peak = 0
-        self.device_peak: int | None = None
-        self.allocated_peak = 0
-        self.reserved_peak = 0
+        self.peaks: dict[str, int] = {}
         self._stop_event = threading.Event()
         self.sample()
         _ACTIVE_SAMPLERS.add(self)
 
     def sample(self) -> None:
-        self.ram_peak = max(self.ram_peak, anon_ram_bytes())
-        used = device_used_bytes()
-        if used is not None:
-            self.device_peak = max(self.device_peak or 0, used)
-        if torch.cuda.is_available():
-            self.allocated_peak = max(self.allocated_peak, torch.cuda.max_memory_allocated())
-            self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved())
+        for key, value in self.read().items():
+            self.peaks[key] = max(self.peaks.get(key, value), value)
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
             self.sample()
 
-    def stop(self) -> None:
+    def stop(self) -> dict[str, int]:
+        """Stop sampling (after one last sample) and return the peaks."""
         _ACTIVE_SAMPLERS.discard(self)
         self._stop_event.set()
         self.join()
         self.sample()
+        return self.peaks
+
+
+def _this_process() -> dict[str, int]:
+    """MemoryTracker's reading: host anon RAM, and on a GPU the device's use and the allocator's peak counters
+    (polled, because a ``flush()`` inside a stage resets them)."""
+    out = {"ram": anon_ram_bytes()}
+    used = device_used_bytes()
+    if used is not None:
+        out["device"] = used
+    if torch.cuda.is_available():
+        out["allocated"] = torch.cuda.max_memory_allocated()
+        out["reserved"] = torch.cuda.max_memory_reserved()
+    return out
 
 
 class MemoryTracker:
@@ -186,7 +196,7 @@ class MemoryTracker:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        sampler = _Sampler(self.interval_s)
+        sampler = PeakSampler(_this_process, self.interval_s)
         sampler.start()
         start = time.perf_counter()
         try:
@@ -195,14 +205,14 @@ class MemoryTracker:
             if cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-            sampler.stop()
+            peaks = sampler.stop()
             self.records.append(StageRecord(
                 stage=name,
                 seconds=round(seconds, 3),
-                vram_allocated_gib=_gib(sampler.allocated_peak) if cuda else None,
-                vram_reserved_gib=_gib(sampler.reserved_peak) if cuda else None,
-                vram_device_gib=_gib(sampler.device_peak) if sampler.device_peak is not None else None,
-                ram_anon_gib=_gib(sampler.ram_peak),
+                vram_allocated_gib=_gib(peaks["allocated"]) if cuda else None,
+                vram_reserved_gib=_gib(peaks["reserved"]) if cuda else None,
+                vram_device_gib=_gib(peaks["device"]) if "device" in peaks else None,
+                ram_anon_gib=_gib(peaks["ram"]),
                 ram_maxrss_gib=_gib(max_rss_bytes()),
             ))
 
@@ -213,6 +223,79 @@ class MemoryTracker:
     def plot(self, title: str = "Peak memory per stage") -> Any:
         """Bar chart of VRAM (device, reserved, allocated) and host RAM per stage; returns the figure."""
         return plot_records([r.as_dict() for r in self.records], title=title)
+
+
+# --- every GPU at once (notebook 10) ---------------------------------------------------------------
+
+
+def _every_gpu() -> dict[str, int]:
+    """Device-level bytes in use on each GPU now (CUDA contexts and other processes included)."""
+    out = {}
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        out[f"cuda:{i}"] = int(total - free)
+    return out
+
+
+class GpuTracker:
+    """Per-stage peak device memory on every GPU, sampled every ``interval_s`` (MemoryTracker watches one)."""
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        self.interval_s = interval_s
+        self.records: list[dict[str, Any]] = []
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        sampler = PeakSampler(_every_gpu, self.interval_s)
+        sampler.start()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(i)
+            peaks = sampler.stop()
+            self.records.append(dict(stage=name, seconds=round(time.perf_counter() - start, 3),
+                                     gpus={key: _gib(value) for key, value in peaks.items()}))
+
+    def peaks(self) -> dict[str, float]:
+        """The whole run's peak per GPU (GiB)."""
+        out: dict[str, float] = {}
+        for record in self.records:
+            for key, value in record["gpus"].items():
+                out[key] = max(out.get(key, 0.0), value)
+        return out
+
+    def to_markdown(self) -> str:
+        gpus = sorted({k for r in self.records for k in r["gpus"]})
+        rows = ["| stage | time (s) | " + " | ".join(f"{g} peak (GiB)" for g in gpus) + " |",
+                "|---|---|" + "---|" * len(gpus)]
+        rows += [f"| {r['stage']} | {r['seconds']:.1f} | " + " | ".join(f"{r['gpus'][g]:.2f}" for g in gpus) + " |"
+                 for r in self.records]
+        return "\n".join(rows)
+
+
+# --- a small card on a big GPU ------------------------------------------------------------------------
+
+
+def cap_vram(vram_gib: float, devices: list[int] | None = None) -> dict[str, float]:
+    """Make this process meet a card of ``vram_gib`` GiB in all, CUDA context included, on each GPU in
+    ``devices`` (all by default): the one in-process VRAM cap of fluxnb (notebook 10, the benchmarks).
+
+    It creates each device's context first, so it is counted, then lets PyTorch's allocator take only
+    what is left (``torch.cuda.set_per_process_memory_fraction``); going over it is a real CUDA OOM. It
+    does not change what ``torch.cuda.mem_get_info`` reports: the course runner, whose kernels must see
+    the small card there too, holds the memory above the cap from outside instead
+    (``fluxnb.lab.limits.VramHolder``, the same cap: ``vram_gib`` in all with the context). On the small
+    card itself it changes nothing. Returns each device's CUDA context in GiB.
+    """
+    contexts = {}
+    for i in range(torch.cuda.device_count()) if devices is None else devices:
+        torch.zeros(1, device=f"cuda:{i}")  # create the context first, so it is counted
+        free, total = torch.cuda.mem_get_info(i)
+        contexts[f"cuda:{i}"] = _gib(total - free)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (vram_gib * GIB - (total - free)) / total), device=i)
+    return contexts
 
 
 def _gib(n_bytes: float) -> float:

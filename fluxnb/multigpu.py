@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -36,83 +35,15 @@ import torch
 from safetensors.torch import save_file
 
 import fluxnb
-from fluxnb.memory import GIB, StepTimer, flush
+from fluxnb.lab.supervisor import die_with_parent, module_command, run_process
+from fluxnb.memory import GIB, GpuTracker, StepTimer, cap_vram, flush
 from fluxnb.quiet import DropMessages
 
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-# --- memory on every GPU ---------------------------------------------------------------------------
-
-
-def gpu_used_gib() -> dict[str, float]:
-    """Device-level memory in use on each GPU now (CUDA contexts and other processes included)."""
-    out = {}
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        out[f"cuda:{i}"] = round((total - free) / GIB, 3)
-    return out
-
-
-class GpuTracker:
-    """Per-stage peak device memory on every GPU, sampled every ``interval_s`` (MemoryTracker watches one)."""
-
-    def __init__(self, interval_s: float = 0.02) -> None:
-        self.interval_s = interval_s
-        self.records: list[dict[str, Any]] = []
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        peaks = gpu_used_gib()
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(self.interval_s):
-                for key, value in gpu_used_gib().items():
-                    peaks[key] = max(peaks[key], value)
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            for i in range(torch.cuda.device_count()):
-                torch.cuda.synchronize(i)
-            done.set()
-            thread.join()
-            for key, value in gpu_used_gib().items():
-                peaks[key] = max(peaks[key], value)
-            self.records.append(dict(stage=name, seconds=round(time.perf_counter() - start, 3), gpus=peaks))
-
-    def peaks(self) -> dict[str, float]:
-        """The whole run's peak per GPU."""
-        out: dict[str, float] = {}
-        for record in self.records:
-            for key, value in record["gpus"].items():
-                out[key] = max(out.get(key, 0.0), value)
-        return out
-
-    def to_markdown(self) -> str:
-        gpus = sorted({k for r in self.records for k in r["gpus"]})
-        rows = ["| stage | time (s) | " + " | ".join(f"{g} peak (GiB)" for g in gpus) + " |",
-                "|---|---|" + "---|" * len(gpus)]
-        rows += [f"| {r['stage']} | {r['seconds']:.1f} | " + " | ".join(f"{r['gpus'][g]:.2f}" for g in gpus) + " |"
-                 for r in self.records]
-        return "\n".join(rows)
-
-
-def cap_each_gpu(vram_gib: float) -> dict[str, float]:
-    """Make every GPU behave like a card of ``vram_gib`` in all, CUDA context included (to rehearse
-    two 16 GB cards or Kaggle's two T4s on bigger GPUs). Returns each GPU's CUDA context in GiB."""
-    contexts = {}
-    for i in range(torch.cuda.device_count()):
-        torch.zeros(1, device=f"cuda:{i}")  # create the context first, so it is counted
-        free, total = torch.cuda.mem_get_info(i)
-        contexts[f"cuda:{i}"] = round((total - free) / GIB, 3)
-        torch.cuda.set_per_process_memory_fraction((vram_gib * GIB - (total - free)) / total, device=i)
-    return contexts
+# --- weights per GPU: accelerate's max_memory and device map -----------------------------------------
 
 
 def max_memory_for(vram_gib: float, headroom_gib: float, gpus: int = 2) -> dict[int, str]:
@@ -215,7 +146,7 @@ def run_split(checkpoint: str, dtype: torch.dtype, vram_gib: float, height: int 
     the device map's blocks per GPU, per-GPU peaks per stage, and whether the latents are finite.
     """
     tracker = tracker or GpuTracker()
-    contexts = cap_each_gpu(vram_gib)
+    contexts = cap_vram(vram_gib)
     max_memory = max_memory_for(vram_gib, headroom_gib, torch.cuda.device_count())
     text_dtype = torch.float32 if dtype == torch.float16 else dtype
     with tracker.stage("encode"):
@@ -255,15 +186,6 @@ def run_split(checkpoint: str, dtype: torch.dtype, vram_gib: float, height: int 
 
 
 # --- one process per GPU: context parallelism and two pipelines -----------------------------------------------
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``), so a
-    killed launcher leaves no rank holding a GPU. Does nothing on other systems."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # 1 = PR_SET_PDEATHSIG
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:
@@ -360,12 +282,6 @@ def worker(mode: str, checkpoint: str, dtype: torch.dtype, quant: str, height: i
     dist.destroy_process_group()
 
 
-_TORCHRUN_DYING_WITH_PARENT = (  # PR_SET_PDEATHSIG (1) = SIGTERM, then torchrun as `python -m` would run it
-    "import ctypes, runpy, signal, sys; "
-    "sys.platform.startswith('linux') and ctypes.CDLL('libc.so.6').prctl(1, int(signal.SIGTERM)); "
-    "runpy.run_module('torch.distributed.run', run_name='__main__', alter_sys=True)")
-
-
 def launch(mode: str, nproc: int, checkpoint: str, json_path: str | Path, dtype: str = "bf16", quant: str = "none",
            height: int = 1024, width: int = 1024, steps: int = 5, seed: int = 0, timeout_s: int = 500) -> dict[str, Any]:
     """Run :func:`worker` on ``nproc`` GPUs with ``torchrun`` (one process each); return rank 0's result.
@@ -375,28 +291,19 @@ def launch(mode: str, nproc: int, checkpoint: str, json_path: str | Path, dtype:
     """
     json_path = Path(json_path)
     json_path.unlink(missing_ok=True)
-    # torchrun, asking first for SIGTERM when this process dies (set in the child itself: a preexec_fn is not
-    # safe while this process runs sampling threads)
-    cmd = [sys.executable, "-c", _TORCHRUN_DYING_WITH_PARENT, "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fluxnb.multigpu", mode, "--checkpoint", checkpoint, "--json", str(json_path), "--dtype", dtype,
-           "--quant", quant, "--size", f"{height}x{width}", "--steps", str(steps), "--seed", str(seed)]
-    env = {**os.environ, **NCCL_SAFE_ENV}
-    # torchrun starts each rank in a session of its own, so only torchrun can end them: it does on SIGTERM.
-    # It gets SIGTERM if this process dies (a runner's timeout), and on our own timeout below.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
-    try:
-        output, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # torchrun stops its ranks (SIGTERM, then SIGKILL after its own grace period)
-        try:
-            output, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # the ranks die with it: each asked for SIGKILL when torchrun dies (worker())
-            output, _ = proc.communicate()
+    cmd = module_command("torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                         "-m", "fluxnb.multigpu", mode, "--checkpoint", checkpoint, "--json", str(json_path), "--dtype",
+                         dtype, "--quant", quant, "--size", f"{height}x{width}", "--steps", str(steps), "--seed", str(seed))
+    # torchrun starts each rank in a session of its own, so only torchrun can end them: it does on SIGTERM. It
+    # asks for SIGTERM when this process dies (a runner's timeout), and gets it at our own timeout, then SIGKILL
+    # 60 s later; the ranks die with it then (each asked for SIGKILL at torchrun's death, in worker()).
+    done = run_process(cmd, timeout_s, env={**os.environ, **NCCL_SAFE_ENV}, output="all",
+                       parent_death_signal=signal.SIGTERM, stop_grace_s=60)
+    if done.timed_out:
         raise RuntimeError(f"torchrun {mode} on {nproc} processes ran past {timeout_s} s and was stopped with its "
-                           f"ranks; its output:\n{failure_excerpt(output)}") from None
-    if proc.returncode != 0 or not json_path.is_file():
-        raise RuntimeError(f"torchrun {mode} on {nproc} processes exited {proc.returncode}:\n{failure_excerpt(output)}")
+                           f"ranks; its output:\n{failure_excerpt(done.output)}")
+    if done.returncode != 0 or not json_path.is_file():
+        raise RuntimeError(f"torchrun {mode} on {nproc} processes exited {done.returncode}:\n{failure_excerpt(done.output)}")
     return json.loads(json_path.read_text())
 
 

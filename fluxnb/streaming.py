@@ -65,7 +65,6 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from fluxnb import environment  # environment.free_vram_gib(), as tests and envelopes set it
 from fluxnb.capacity import GIB, largest_size_where, step_bytes
-from fluxnb.capacity import step_bytes as denoise_headroom_bytes  # noqa: F401  (notebook 04's name for it)
 from fluxnb.exceptions import FluxnbError
 
 ALIGN = 256  # bytes: every tensor in a packed buffer starts on a boundary the GPU kernels like

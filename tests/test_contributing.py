@@ -9,8 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_layout_names_every_module_and_only_those():
     text = (ROOT / "CONTRIBUTING.md").read_text()
     layout = text[text.index("## Layout"):text.index("## Rehearsing")]
-    named = set(re.findall(r"\b([a-z_0-9]+)\.py\b", layout.split("benchmarks/")[0]))
-    modules = {p.stem for p in (ROOT / "fluxnb").glob("*.py")}
+    named = set(re.findall(r"\b((?:lab/)?[a-z_0-9]+)\.py\b", layout.split("benchmarks/")[0]))
+    modules = {str(p.relative_to(ROOT / "fluxnb").with_suffix("")) for p in (ROOT / "fluxnb").rglob("*.py")}
     assert named == modules, (sorted(modules - named), sorted(named - modules))
     for folder in ("configs/", "results/"):
         assert folder in layout and (ROOT / "fluxnb" / folder).is_dir()

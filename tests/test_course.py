@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import fluxnb
-from fluxnb import course, envelopes, environment, kernel, memory
+from fluxnb import envelopes, environment, memory
+from fluxnb.lab import course, enter, limits, supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,7 +96,7 @@ def test_ram_cgroup_is_made_with_memory_max_and_no_swap(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     (tmp_path / "cgroup.controllers").write_text("cpu io memory pids\n")
     (tmp_path / "cgroup.subtree_control").write_text("cpu\n")
-    group = course.RamCgroup.create("fluxnb-colab-t4-03", 12.0, root=tmp_path)
+    group = limits.RamCgroup.create("fluxnb-colab-t4-03", 12.0, root=tmp_path)
     assert group is not None and (tmp_path / "cgroup.subtree_control").read_text() == "+memory"
     assert int((group.path / "memory.max").read_text()) == 12 * 2**30
     (group.path / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
@@ -108,18 +109,57 @@ def test_ram_cgroup_is_made_with_memory_max_and_no_swap(tmp_path, monkeypatch):
 def test_no_cgroup_without_root_or_memory_controller(tmp_path, monkeypatch):
     (tmp_path / "cgroup.controllers").write_text("cpu pids\n")
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert course.RamCgroup.create("x", 1.0, root=tmp_path) is None  # then the results say "RAM not enforced"
+    assert limits.RamCgroup.create("x", 1.0, root=tmp_path) is None  # then the results say "RAM not enforced"
     (tmp_path / "cgroup.controllers").write_text("memory\n")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert course.RamCgroup.create("x", 1.0, root=tmp_path) is None
+    assert limits.RamCgroup.create("x", 1.0, root=tmp_path) is None
 
 
 def test_the_kernel_joins_its_cgroup_before_it_starts(tmp_path, monkeypatch):
     started = []
-    monkeypatch.setattr(os, "execv", lambda exe, args: started.append(args))
-    kernel.main(["--cgroup", str(tmp_path), "-f", "conn.json"])
+    monkeypatch.setattr(os, "execv", lambda exe, args: started.append((exe, args)))
+    argv = course.kernel_spec_manager(limits.RamCgroup(tmp_path)).get_kernel_spec("python3").argv
+    assert argv[:3] == [sys.executable, "-m", "fluxnb.lab.enter"]
+    enter.main(argv[3:])
     assert (tmp_path / "cgroup.procs").read_text() == str(os.getpid())
-    assert started == [[sys.executable, "-m", "ipykernel_launcher", "-f", "conn.json"]]
+    assert started == [(sys.executable, [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"])]
+    assert course.kernel_spec_manager(None).get_kernel_spec("python3").argv[:3] == [
+        sys.executable, "-m", "ipykernel_launcher"]  # no cgroup: the kernel itself
+
+
+def test_the_supervisor_kills_a_child_at_its_timeout_and_names_a_signal(tmp_path):
+    start = time.perf_counter()
+    done = supervisor.run_process([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"], 2,
+                                  output="all", stop_grace_s=1)
+    assert done.timed_out and done.returncode is None and "up" in done.output and time.perf_counter() - start < 20
+    killed = supervisor.run_process([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"], 30)
+    assert killed.returncode == -signal.SIGSEGV and killed.describe() == "killed by SIGSEGV"
+    ran = supervisor.run_process([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], 30, output="stdout")
+    assert (ran.returncode, ran.output, ran.describe()) == (3, "out\n", "exited with code 3")
+
+
+def test_a_child_that_asked_to_die_with_its_parent_does(tmp_path):
+    """torchrun is started so: a launcher killed by a runner's timeout leaves no rank holding a GPU."""
+    pid_file = tmp_path / "child.pid"
+    grandchild = supervisor.entry_command([sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w')"
+                                           ".write(str(os.getpid())); time.sleep(60)"], parent_death_signal=signal.SIGTERM)
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, time; subprocess.Popen({grandchild!r}); time.sleep(60)"])
+    for _ in range(200):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the child outlived its parent")
 
 
 def test_kernels_in_the_colab_envelope_compute_in_fp16_and_see_the_t4s_vram(monkeypatch):

@@ -1,6 +1,7 @@
 """The shape of the fluxnb package: no import cycles, and a light ``import fluxnb``."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,15 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fluxnb"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+MODULES = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+                 for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py")
+"""Every module of fluxnb, by its name under the package: ``capacity``, ``lab`` (its ``__init__``), ``lab.course``."""
+LAB = {m for m in MODULES if m == "lab" or m.startswith("lab.")}
+
+
+def _path(module: str) -> Path:
+    folder = PACKAGE / module.replace(".", "/")
+    return folder / "__init__.py" if folder.is_dir() else folder.with_suffix(".py")
 
 
 def imports_of(path: Path) -> set[str]:
@@ -16,19 +25,20 @@ def imports_of(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fluxnb"):
-            if node.module == "fluxnb":
-                found |= {alias.name for alias in node.names if alias.name in MODULES}
-            else:
-                found.add(node.module.split(".")[1])
+            base = node.module.removeprefix("fluxnb").lstrip(".")
+            for alias in node.names:  # `from fluxnb.lab import course` imports fluxnb.lab.course
+                name = f"{base}.{alias.name}" if base else alias.name
+                found.add(name if name in MODULES else base)
         elif isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("fluxnb.")}
-    return found - {path.stem}
+            found |= {alias.name.removeprefix("fluxnb.") for alias in node.names if alias.name.startswith("fluxnb.")}
+    me = ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+    return {m for m in found if m in MODULES} - {me}
 
 
 def test_no_module_of_fluxnb_imports_one_that_imports_it_back():
     """Issue 18: environment and errors imported each other, hidden inside functions. An import inside
     a function is counted as one: a cycle either way means neither module can be read alone."""
-    graph = {name: imports_of(PACKAGE / f"{name}.py") for name in MODULES}
+    graph = {name: imports_of(_path(name)) for name in MODULES}
     state: dict[str, str] = {}
 
     def visit(name: str, path: list[str]) -> None:
@@ -54,7 +64,7 @@ def test_import_fluxnb_stays_light():
     nor the benchmark code: the Studio and the course runner import theirs when used. Nor the Studio,
     the planner or the capacity model themselves: every name is imported when first used (PEP 562)."""
     code = ("import sys, fluxnb; heavy = ('ipywidgets', 'jupyter_client', 'nbclient', 'nbformat', 'benchmarks', "
-            "'fluxnb.course', 'fluxnb.kernel', 'fluxnb.multigpu', 'fluxnb.studio', 'fluxnb.planner', "
+            "'fluxnb.course', 'fluxnb.lab', 'fluxnb.multigpu', 'fluxnb.studio', 'fluxnb.planner', "
             "'fluxnb.capacity'); print([m for m in heavy if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "[]"
@@ -67,12 +77,12 @@ def test_fluxnb_names_and_lesson_modules_import_when_first_used():
             "assert callable(fluxnb.planner.eta) and callable(fluxnb.capacity.step_bytes); "
             "assert all(getattr(fluxnb, name) is not None for name in fluxnb.__all__); "
             "assert set(fluxnb.__all__) <= set(dir(fluxnb)); "
-            "print(before, 'fluxnb.studio' in sys.modules, 'fluxnb.course' in sys.modules)")
+            "print(before, 'fluxnb.studio' in sys.modules, 'fluxnb.lab' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "False True False"
     import fluxnb
 
-    rehearsal = {"course", "kernel", "fit", "quiet"}  # quiet is imported by `import fluxnb` itself
+    rehearsal = {"course", "fit", "quiet", *LAB}  # quiet is imported by `import fluxnb` itself
     assert set(MODULES) - rehearsal == fluxnb._SUBMODULES, "name each new lesson module in fluxnb._SUBMODULES"
     with pytest.raises(AttributeError, match="no attribute 'course_runner'"):
         fluxnb.course_runner  # noqa: B018  (an unknown name is an AttributeError, as on any module)
@@ -96,3 +106,36 @@ def test_fluxnb_exceptions_share_one_base():
                 studio.SizeDoesNotFitError, streaming.DoesNotFit):
         assert issubclass(cls, exceptions.FluxnbError), cls
     assert issubclass(fluxnb.NotEnoughVRAMError, __import__("torch").OutOfMemoryError)  # still what callers catch
+
+
+SOURCES = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "benchmarks").glob("*.py")]
+
+
+def _files_matching(pattern: str) -> set[str]:
+    return {str(p.relative_to(PACKAGE.parent)) for p in SOURCES if re.search(pattern, p.read_text(), re.M)}
+
+
+def _float_constants(value: float) -> set[str]:
+    return {str(p.relative_to(PACKAGE.parent)) for p in SOURCES for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, ast.Constant) and type(node.value) is float and node.value == value}
+
+
+def test_one_definition_each_of_gib_the_machines_the_vram_cap_and_the_supervisor():
+    """Issue 18: GIB four times, the target machines twice with different numbers, VRAM capped three ways,
+    four subprocess supervisors. Each now lives in one module, and this test keeps it so."""
+    assert _files_matching(r"^GIB\s*[:=]") == {"fluxnb/capacity.py"}
+    assert _files_matching(r"\bEnvelope\(") == {"fluxnb/envelopes.py"}
+    for number in (14.74, 7.6, 12.7):  # the T4, the 8 GB card, Colab's VM: read from fluxnb.envelopes elsewhere
+        assert _float_constants(number) == {"fluxnb/envelopes.py"}, number
+    assert _files_matching(r"set_per_process_memory_fraction\(") == {"fluxnb/memory.py"}
+    assert _files_matching(r"subprocess\.(Popen|run|call|check_call|check_output)\(") == {"fluxnb/lab/supervisor.py"}
+    assert _files_matching(r"\.prctl\(") == {"fluxnb/lab/supervisor.py"}
+    assert _files_matching(r"_fluxnb_streamer") <= {"fluxnb/streaming.py"}
+    assert _files_matching(r"^class \w*(Sampler|Tracker)\b") == {"fluxnb/memory.py"}
+
+
+def test_the_lesson_modules_never_import_the_rehearsal_tooling_but_the_launchers():
+    """fluxnb.lab is for the runner, the benchmarks and the CLIs. Of the lesson modules only multigpu (its
+    torchrun launcher) reaches it; the dry run (fit) and the runner's command (course) are CLIs."""
+    users = {m for m in MODULES if m not in LAB and any(i in LAB for i in imports_of(_path(m)))}
+    assert users == {"course", "fit", "multigpu"}
