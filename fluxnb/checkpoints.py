@@ -1,11 +1,14 @@
-"""Which FLUX.1 checkpoint the notebooks load, and the two stand-ins fluxnb builds offline.
+"""Which FLUX checkpoint the notebooks load, and the stand-ins fluxnb builds offline.
 
-The notebooks always name the real model (``black-forest-labs/FLUX.1-dev``) and pass it through
-:func:`resolve_checkpoint`. The environment variable ``FLUXNB_CHECKPOINT`` swaps it for a stand-in:
+The notebooks always name the real model (``black-forest-labs/FLUX.1-dev``, or
+``black-forest-labs/FLUX.2-klein-4B`` for the FLUX.2 [klein] lesson) and pass it through
+:func:`resolve_checkpoint`. The environment variable ``FLUXNB_CHECKPOINT`` swaps it for a stand-in
+of the same family (:func:`family_of`: ``"flux1"`` or ``"klein"``):
 
 * unset or empty: the model id written in the notebook (downloaded from the Hub as usual);
-* ``tiny``: a tiny FLUX pipeline with random weights (real diffusers/transformers classes, real
-  tokenizers made locally), built in about a second on a CPU. Every notebook runs end to end on it;
+* ``tiny``: a tiny pipeline of the notebook's own model with random weights (real diffusers/transformers
+  classes, real tokenizers made locally), built in about a second on a CPU: FLUX.1-dev or -schnell
+  (``FluxPipeline``), or FLUX.2 [klein] 4B (``Flux2KleinPipeline``). Every notebook runs end to end on it;
 * ``random-dev`` / ``random-schnell``: the real FLUX.1-dev / schnell shapes (11.9B-parameter
   transformer, T5-XXL, CLIP-L, VAE) with random weights, about 34 GB on disk, laid out as the Hub's
   repositories are: the same file names, shards of the same sizes (to the byte, see
@@ -15,7 +18,16 @@ The notebooks always name the real model (``black-forest-labs/FLUX.1-dev``) and 
   images are noise: it says nothing about image quality. The weights are written one tensor at a time
   (:func:`save_file_streamed`), so building needs a few hundred MB of memory, not 24 GB. It is built
   only where a GPU can use it (:func:`build_random` refuses a machine without one, unless asked);
+* ``random-klein``: the same for FLUX.2 [klein] 4B (4.0B-parameter transformer, Qwen3-4B text encoder,
+  the FLUX.2 VAE; about 16 GB on disk, in ``black-forest-labs/FLUX.2-klein-4B``'s layout);
 * anything else: a Hub id or a local folder, used as given.
+
+The random stand-in always has the notebook's family, because the course runner sets one
+``FLUXNB_CHECKPOINT`` for every notebook: ``random-dev`` (or ``-schnell``) on a notebook that names
+klein gives ``random-klein``, and ``random-klein`` on a FLUX.1 notebook gives that notebook's FLUX.1
+variant (``random-dev`` for FLUX.1-dev). Within FLUX.1 the variant named wins, as before:
+``random-schnell`` on a dev notebook is schnell. A stand-in of the other family could not run the
+notebook's code at all (other pipeline class, other components).
 
 Stand-ins are built once, into ``FLUXNB_CACHE`` (default ``~/.cache/fluxnb``), written to a temporary
 folder first and renamed when complete, so an interrupted build never leaves a half checkpoint.
@@ -42,8 +54,9 @@ from fluxnb.exceptions import NeedsGPUError
 from fluxnb.quiet import no_progress_bars
 
 ENV_VAR = "FLUXNB_CHECKPOINT"
-WITHOUT_GPU_VAR = "FLUXNB_BUILD_WITHOUT_GPU"  # 1: build random-dev/-schnell on a machine without a GPU anyway
-STAND_INS = ("tiny", "random-dev", "random-schnell")
+WITHOUT_GPU_VAR = "FLUXNB_BUILD_WITHOUT_GPU"  # 1: build random-dev/-schnell/-klein on a machine without a GPU anyway
+STAND_INS = ("tiny", "random-dev", "random-schnell", "random-klein")
+VARIANTS = ("dev", "schnell", "klein")  # "klein": FLUX.2 [klein] 4B
 _DONE = "fluxnb_done.json"
 RANDOM_LAYOUT = 2  # 2: the Hub's file layout and configs; 1 (or none): fluxnb's own 2 GB shards, rebuilt on use
 
@@ -51,7 +64,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 """The real repositories' config files, as the Hub serves them (``FLUX.1-dev/transformer/config.json`` ...),
 and their weight files' byte sizes (``FLUX.1-dev.files.json``). They were gathered from public copies of
 those files, since no machine of this project can download the gated repository: see ``fluxnb/configs/README.md``."""
-REPOSITORIES = {"dev": "FLUX.1-dev", "schnell": "FLUX.1-schnell"}
+REPOSITORIES = {"dev": "FLUX.1-dev", "schnell": "FLUX.1-schnell", "klein": "FLUX.2-klein-4B"}
 
 # --- configs ------------------------------------------------------------------------------------
 # The full-size configs are those of black-forest-labs/FLUX.1-dev and FLUX.1-schnell (diffusers
@@ -100,6 +113,48 @@ SCHEDULER_DEV: dict[str, Any] = dict(
 )
 SCHEDULER_SCHNELL: dict[str, Any] = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
+# FLUX.2 [klein] 4B (black-forest-labs/FLUX.2-klein-4B, diffusers format): the keyword arguments that
+# build each model, equal to CONFIGS / "FLUX.2-klein-4B" (tests/test_checkpoints.py checks it). The
+# text encoder is Qwen3-4B (Qwen3ForCausalLM); the pipeline feeds the transformer the hidden states of
+# three of its layers side by side (KLEIN_TEXT_LAYERS), hence joint_attention_dim = 3 x 2560.
+KLEIN_TEXT_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers default
+FULL_KLEIN_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1, in_channels=128, out_channels=None, num_layers=5, num_single_layers=20, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False,
+)
+FULL_QWEN3: dict[str, Any] = dict(  # Qwen/Qwen3-4B's shapes
+    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=40960, rms_norm_eps=1e-6,
+    rope_theta=1000000, attention_bias=False, attention_dropout=0.0, tie_word_embeddings=True,
+    bos_token_id=151643, eos_token_id=151645, max_window_layers=36, use_sliding_window=False, sliding_window=None,
+)
+FULL_KLEIN_VAE: dict[str, Any] = dict(  # AutoencoderKLFlux2: 32 latent channels, patchified 2x2 into 128
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    act_fn="silu", latent_channels=32, norm_num_groups=32, sample_size=1024, use_quant_conv=True,
+    use_post_quant_conv=True, mid_block_add_attention=True, batch_norm_eps=1e-4, batch_norm_momentum=0.1,
+    patch_size=(2, 2),
+)
+SCHEDULER_KLEIN: dict[str, Any] = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+)
+# Tiny klein: the text encoder keeps 28 layers (tiny ones), since the pipeline reads layers 9, 18 and 27;
+# the VAE keeps 32 latent channels (the transformer sees 4 x 32 = 128) and four blocks (images 16x the
+# packed latents, as in the real model); every Linear width is a multiple of 64.
+TINY_KLEIN_TRANSFORMER: dict[str, Any] = dict(
+    FULL_KLEIN_TRANSFORMER, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+    joint_attention_dim=3 * 64, axes_dims_rope=(8, 8, 8, 8),
+)
+TINY_QWEN3: dict[str, Any] = dict(
+    FULL_QWEN3, hidden_size=64, intermediate_size=128, num_hidden_layers=28, num_attention_heads=2,
+    num_key_value_heads=1, head_dim=32, max_window_layers=28, max_position_embeddings=1024,
+)
+TINY_KLEIN_VAE: dict[str, Any] = dict(
+    FULL_KLEIN_VAE, layers_per_block=1, norm_num_groups=8, block_out_channels=(16, 16, 32, 32), sample_size=256,
+)
+
 
 def config_path(part: str) -> str:
     """Where a diffusers-format repository keeps ``part``'s config ("transformer", ..., "scheduler",
@@ -108,13 +163,15 @@ def config_path(part: str) -> str:
 
 
 def real_config(variant: str, part: str) -> dict[str, Any]:
-    """The Hub repository's own config of ``part`` (:func:`config_path`) for FLUX.1-``variant``, as its
-    file holds it (``_diffusers_version`` and all)."""
+    """The Hub repository's own config of ``part`` (:func:`config_path`) for FLUX.1-``variant`` (or, for
+    ``"klein"``, FLUX.2-klein-4B), as its file holds it (``_diffusers_version`` and all; see
+    ``fluxnb/configs/README.md`` for what of klein's files could not be found)."""
     return json.loads((CONFIGS / REPOSITORIES[variant] / config_path(part)).read_text())
 
 
 def real_files(variant: str) -> dict[str, int]:
-    """Byte sizes of FLUX.1-``variant``'s files on the Hub, by path (the weights, and for schnell the small files)."""
+    """Byte sizes of the ``variant``'s files on the Hub, by path (the weights, and for schnell and klein the small
+    files). Klein's weight sizes are derived, not found: see ``FLUX.2-klein-4B.files.json``'s ``derived``."""
     return json.loads((CONFIGS / f"{REPOSITORIES[variant]}.files.json").read_text())["files"]
 
 
@@ -124,14 +181,27 @@ def cache_dir() -> Path:
 
 
 def stand_in_dir(kind: str, variant: str) -> Path:
-    """The folder that stand-in ``kind`` (``"tiny"`` or ``"random"``) of FLUX.1-``variant`` is built into:
-    ``cache_dir() / "{kind}-flux.1-{variant}"``, e.g. ``~/.cache/fluxnb/random-flux.1-dev``."""
-    return cache_dir() / f"{kind}-flux.1-{variant}"
+    """The folder that stand-in ``kind`` (``"tiny"`` or ``"random"``) of ``variant`` is built into:
+    ``cache_dir() / "{kind}-flux.1-{variant}"``, e.g. ``~/.cache/fluxnb/random-flux.1-dev``, and for klein
+    ``cache_dir() / "{kind}-flux.2-klein-4b"``."""
+    return cache_dir() / f"{kind}-{REPOSITORIES[variant].lower()}" if variant == "klein" else cache_dir() / f"{kind}-flux.1-{variant}"
+
+
+def family_of(model_id: str) -> str:
+    """``"klein"`` if the model id (or folder) names FLUX.2 [klein], else ``"flux1"``."""
+    return "klein" if "klein" in str(model_id).lower() else "flux1"
 
 
 def variant_of(model_id: str) -> str:
-    """``"schnell"`` if the model id names FLUX.1-schnell, else ``"dev"``."""
+    """``"klein"`` if the model id names FLUX.2 [klein], else ``"schnell"`` if it names FLUX.1-schnell, else ``"dev"``."""
+    if family_of(model_id) == "klein":
+        return "klein"
     return "schnell" if "schnell" in model_id.lower() else "dev"
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be 'dev', 'schnell' or 'klein', not {variant!r}")
 
 
 def generation_settings(model_id: str) -> dict[str, Any]:
@@ -140,7 +210,14 @@ def generation_settings(model_id: str) -> dict[str, Any]:
     FLUX.1-dev is guidance-distilled: about 28-50 steps with ``guidance_scale`` 3.5, prompts up to
     512 T5 tokens. FLUX.1-schnell is timestep-distilled: 1-4 steps, no guidance input (0), at most
     256 tokens. The notebooks read them from here, so changing ``MODEL_ID`` changes all three.
+
+    FLUX.2 [klein] 4B is step-distilled: 4 steps, ``guidance_scale`` 1.0 (the model card's example;
+    ``Flux2KleinPipeline`` ignores guidance above 1 for a distilled model, with a warning, and its own
+    defaults, 50 steps and 4.0, are those of the undistilled base models), prompts up to 512 Qwen3
+    tokens (the pipeline's ``max_sequence_length`` default).
     """
+    if variant_of(model_id) == "klein":
+        return dict(steps=4, guidance=1.0, max_sequence_length=512)
     if variant_of(model_id) == "schnell":
         return dict(steps=4, guidance=0.0, max_sequence_length=256)
     return dict(steps=50, guidance=3.5, max_sequence_length=512)
@@ -150,8 +227,11 @@ def resolve_checkpoint(model_id: str, choice: str | None = None) -> str:
     """Return what ``from_pretrained`` should load for ``model_id``, honouring ``FLUXNB_CHECKPOINT``.
 
     ``choice`` overrides the environment variable (the benchmark's ``--checkpoint`` uses it).
-    ``tiny`` follows the notebook's variant (dev or schnell); ``random-dev``/``random-schnell`` name
-    theirs. Stand-ins are built on first use and reused after. With a stand-in on a machine without a
+    ``tiny`` follows the notebook's model (dev, schnell or klein). A ``random-*`` stand-in always has the
+    notebook's family (:func:`family_of`), since one ``FLUXNB_CHECKPOINT`` is set for every notebook:
+    for a klein model id every ``random-*`` gives ``random-klein``; for a FLUX.1 id ``random-dev`` and
+    ``random-schnell`` give the variant they name (as before) and ``random-klein`` gives the notebook's
+    own variant. Stand-ins are built on first use and reused after. With a stand-in on a machine without a
     GPU (the tiny course), diffusers' bitsandbytes quantizers are opened for the CPU here
     (:func:`fluxnb.cpu_bitsandbytes.allow_bitsandbytes_on_cpu`), so no lesson has to; on a GPU that
     changes nothing.
@@ -164,9 +244,18 @@ def resolve_checkpoint(model_id: str, choice: str | None = None) -> str:
     allow_bitsandbytes_on_cpu()  # no-op on a GPU
     if choice == "tiny":
         return str(build_tiny(variant_of(model_id)))
-    if choice in ("random-dev", "random-schnell"):
-        return str(build_random(choice.split("-")[1]))
+    if choice in STAND_INS:  # random-*
+        return str(build_random(random_variant(model_id, choice)))
     return choice
+
+
+def random_variant(model_id: str, choice: str) -> str:
+    """Which random stand-in ``choice`` (``random-dev``, ``-schnell`` or ``-klein``) gives for ``model_id``:
+    always one of the notebook's family (see :func:`resolve_checkpoint`)."""
+    if family_of(model_id) == "klein":
+        return "klein"
+    named = choice.removeprefix("random-")
+    return variant_of(model_id) if named == "klein" else named
 
 
 def is_stand_in(checkpoint: str | os.PathLike[str]) -> str | None:
@@ -218,10 +307,41 @@ def make_t5_tokenizer() -> Any:
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
+# A chat template of Qwen3's form, short: what Flux2KleinPipeline._get_qwen3_prompt_embeds renders
+# (apply_chat_template with add_generation_prompt=True, enable_thinking=False) comes out as Qwen3's does:
+# "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n".
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+QWEN3_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def make_qwen3_tokenizer() -> Any:
+    """A real ``Qwen2TokenizerFast`` (byte-level BPE, as Qwen3's) with the 256 byte symbols as its vocabulary,
+    no merges, Qwen3's special tokens and a chat template of Qwen3's form (:data:`QWEN3_CHAT_TEMPLATE`).
+
+    Qwen3's 151,646-token vocabulary cannot be downloaded here; ids stay below 262, so the same tokenizer
+    serves the tiny and the full-size klein stand-ins. Padding is ``<|endoftext|>``, as Qwen3's."""
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(_bytes_to_unicode())}
+    for token in QWEN3_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", model_max_length=131072)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN3_SPECIAL_TOKENS[1:])})
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
 # --- building -----------------------------------------------------------------------------------
 
 
 _PARTS = ("scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "transformer")
+KLEIN_PARTS = ("scheduler", "tokenizer", "text_encoder", "vae", "transformer")
 # The full-size build streams these two to disk (11.9B and 4.8B parameters); the others are small
 # (CLIP-L 0.12B, the VAE 0.08B: under 0.3 GB in bf16) and are made whole, as in the tiny build.
 STREAMED_PARTS = ("text_encoder_2", "transformer")
@@ -230,12 +350,55 @@ STREAMED_PARTS = ("text_encoder_2", "transformer")
 # writes "50GB"). With these caps, in the models' own parameter order, the random stand-ins' shards
 # come out at the byte sizes of the Hub's files (real_files(); tests/test_checkpoints.py checks it).
 REAL_MAX_SHARD_BYTES = {"transformer": 10 * 10**9, "text_encoder_2": 5 * 10**9}
+# FLUX.2-klein-4B (2026-01): diffusers' "10GB" for the transformer (one 7.75 GB file) and, for Qwen3-4B, the
+# "5GB" of transformers 4.x (two shards; the config says 4.57): the Hub's sizes are derived from these.
+KLEIN_STREAMED_PARTS = ("text_encoder", "transformer")
+KLEIN_MAX_SHARD_BYTES = {"transformer": 10 * 10**9, "text_encoder": 5 * 10**9}
 SHARD_BYTES = 2 * 10**9  # write_streamed's default shard size, for other models
+
+
+def parts_of(variant: str) -> tuple[str, ...]:
+    """The pipeline's components, in build order (each part's seed is its place here)."""
+    return KLEIN_PARTS if variant == "klein" else _PARTS
+
+
+def streamed_parts(variant: str) -> tuple[str, ...]:
+    """The components the full-size build streams to disk, one tensor at a time."""
+    return KLEIN_STREAMED_PARTS if variant == "klein" else STREAMED_PARTS
+
+
+def max_shard_bytes(variant: str) -> dict[str, int]:
+    """The Hub's shard caps for the streamed components of ``variant``."""
+    return KLEIN_MAX_SHARD_BYTES if variant == "klein" else REAL_MAX_SHARD_BYTES
 INIT_STD = 0.02  # normal(0, 0.02) for Linear and Embedding weights: finite through FLUX's 57 blocks
+
+
+def _make_klein_part(name: str, tiny: bool) -> Any:
+    """Instantiate one FLUX.2 [klein] 4B component (random weights, current default device/dtype)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if name == "scheduler":
+        return FlowMatchEulerDiscreteScheduler(**SCHEDULER_KLEIN)
+    if name == "tokenizer":
+        return make_qwen3_tokenizer()
+    if name == "text_encoder":
+        cfg = dict(TINY_QWEN3 if tiny else FULL_QWEN3)
+        if tiny:
+            tok = make_qwen3_tokenizer()
+            cfg.update(vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        return Qwen3ForCausalLM(Qwen3Config(**cfg))
+    if name == "vae":
+        return AutoencoderKLFlux2(**(TINY_KLEIN_VAE if tiny else FULL_KLEIN_VAE))
+    if name == "transformer":
+        return Flux2Transformer2DModel(**(TINY_KLEIN_TRANSFORMER if tiny else FULL_KLEIN_TRANSFORMER))
+    raise ValueError(f"unknown FLUX.2 [klein] component {name!r}")
 
 
 def _make_part(name: str, variant: str, tiny: bool) -> Any:
     """Instantiate one FLUX component; models get random weights (current default device/dtype)."""
+    if variant == "klein":
+        return _make_klein_part(name, tiny)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -267,18 +430,24 @@ def _make_part(name: str, variant: str, tiny: bool) -> Any:
 
 COMPONENTS = {"transformer": "transformer", "text_encoder_2": "T5-XXL encoder", "text_encoder": "CLIP-L text",
               "vae": "VAE"}  # the four models of a FLUX.1 pipeline, biggest first, with the names people use
+KLEIN_COMPONENTS = {"transformer": "transformer", "text_encoder": "Qwen3-4B text encoder", "vae": "VAE"}
+
+
+def components_of(variant: str) -> dict[str, str]:
+    """The models of ``variant``'s pipeline (:data:`COMPONENTS`, or :data:`KLEIN_COMPONENTS` for klein)."""
+    return KLEIN_COMPONENTS if variant == "klein" else COMPONENTS
 
 
 def parameter_counts(variant: str = "dev") -> dict[str, int]:
-    """Parameters of each FLUX.1 model (keys of :data:`COMPONENTS`), counted without any weights.
+    """Parameters of each model (keys of :func:`components_of`: FLUX.1's four, klein's three), counted without any weights.
 
     Each model is built from the real config (the ones above, equal to the Hub's ``config.json``) on
     PyTorch's ``meta`` device: every tensor has its shape but no memory, so counting all of FLUX's
     parameters takes a second and no download, on any machine."""
-    if variant not in ("dev", "schnell"):
-        raise ValueError(f"variant must be 'dev' or 'schnell', not {variant!r}")
+    _check_variant(variant)
     with torch.device("meta"), no_progress_bars():
-        return {name: sum(p.numel() for p in _make_part(name, variant, tiny=False).parameters()) for name in COMPONENTS}
+        return {name: sum(p.numel() for p in _make_part(name, variant, tiny=False).parameters())
+                for name in components_of(variant)}
 
 
 # --- streaming a big model to disk --------------------------------------------------------------
@@ -449,9 +618,12 @@ def _write_pipeline(folder: Path, variant: str, tiny: bool, device: str, dtype: 
     real repository's shards, and every component gets the real repository's config file: the folder
     then looks, file by file, like the Hub's FLUX.1 (but for the locally made tokenizers).
     """
-    index: dict[str, Any] = {"_class_name": "FluxPipeline", "_diffusers_version": version("diffusers")}
-    for seed, name in enumerate(_PARTS):
-        stream = not tiny and name in STREAMED_PARTS
+    index: dict[str, Any] = {"_class_name": "Flux2KleinPipeline" if variant == "klein" else "FluxPipeline",
+                             "_diffusers_version": version("diffusers")}
+    if variant == "klein":
+        index["is_distilled"] = True  # FLUX.2-klein-4B is step-distilled (its model_index.json says so)
+    for seed, name in enumerate(parts_of(variant)):
+        stream = not tiny and name in streamed_parts(variant)
         real = None if tiny or name.startswith("tokenizer") else real_config(variant, name)
         torch.manual_seed(seed)  # a component's weights depend on its own seed only
         previous = torch.get_default_dtype()
@@ -462,8 +634,11 @@ def _write_pipeline(folder: Path, variant: str, tiny: bool, device: str, dtype: 
         finally:
             torch.set_default_dtype(previous)
         if stream:
-            write_streamed(part, folder / name, seed=seed, device=device, max_shard_bytes=REAL_MAX_SHARD_BYTES[name],
+            write_streamed(part, folder / name, seed=seed, device=device, max_shard_bytes=max_shard_bytes(variant)[name],
                            config=real)
+            extra = CONFIGS / REPOSITORIES[variant] / name / "generation_config.json"
+            if extra.is_file():  # Qwen3's, as the Hub's klein holds it
+                write_hub_json(folder / name / extra.name, json.loads(extra.read_text()))
         elif name == "scheduler":
             part.save_config(folder / name)
         else:
@@ -492,18 +667,18 @@ def _is_complete(folder: Path, kind: str) -> bool:
 
 def _build(kind: str, variant: str, device: str, dtype: torch.dtype, need_gb: float) -> Path:
     """Build a stand-in once into the cache; return its folder. Reuses a complete earlier build."""
-    if variant not in ("dev", "schnell"):
-        raise ValueError(f"variant must be 'dev' or 'schnell', not {variant!r}")
+    _check_variant(variant)
     final = stand_in_dir(kind, variant)
     if _is_complete(final, kind):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    check_free_disk(final.parent, need_gb, what=f"the {kind} FLUX.1-{variant} stand-in")
+    check_free_disk(final.parent, need_gb, what=f"the {kind} {REPOSITORIES[variant]} stand-in")
     staging = final.with_name(final.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)  # ours: a build that was interrupted
     staging.mkdir()
     _write_pipeline(staging, variant, tiny=kind == "tiny", device=device, dtype=dtype)
-    (staging / "README.md").write_text(_CARD.format(kind=kind, variant=variant))
+    (staging / "README.md").write_text(_CARD.format(kind=kind, name=REPOSITORIES[variant],
+                                                    tokenizers=_TOKENIZERS["klein" if variant == "klein" else "flux1"]))
     marker = {"kind": kind, "variant": variant, **({"layout": RANDOM_LAYOUT} if kind == "random" else {})}
     (staging / _DONE).write_text(json.dumps(marker) + "\n")
     if final.exists():  # ours (it has our marker, or none): incomplete, or of an older layout
@@ -513,7 +688,8 @@ def _build(kind: str, variant: str, device: str, dtype: torch.dtype, need_gb: fl
 
 
 def build_tiny(variant: str = "dev") -> Path:
-    """Build (once) the tiny random FLUX.1 pipeline in fp32 on the CPU; a few MB, about a second.
+    """Build (once) the tiny random pipeline of ``variant`` (``"dev"``, ``"schnell"`` or ``"klein"``) in fp32
+    on the CPU; a few MB, about a second.
 
     Deterministic: the same fluxnb, torch and library versions give byte-identical files.
     """
@@ -538,7 +714,7 @@ def no_gpu_message(variant: str = "dev") -> str:
     """Why the random stand-in is not built on a machine without a GPU, what it would cost, and what to do."""
     numbers = sum(parameter_counts(variant).values())
     minutes = numbers / _cpu_random_numbers_per_second() / 60
-    return (f"FLUXNB_CHECKPOINT=random-{variant} is FLUX.1-{variant}'s real shapes with random weights: it would "
+    return (f"FLUXNB_CHECKPOINT=random-{variant} is {REPOSITORIES[variant]}'s real shapes with random weights: it would "
             f"write {random_stand_in_gb(variant):.1f} GB to {cache_dir()} (at least {max(minutes, 0.1):.1f} min here "
             f"for the random numbers alone, timed just now on this CPU's {os.cpu_count()} cores, plus the disk's "
             "time), and nothing in the course can run it without a GPU. This machine has none: use "
@@ -547,7 +723,8 @@ def no_gpu_message(variant: str = "dev") -> str:
 
 
 def build_random(variant: str = "dev", device: str | None = None, without_gpu: bool | None = None) -> Path:
-    """Build (once) FLUX.1 with the real shapes and random bf16 weights, in the Hub's file layout: ~34 GB.
+    """Build (once) FLUX.1-``variant`` (or, for ``"klein"``, FLUX.2-klein-4B) with the real shapes and random
+    bf16 weights, in the Hub's file layout: ~34 GB (klein: ~16 GB).
 
     The weights are written one tensor at a time, so the build needs a few hundred MB of RAM (and, on
     a GPU, a few hundred MB of VRAM) whatever the machine: a free Colab T4 can build it. The random
@@ -558,23 +735,25 @@ def build_random(variant: str = "dev", device: str | None = None, without_gpu: b
     (:class:`fluxnb.exceptions.NeedsGPUError`, with its size and time) unless ``without_gpu`` is True or
     ``FLUXNB_BUILD_WITHOUT_GPU=1``. A complete earlier build is returned anywhere.
     """
-    if variant not in ("dev", "schnell"):
-        raise ValueError(f"variant must be 'dev' or 'schnell', not {variant!r}")
+    _check_variant(variant)
     cuda = torch.cuda.is_available()
     if not cuda and not _is_complete(stand_in_dir("random", variant), "random"):
         allowed = os.environ.get(WITHOUT_GPU_VAR, "").strip() == "1" if without_gpu is None else without_gpu
         if not allowed:
             raise NeedsGPUError(no_gpu_message(variant))
     device = device or ("cuda" if cuda else "cpu")
-    return _build("random", variant, device=device, dtype=torch.bfloat16, need_gb=36.0)
+    return _build("random", variant, device=device, dtype=torch.bfloat16, need_gb=18.0 if variant == "klein" else 36.0)
 
 
-_CARD = """# fluxnb {kind} stand-in for FLUX.1-{variant}
+_TOKENIZERS = {"flux1": "The tokenizers are real CLIP and T5 tokenizer classes with a small character-level vocabulary.",
+               "klein": "The tokenizer is a real Qwen2TokenizerFast (byte-level BPE) with a 261-token vocabulary and a\n"
+                        "chat template of Qwen3's form."}
+_CARD = """# fluxnb {kind} stand-in for {name}
 
-Random weights in the diffusers layout of FLUX.1-{variant}, built offline by fluxnb
-(`fluxnb.checkpoints`). This is NOT FLUX.1: its images are noise. It exists so that notebooks, tests
+Random weights in the diffusers layout of {name}, built offline by fluxnb
+(`fluxnb.checkpoints`). This is NOT {name}: its images are noise. It exists so that notebooks, tests
 and memory/speed measurements run where the real weights cannot be downloaded.
-The tokenizers are real CLIP and T5 tokenizer classes with a small character-level vocabulary.
+{tokenizers}
 The random (full-size) stand-ins otherwise look like the Hub's repository file by file: the same weight
 files and shard sizes, index files and config files (copied from `fluxnb/configs`).
 """

@@ -134,7 +134,7 @@ def prequantized_checkpoint(model_id: str, dtype: torch.dtype, choice: str | Non
     choice = (os.environ.get(ENV_VAR, "") if choice is None else choice).strip()
     variant = variant_of(model_id)
     if not choice:
-        official = model_id.strip("/").lower() == ORIGINALS[variant].lower()
+        official = model_id.strip("/").lower() == ORIGINALS.get(variant, "").lower()  # no FLUX.1 package for klein
         return PREQUANTIZED_REPOS.get(variant) if official else None
     if choice in STAND_INS:
         kind, _, named = choice.partition("-")  # "tiny" follows the notebook's variant, "random-x" names it

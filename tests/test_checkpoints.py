@@ -103,7 +103,7 @@ def test_full_size_configs_have_flux_dev_parameter_counts():
     with torch.device("meta"):
         guidance = checkpoints._make_part("transformer", "dev", tiny=False).time_text_embed.guidance_embedder
     assert counts["transformer"] - schnell["transformer"] == sum(p.numel() for p in guidance.parameters())
-    with pytest.raises(ValueError, match="variant must be 'dev' or 'schnell'"):
+    with pytest.raises(ValueError, match="variant must be 'dev', 'schnell' or 'klein'"):
         fluxnb.parameter_counts("pro")
 
 
@@ -171,7 +171,7 @@ def test_a_random_stand_in_of_the_old_layout_is_rebuilt(monkeypatch, fresh_cache
 
 
 def test_unknown_variant_is_refused(fresh_cache):
-    with pytest.raises(ValueError, match="variant must be 'dev' or 'schnell'"):
+    with pytest.raises(ValueError, match="variant must be 'dev', 'schnell' or 'klein'"):
         fluxnb.build_tiny("pro")
 
 
@@ -426,3 +426,170 @@ def test_streaming_refuses_what_it_cannot_initialise(tmp_path):
     model.proj.scale = torch.nn.Parameter(torch.ones(4, device="meta"))
     with pytest.raises(ValueError, match="no initialisation rule for 'proj.scale'"):
         checkpoints.init_rule(model, "proj.scale")
+
+
+# --- FLUX.2 [klein] 4B -----------------------------------------------------------------------------
+KLEIN = "black-forest-labs/FLUX.2-klein-4B"
+
+
+def test_the_family_and_variant_of_a_model_id():
+    assert checkpoints.family_of(KLEIN) == "klein" and checkpoints.variant_of(KLEIN) == "klein"
+    assert checkpoints.family_of("black-forest-labs/FLUX.1-schnell") == "flux1"
+    assert checkpoints.variant_of("black-forest-labs/FLUX.1-schnell") == "schnell"
+    assert checkpoints.variant_of("black-forest-labs/FLUX.1-dev") == "dev"
+    assert fluxnb.generation_settings(KLEIN) == dict(steps=4, guidance=1.0, max_sequence_length=512)
+    assert checkpoints.stand_in_dir("random", "klein").name == "random-flux.2-klein-4b"
+    assert "random-klein" in checkpoints.STAND_INS
+
+
+def test_a_random_stand_in_always_has_the_notebooks_family(monkeypatch):
+    """One FLUXNB_CHECKPOINT for the whole course: random-dev on the klein notebook is random-klein, and
+    random-klein on a FLUX.1 notebook is that notebook's own variant."""
+    calls = []
+    monkeypatch.setattr(checkpoints, "build_random", lambda variant: calls.append(variant) or f"/r/{variant}")
+    for choice in ("random-dev", "random-schnell", "random-klein"):
+        assert fluxnb.resolve_checkpoint(KLEIN, choice=choice) == "/r/klein"
+    assert fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev", choice="random-klein") == "/r/dev"
+    assert fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-schnell", choice="random-klein") == "/r/schnell"
+    assert fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev", choice="random-schnell") == "/r/schnell"
+    assert calls == ["klein"] * 3 + ["dev", "schnell", "schnell"]
+
+
+def test_the_klein_models_are_built_from_the_repositorys_own_configs():
+    def listed(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    transformer = checkpoints.real_config("klein", "transformer")
+    assert {k: v for k, v in transformer.items() if not k.startswith("_")} == {
+        k: listed(v) for k, v in checkpoints.FULL_KLEIN_TRANSFORMER.items()}
+    assert transformer["_class_name"] == "Flux2Transformer2DModel"
+    vae = checkpoints.real_config("klein", "vae")
+    assert {k: v for k, v in vae.items() if not k.startswith("_") and k != "force_upcast"} == {
+        k: listed(v) for k, v in checkpoints.FULL_KLEIN_VAE.items()}  # force_upcast: not an argument in 0.42.1
+    qwen = checkpoints.real_config("klein", "text_encoder")
+    for key, value in checkpoints.FULL_QWEN3.items():
+        assert qwen[key] == value, key
+    assert qwen["architectures"] == ["Qwen3ForCausalLM"] and qwen["num_hidden_layers"] > max(checkpoints.KLEIN_TEXT_LAYERS)
+    scheduler = checkpoints.real_config("klein", "scheduler")
+    assert {k: scheduler[k] for k in checkpoints.SCHEDULER_KLEIN} == checkpoints.SCHEDULER_KLEIN
+    index = checkpoints.real_config("klein", "model_index")
+    assert index["_class_name"] == "Flux2KleinPipeline" and index["is_distilled"] is True
+    assert {name: index[name] for name in checkpoints.KLEIN_PARTS} == {
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+        "text_encoder": ["transformers", "Qwen3ForCausalLM"], "vae": ["diffusers", "AutoencoderKLFlux2"],
+        "transformer": ["diffusers", "Flux2Transformer2DModel"]}
+    # the Hub's byte sizes (FLUX.2-klein-4B.files.json): equal, but for 74 and 51 bytes of the transformer's
+    # and the VAE's files that no public copy shows (fluxnb/configs/README.md)
+    unknown = {"transformer/config.json": 74, "vae/config.json": 51}
+    for path, size in checkpoints.real_files("klein").items():
+        if path.endswith(".json") and not path.startswith("tokenizer/"):
+            ours = (checkpoints.CONFIGS / "FLUX.2-klein-4B" / path).stat().st_size
+            assert ours + unknown.get(path, 0) == size, path
+    assert fluxnb.parameter_counts("klein") == {"transformer": 3_875_544_576, "text_encoder": 4_022_468_096,
+                                                "vae": 84_046_115}
+
+
+def test_the_random_klein_stand_in_has_the_hub_layout():
+    """On the meta device (no weights): the file names, shard sizes and index of random-klein are those of
+    FLUX.2-klein-4B.files.json (derived there from the same shapes and caps: this keeps the two in step)."""
+    real = checkpoints.real_files("klein")
+    derived = set(json.loads((checkpoints.CONFIGS / "FLUX.2-klein-4B.files.json").read_text())["derived"])
+    planned, indexes = {}, {}
+    for part in ("transformer", "text_encoder", "vae"):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("meta"):
+                model = checkpoints._make_part(part, "klein", tiny=False)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        if part in checkpoints.KLEIN_STREAMED_PARTS:
+            files, indexes[part] = checkpoints.shard_layout(model, checkpoints.KLEIN_MAX_SHARD_BYTES[part])
+            rules = {checkpoints.init_rule(model, key) for specs in files.values() for key in specs}
+            assert rules <= {"normal", "zeros", "ones"}
+        else:  # saved whole, by save_pretrained (its BatchNorm's int64 counter included)
+            files = {"diffusion_pytorch_model.safetensors": {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}}
+        for name, specs in files.items():
+            planned[f"{part}/{name}"] = checkpoints.safetensors_size(specs, {"format": "pt"})
+    weights = {path: size for path, size in real.items() if path.endswith(".safetensors")}
+    assert planned == weights and set(weights) == derived
+    assert indexes == {"transformer": None, "text_encoder": "model.safetensors.index.json"}
+    assert 15.9 < checkpoints.random_stand_in_gb("klein") < 16.1
+
+
+@pytest.fixture
+def tiny_klein(fresh_cache):
+    return fluxnb.build_tiny("klein")
+
+
+def test_tiny_klein_generates_on_the_cpu(tiny_klein, fresh_cache):
+    from diffusers import Flux2KleinPipeline
+
+    assert tiny_klein == fresh_cache / "tiny-flux.2-klein-4b" and fluxnb.is_stand_in(tiny_klein) == "tiny"
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_klein)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.text_encoder).__name__ == "Qwen3ForCausalLM" and type(pipe.vae).__name__ == "AutoencoderKLFlux2"
+    assert type(pipe.transformer).__name__ == "Flux2Transformer2DModel" and pipe.config.is_distilled
+    assert type(pipe.tokenizer).__name__ in ("Qwen2TokenizerFast", "Qwen2Tokenizer")  # one class in transformers 5
+    text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": "a cat"}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=False)
+    assert text == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    for name, module in pipe.transformer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert module.in_features % 64 == 0 and module.out_features % 64 == 0, name
+    settings = fluxnb.generation_settings(KLEIN)
+    image = pipe(prompt="a cat", height=64, width=64, num_inference_steps=2, guidance_scale=settings["guidance"],
+                 output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all() and image.std() > 0
+    # the staged recipe: encode alone, then denoise from the embeddings
+    embeds, _ = pipe.encode_prompt("a cat", device="cpu", max_sequence_length=64)
+    assert embeds.shape == (1, 64, 3 * pipe.text_encoder.config.hidden_size)
+    staged = pipe(prompt_embeds=embeds, height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
+                  output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(staged).all()
+
+
+def test_tiny_klein_is_deterministic(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLUXNB_CACHE", str(tmp_path / "a"))
+    first = fluxnb.build_tiny("klein")
+    monkeypatch.setenv("FLUXNB_CACHE", str(tmp_path / "b"))
+    second = fluxnb.build_tiny("klein")
+    assert _digest(first) == _digest(second)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_random_klein_is_refused_without_a_gpu_before_anything_is_written(monkeypatch, fresh_cache):
+    def no_writing(*args, **kwargs):
+        raise AssertionError("the random stand-in was about to be written on a machine without a GPU")
+
+    monkeypatch.setattr(checkpoints, "_write_pipeline", no_writing)
+    monkeypatch.delenv(checkpoints.WITHOUT_GPU_VAR, raising=False)
+    monkeypatch.setenv("FLUXNB_CHECKPOINT", "random-dev")  # the course runner's one setting, on the klein notebook
+    with pytest.raises(fluxnb.errors.NeedsGPUError) as refusal:
+        fluxnb.resolve_checkpoint(KLEIN)
+    message = str(refusal.value)
+    assert "random-klein" in message and "FLUX.2-klein-4B" in message and "16.0 GB" in message
+    assert not fresh_cache.exists() or not any(fresh_cache.iterdir())
+
+
+def test_the_random_klein_build_streams_the_big_parts(monkeypatch, fresh_cache):
+    """build_random("klein")'s wiring without its 16 GB: the transformer and Qwen3 reach write_streamed on
+    the meta device with the Hub's caps and configs, the VAE is saved whole, the configs are the Hub's."""
+    streamed_parts = {}
+
+    def record(model, folder, seed, device="cpu", max_shard_bytes=checkpoints.SHARD_BYTES, config=None):
+        assert all(p.device.type == "meta" for p in model.parameters()) and model.dtype == torch.bfloat16
+        streamed_parts[folder.name] = (type(model).__name__, seed, max_shard_bytes, config)
+        folder.mkdir(parents=True)
+
+    monkeypatch.setattr(checkpoints, "write_streamed", record)
+    monkeypatch.setattr(checkpoints, "check_free_disk", lambda path, need_gb, what: None)
+    path = fluxnb.build_random("klein", device="cpu", without_gpu=True)
+    assert path == fresh_cache / "random-flux.2-klein-4b" and fluxnb.is_stand_in(path) == "random"
+    assert streamed_parts == {
+        "text_encoder": ("Qwen3ForCausalLM", 2, 5 * 10**9, checkpoints.real_config("klein", "text_encoder")),
+        "transformer": ("Flux2Transformer2DModel", 4, 10**10, checkpoints.real_config("klein", "transformer"))}
+    assert json.loads((path / "text_encoder" / "generation_config.json").read_text())["eos_token_id"] == [151645, 151643]
+    assert (path / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    for part in ("vae", "scheduler", "model_index"):
+        assert json.loads((path / checkpoints.config_path(part)).read_text()) == checkpoints.real_config("klein", part)
