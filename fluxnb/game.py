@@ -1,19 +1,19 @@
 """Spot the quantized image: notebook 07's game, an ipywidgets app beside the Studio (:mod:`fluxnb.studio`).
 
-Every recipe of notebooks 05 and 06, and the unquantized reference, made one image from the same
+Every scheme of notebooks 05 and 06, and the unquantized reference, made one image from the same
 prompt, seed and steps. The game asks one question, :data:`QUESTION`, the one notebook 07 asks:
 
 * each round shows the images in a **fresh random order** (the game's own :class:`random.Random`,
   never the generation seed, and never the same order twice in a row), large enough to judge, each
-  with only a number ("image 3") and a dropdown of recipes: nothing the learner can see names the
-  recipe of an image (no caption, tooltip, file name or PNG metadata) until the guess is made;
+  with only a number ("image 3") and a dropdown of schemes: nothing the learner can see names the
+  scheme of an image (no caption, tooltip, file name or PNG metadata) until the guess is made;
 * **Reveal** refuses to score until every image has a guess, then locks every guess, labels every
-  image with its recipe (right or wrong), and only then shows the score (this round's and the running
+  image with its scheme (right or wrong), and only then shows the score (this round's and the running
   one) and the metrics table: relative error at a fixed input, PSNR and SSIM against the reference;
 * **New round** reshuffles, clears and unlocks the guesses; the running score stays.
 
 With a stand-in checkpoint (random weights) every image is noise and the game says so: what it then
-shows is that small numerical errors change an image, not how good any recipe's pictures are.
+shows is that small numerical errors change an image, not how good any scheme's pictures are.
 
 ``import fluxnb`` does not import this module (it needs ipywidgets); notebook 07 does.
 """
@@ -31,8 +31,8 @@ from PIL import Image
 
 from fluxnb.exceptions import BadSettingError
 
-QUESTION = "Which recipe made which image?"
-UNCHOSEN = "pick a recipe"
+QUESTION = "Which scheme made which image?"
+UNCHOSEN = "pick a scheme"
 METRICS = (("relative_error", "rel. error (fixed input)", "{:.4f}"), ("psnr_db", "PSNR vs reference (dB)", "{:.2f}"),
            ("ssim", "SSIM vs reference", "{:.4f}"))
 RIGHT, WRONG, ERROR = "#1b7f3b", "#b00020", "#b00020"
@@ -61,7 +61,7 @@ def stand_in_note(stand_in: str | None, sliced: bool) -> str:
 
 def _png(image: Image.Image, width_px: int) -> bytes:
     """``image`` as PNG bytes, at least ``width_px`` wide, with no metadata (a PNG's text chunks could name
-    its recipe). Smaller images are enlarged with nearest-neighbour, so every pixel stays a sharp square
+    its scheme). Smaller images are enlarged with nearest-neighbour, so every pixel stays a sharp square
     and no smoothing hides a difference; larger ones keep every pixel (the browser shows them scaled)."""
     rgb = image.convert("RGB")
     clean = Image.new("RGB", rgb.size)
@@ -80,12 +80,12 @@ def _number(value: float, spec: str) -> str:
 
 
 class SpotTheQuantized:
-    """The game: :data:`QUESTION` over ``images`` (recipe name -> PIL image), scored, round after round.
+    """The game: :data:`QUESTION` over ``images`` (scheme name -> PIL image), scored, round after round.
 
-    ``metrics`` (recipe name -> ``relative_error``, ``psnr_db``, ``ssim``) is shown only after Reveal.
+    ``metrics`` (scheme name -> ``relative_error``, ``psnr_db``, ``ssim``) is shown only after Reveal.
     ``reference`` names the unquantized image (its option says so). ``stand_in`` and ``sliced`` say where
-    the images come from (:func:`stand_in_note`). ``not_run`` (recipe -> why) lists, after Reveal, the
-    recipes this machine skipped. ``rng``: a :class:`random.Random`, or a seed for one (tests); by
+    the images come from (:func:`stand_in_note`). ``not_run`` (scheme -> why) lists, after Reveal, the
+    schemes this machine skipped. ``rng``: a :class:`random.Random`, or a seed for one (tests); by
     default a fresh one from the operating system, so each run and each round has its own order.
     ``image_px``: the width each image is shown at; ``columns``: images per row.
 
@@ -100,7 +100,7 @@ class SpotTheQuantized:
                  image_px: int = 384, columns: int = 2) -> None:
         if len(images) < 2:
             raise BadSettingError(f"The game needs at least two images to tell apart, got {len(images)}: run the cells "
-                                   "that make the reference's and the recipes' images first.")
+                                   "that make the reference's and the schemes' images first.")
         if reference not in images:
             raise BadSettingError(f"reference={reference!r} is not among the images ({', '.join(images)}): pass the name "
                                    "of the unquantized image, e.g. reference='bf16'.")
@@ -122,7 +122,7 @@ class SpotTheQuantized:
         self.round = 0
         self.revealed = False
         self.history: list[tuple[int, int]] = []  # (right, images) of every revealed round
-        self._order: list[str] = []  # recipe of each image, in display order: never shown before Reveal
+        self._order: list[str] = []  # scheme of each image, in display order: never shown before Reveal
         self._locked: list[str | None] = []
 
         others = sorted(name for name in self.images if name != reference)
@@ -142,8 +142,8 @@ class SpotTheQuantized:
         self.status = w.HTML()
         self.score = w.HTML()
         self.answers = w.HTML()
-        intro = w.HTML(f"<b>{html.escape(QUESTION)}</b> Each image was made by one recipe (one of them is the "
-                       "unquantized reference), from the same prompt, seed and steps. Pick a recipe under every image, "
+        intro = w.HTML(f"<b>{html.escape(QUESTION)}</b> Each image was made by one scheme (one of them is the "
+                       "unquantized reference), from the same prompt, seed and steps. Pick a scheme under every image, "
                        "then press Reveal: it locks your guesses and shows the answers, your score and the numbers. "
                        "New round shows the images in a new order.<br><i>"
                        + html.escape(stand_in_note(stand_in, sliced)) + "</i>")
@@ -185,7 +185,7 @@ class SpotTheQuantized:
             guess.disabled = False
         self.reveal_button.disabled = False
         self.answers.value = ""
-        self.status.value = f"Round {self.round}: pick a recipe under every image, then press Reveal."
+        self.status.value = f"Round {self.round}: pick a scheme under every image, then press Reveal."
 
     def _guess_changed(self, change: dict[str, Any]) -> None:
         """After Reveal a guess stays what it was (the dropdowns are disabled too)."""
@@ -203,7 +203,7 @@ class SpotTheQuantized:
         open_ = [str(i + 1) for i, guess in enumerate(self.guesses) if guess.value is None]
         if open_:
             self.status.value = (f"<span style='color:{ERROR}'>Image {', '.join(open_)} "
-                                 f"{'has' if len(open_) == 1 else 'have'} no guess yet: pick a recipe under every "
+                                 f"{'has' if len(open_) == 1 else 'have'} no guess yet: pick a scheme under every "
                                  "image, then press Reveal.</span>")
             return
         self.revealed = True
@@ -234,9 +234,9 @@ class SpotTheQuantized:
         self.status.value = "Revealed: your guesses are locked. Press New round to play again in a new order."
 
     def table(self) -> str:
-        """The metrics of every image in display order, with the guess (HTML); then the recipes not run."""
+        """The metrics of every image in display order, with the guess (HTML); then the schemes not run."""
         head = "".join(f"<th>{html.escape(title)}</th>" for title in
-                       ("image", "recipe", "your guess", "", *(t for _, t, _ in METRICS)))
+                       ("image", "scheme", "your guess", "", *(t for _, t, _ in METRICS)))
         rows = []
         for i, name in enumerate(self._order):
             guess = self._locked[i] if self._locked else None

@@ -168,7 +168,7 @@ def test_reveal_before_every_guess_says_what_to_do_and_locks_nothing():
     order = shown_order(game)
     guess(game, order[:3])
     game.reveal_button.click()
-    assert "Image 4, 5 have no guess yet: pick a recipe under every image" in game.status.value
+    assert "Image 4, 5 have no guess yet: pick a scheme under every image" in game.status.value
     assert not any(d.disabled for d in game.guesses) and not game.revealed and game.score.value == ""
     assert not any(name in game.answers.value for name in COLOURS)
     game.guesses[3].value, game.guesses[4].value = order[3], order[4]
