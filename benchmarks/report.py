@@ -646,10 +646,11 @@ def course_rows(folder: Path = COURSE_RESULTS) -> list[dict[str, Any]]:
 
 def recipes_json(paths: list[Path], course_folder: Path = COURSE_RESULTS) -> dict[str, Any]:
     """What ``fluxnb/results/recipes.json`` holds: every finished recipe row of ``paths``, and the course runs."""
-    rows = [row for path in paths for row in recipe_rows(json.loads(path.read_text()))]
-    return dict(generated_by="python -m benchmarks report",
+    per_path = {path: recipe_rows(json.loads(path.read_text())) for path in paths}
+    rows = [row for path_rows in per_path.values() for row in path_rows]
+    return dict(generated_by="python -m benchmarks report",  # sources: the files a row came from
                 sources=[path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
-                         for path in paths],
+                         for path, path_rows in per_path.items() if path_rows],
                 note="random weights of the real FLUX.1-dev shapes: memory and speed are real, image quality "
                      "is not measured; vram_peak_gib is the device-level peak (CUDA context included), per GPU "
                      "for multi-GPU recipes; ram_peak_gib is anonymous host memory",
