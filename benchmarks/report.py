@@ -19,6 +19,7 @@ COURSE_RESULTS = ROOT / "fluxnb" / "results"  # package data: notebook 00 reads 
 RESULTS_DOC = ROOT / "docs" / "results.md"  # every measured table, generated whole
 KLEIN_PREFIX = "klein-"  # FLUX.2 [klein] 4B's recipes (benchmarks/recipes.py): a table of their own
 MODEL_NAMES = {"flux1": "FLUX.1-dev", "klein": "FLUX.2-klein-4B"}
+KLEIN_TABLE = "FLUX.2 [klein] 4B recipes (notebook 12)"  # the klein table's first words
 SUMMARY_RECIPES = (  # README's summary: the course's recipe on each target, and what the other extremes cost
     ("staged-nf4-fp16", "a free Colab T4 (fp16)"), ("staged-nf4-expandable", "an 8 GB card (bf16)"),
     ("nf4-streamed", "the least VRAM: every block streamed"), ("bf16-resident", "a big GPU, nothing quantized"),
@@ -242,7 +243,7 @@ def klein_markdown(results: dict[str, Any]) -> str:
     """FLUX.2 [klein] 4B's recipes (``klein-*``), in a table of their own beside FLUX.1's; "" if there are none."""
     if not _flow_recipes(results, "klein"):
         return ""
-    return (f"FLUX.2 [klein] 4B recipes (notebook 12), {label(results, model='klein')}.\n\n"
+    return (f"{KLEIN_TABLE}, {label(results, model='klein')}.\n\n"
             f"{recipes_table(results, 'klein')}\n\n"
             "The staged flow of `fluxnb.klein`: the Qwen3-4B text encoder (in the compute dtype, or 4-bit NF4) "
             "encodes and is freed, then the transformer (in the compute dtype, or NF4) and the VAE denoise 4-step "
@@ -458,11 +459,14 @@ def write_measured_table(data: dict[str, Any] | None = None) -> str:
 def results_document(course: str, benchmark: str, chart_path: str | None) -> str:
     """``docs/results.md``, whole: the course inside each envelope, then every recipe on a GPU."""
     chart_line = f"\n![benchmark chart](../{chart_path})\n" if chart_path else ""
+    shapes = ("the real FLUX.1-dev shapes with random weights (`random-dev`; the FLUX.2 [klein] rows: "
+              "FLUX.2-klein-4B's, `random-klein`)" if KLEIN_TABLE in benchmark
+              else "the real FLUX.1-dev shapes with random weights (`random-dev`)")
     return f"""# Measured: every figure of the course, with where it was measured
 
 Generated whole by `python -m benchmarks report` from the committed results (`fluxnb/results/course-*.json`,
 `benchmarks/results/*.json`); [benchmarks/README.md](../benchmarks/README.md) says which command made each
-and on which machine. Everything ran on the real FLUX.1-dev shapes with random weights (`random-dev`):
+and on which machine. Everything ran on {shapes}:
 memory and speed are real, image quality is not measured anywhere in this project.
 
 ## The whole course inside a free Colab T4 and an 8 GB card
@@ -676,10 +680,11 @@ def course_rows(folder: Path = COURSE_RESULTS) -> list[dict[str, Any]]:
 def recipes_json(paths: list[Path], course_folder: Path = COURSE_RESULTS) -> dict[str, Any]:
     """What ``fluxnb/results/recipes.json`` holds: every finished recipe row of ``paths``, and the course runs."""
     rows = [row for path in paths for row in recipe_rows(json.loads(path.read_text()))]
+    shapes = "FLUX.1-dev shapes" + (" (rows with model klein: FLUX.2-klein-4B's)" if any(r.get("model") for r in rows) else "")
     return dict(generated_by="python -m benchmarks report",
                 sources=[path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
                          for path in paths],
-                note="random weights of the real FLUX.1-dev shapes: memory and speed are real, image quality "
+                note=f"random weights of the real {shapes}: memory and speed are real, image quality "
                      "is not measured; vram_peak_gib is the device-level peak (CUDA context included), per GPU "
                      "for multi-GPU recipes; ram_peak_gib is anonymous host memory",
                 recipes=rows, course=course_rows(course_folder))

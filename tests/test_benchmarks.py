@@ -369,3 +369,7 @@ def test_one_checkpoint_choice_resolves_per_recipe_and_klein_gets_its_own_table(
     assert "| klein-fp16-encoder4bit | float16 | 32x32 |" in rest and "| staged-nf4 |" not in rest
     rows = report.recipe_rows(data)
     assert [r.get("model") for r in rows] == [None, "klein"]  # FLUX.1's rows stay as they were
+    assert "FLUX.2-klein-4B's" in report.recipes_json([out], course_folder=tmp_path)["note"]
+    assert "`random-klein`" in report.results_document("", text, None)
+    assert "`random-klein`" not in report.results_document("", report.markdown(dict(
+        data, recipes={"staged-nf4": flux1})), None)
