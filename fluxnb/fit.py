@@ -42,8 +42,8 @@ import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ PROMPT, GUIDANCE, SEED = "A cat holding a sign that says hello world", 3.5, 0  #
 BUILD_TIMEOUT_S = 3600  # the random stand-in: about a minute on a big GPU, far longer on a CPU or a slow disk
 NOTEBOOK_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # every notebook's parameters cell
 PEAK_FIELDS = ("vram_device_gib", "vram_reserved_gib", "vram_allocated_gib", "ram_anon_gib")
+Stage = Callable[[str], AbstractContextManager[None]]  # run_flow's stage(name): measured, saved at its boundaries
 NO_GPU = ("No GPU here: the dry run measures a GPU. `--checkpoint tiny` runs the same path on the CPU to "
           "check the mechanics (it measures no VRAM).")
 
@@ -130,7 +131,7 @@ def run_flow(checkpoint: str, height: int, width: int, steps: int, json_path: Pa
     return result
 
 
-def _flux1_flow(stage: Any, result: dict[str, Any], checkpoint: str, dtype: torch.dtype, text_dtype: torch.dtype,
+def _flux1_flow(stage: Stage, result: dict[str, Any], checkpoint: str, dtype: torch.dtype, text_dtype: torch.dtype,
                 height: int, width: int, steps: int) -> None:
     """FLUX.1's staged flow (:mod:`fluxnb.stages`) inside ``stage`` contexts, as notebook 04 runs it."""
     with stage("encode (NF4 T5 + CLIP)"):
@@ -153,7 +154,7 @@ def _flux1_flow(stage: Any, result: dict[str, Any], checkpoint: str, dtype: torc
     result["image_size"] = list(image.size)
 
 
-def _klein_flow(stage: Any, result: dict[str, Any], checkpoint: str, dtype: torch.dtype, height: int, width: int,
+def _klein_flow(stage: Stage, result: dict[str, Any], checkpoint: str, dtype: torch.dtype, height: int, width: int,
                 steps: int, nf4_transformer: bool) -> None:
     """FLUX.2 [klein]'s staged flow (:mod:`fluxnb.klein`) inside ``stage`` contexts: NF4 Qwen3 encodes and is
     freed; the transformer (``dtype``, or NF4) and the VAE denoise at klein's guidance; free; decode."""
