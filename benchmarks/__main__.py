@@ -138,13 +138,26 @@ def pick_median(attempts: list[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
+def recipe_checkpoint(choice: str, model_id: str, resolved: dict[str, str]) -> str:
+    """``--checkpoint`` resolved for one recipe's model (:func:`fluxnb.resolve_checkpoint`): ``random-dev`` is
+    FLUX.1-dev's random stand-in for the FLUX.1 recipes and ``random-klein`` for the ``klein-*`` ones, ``tiny``
+    each model's tiny one; a folder is used as given. Each model is resolved (built) once, when a recipe of it
+    first runs, so a run of klein rows alone never builds FLUX.1's 34 GB stand-in."""
+    if model_id not in resolved:
+        resolved[model_id] = fluxnb.resolve_checkpoint(model_id, choice=choice)
+    return resolved[model_id]
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
-    checkpoint = fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev", choice=ns.checkpoint)
+    names = ns.recipes.split(",")
+    resolved: dict[str, str] = {}
+    first = next((RECIPES[n] for n in names if not RECIPES[n].needs_gpu or torch.cuda.is_available()), RECIPES[names[0]])
+    checkpoint = recipe_checkpoint(ns.checkpoint, first.model_id, resolved)
     path = ns.results or RESULTS / f"{gpu_slug()}.json"
     results = load_results(path)
     results["provenance"] = provenance(checkpoint, ns.command_line)
     failures = 0
-    for name in ns.recipes.split(","):
+    for name in names:
         recipe = RECIPES[name]
         if recipe.needs_gpu and not torch.cuda.is_available():
             results["recipes"][name] = dict(recipe=name, description=recipe.description, skipped="needs a GPU")
@@ -156,6 +169,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
             print(f"{name}: skipped (needs {recipe.gpus} GPUs, this machine has {torch.cuda.device_count()})", flush=True)
             continue
         attempts = []
+        checkpoint = recipe_checkpoint(ns.checkpoint, recipe.model_id, resolved)
         for _ in range(ns.repeat):
             result, code, output = run_recipe(name, checkpoint, ns)
             attempts.append(result)
@@ -163,7 +177,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
                 break
         result = pick_median(attempts)
         result["provenance"] = dict(results["provenance"], allocator_conf=recipe.env.get(
-            "PYTORCH_CUDA_ALLOC_CONF", results["provenance"]["allocator_conf"]))
+            "PYTORCH_CUDA_ALLOC_CONF", results["provenance"]["allocator_conf"]),
+            checkpoint=checkpoint, stand_in=fluxnb.is_stand_in(checkpoint))
         results["recipes"][name] = result
         save_results(path, results)  # after each recipe, so a later crash keeps what was measured
         failures += not result["ok"]

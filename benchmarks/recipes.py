@@ -22,6 +22,7 @@ import torch
 import fluxnb
 from fluxnb import faster
 import fluxnb.checkpoints
+import fluxnb.klein
 import fluxnb.recipes
 from fluxnb import gguf_export, quant_metrics
 from fluxnb import quantization as quant
@@ -30,6 +31,8 @@ from fluxnb.envelopes import ENVELOPES
 from fluxnb.memory import GpuTracker, MemoryTracker, StepTimer
 
 DEFAULT_SIZES = "1024x1024,512x768"  # height x width: the course's size, and a smaller landscape one
+FLUX1_ID = "black-forest-labs/FLUX.1-dev"
+KLEIN_ID = fluxnb.klein.MODEL_ID  # FLUX.2 [klein] 4B: the klein-* recipes
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,22 @@ class Recipe:
     compute_dtype: str = "auto"  # "auto": fluxnb.pick_dtype(); "fp16": as on a T4
     env: dict[str, str] = field(default_factory=dict)  # set for the recipe's process before torch starts
     gpus: int = 1  # GPUs it needs; with fewer the runner records it as skipped
+    model_id: str = FLUX1_ID  # the model whose checkpoint it loads: --checkpoint is resolved for it
+
+    @property
+    def model(self) -> str:
+        """``"flux1"`` or ``"klein"``: the family of :attr:`model_id` (:func:`fluxnb.checkpoints.family_of`)."""
+        return fluxnb.checkpoints.family_of(self.model_id)
 
     @property
     def description(self) -> str:
-        """What the recipe does, from the one table of recipes (a ``quant-<scheme>`` one: from its scheme's row)."""
+        """What the recipe does, from the one table of recipes (a ``quant-<scheme>`` one: from its scheme's row).
+
+        A recipe the table does not name yet says so (``tests/test_recipes.py`` fails until it has a row)."""
         if self.name.startswith(fluxnb.recipes.PER_SCHEME):
             return f"quantization: {quant.SCHEMES[self.name.removeprefix(fluxnb.recipes.PER_SCHEME)].description}"
+        if self.name not in fluxnb.recipes.RECIPES:
+            return f"{self.name} (no row in fluxnb.recipes.RECIPES yet)"
         return fluxnb.recipes.RECIPES[self.name].description
 
 
@@ -85,17 +98,21 @@ def _record_size(ctx: Context, height: int, width: int, warmup_s: float, timer: 
         ctx.on_size_done()
 
 
-def _denoise_all_sizes(ctx: Context, pipe: Any, embeds: dict[str, torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
-    """Warm up (one step) then time ``ctx.steps`` steps at each size; return the latents per size."""
+def _denoise_all_sizes(ctx: Context, pipe: Any, embeds: dict[str, torch.Tensor],
+                       denoise: Callable[..., torch.Tensor] | None = None) -> dict[tuple[int, int], torch.Tensor]:
+    """Warm up (one step) then time ``ctx.steps`` steps at each size; return the latents per size.
+
+    ``denoise``: FLUX.1's :func:`fluxnb.denoise` unless given (klein's is :func:`fluxnb.klein.denoise`)."""
+    denoise = denoise or fluxnb.denoise
     latents = {}
     for height, width in ctx.sizes:
         start = time.perf_counter()
         with ctx.stage(f"warm-up {height}x{width}"):
-            fluxnb.denoise(pipe, embeds, height, width, 1, ctx.guidance, ctx.seed)
+            denoise(pipe, embeds, height, width, 1, ctx.guidance, ctx.seed)
         warmup_s = time.perf_counter() - start
         timer = StepTimer()
         with ctx.stage(f"denoise {height}x{width}"):
-            out = fluxnb.denoise(pipe, embeds, height, width, ctx.steps, ctx.guidance, ctx.seed, step_timer=timer)
+            out = denoise(pipe, embeds, height, width, ctx.steps, ctx.guidance, ctx.seed, step_timer=timer)
         latents[(height, width)] = out
         _record_size(ctx, height, width, warmup_s, timer, out)
     return latents
@@ -427,6 +444,44 @@ def quantized(scheme: str) -> Callable[[Context], None]:
     return run
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def klein_staged(text_quant: str | None, transformer_quant: str | None) -> Callable[[Context], None]:
+    """FLUX.2 [klein]'s staged flow (:mod:`fluxnb.klein`), measured as FLUX.1's :func:`staged` is.
+
+    Load Qwen3 (``text_quant``: None, the compute dtype, or ``"nf4"``), encode, free; load the transformer
+    (``transformer_quant`` likewise) and the VAE; per size a 1-step warm-up and the timed steps; free the
+    transformer; decode each size. The guidance is klein's (1.0: the worker sets it from the recipe's model).
+    """
+
+    def run(ctx: Context) -> None:
+        text = text_quant or _dtype_name(ctx.dtype)
+        with ctx.stage(f"encode (Qwen3 {text})"):
+            pipe = fluxnb.klein.load_text_encoder(ctx.checkpoint, ctx.dtype, text_quant)
+            embeds = fluxnb.klein.encode_prompt(pipe, ctx.prompt)
+            del pipe
+            fluxnb.flush()
+        what = transformer_quant or _dtype_name(ctx.dtype)
+        start = time.perf_counter()
+        with ctx.stage(f"load transformer ({what}) + VAE"):
+            transformer = fluxnb.klein.load_transformer(ctx.checkpoint, ctx.dtype, transformer_quant)
+            pipe = fluxnb.klein.load_denoising_pipeline(ctx.checkpoint, transformer, ctx.dtype)
+            del transformer
+        ctx.extra["load_s"] = round(time.perf_counter() - start, 3)
+        latents = _denoise_all_sizes(ctx, pipe, embeds, denoise=fluxnb.klein.denoise)
+        vae = pipe.vae
+        with ctx.stage("free transformer"):
+            del pipe
+            fluxnb.flush()
+        for (height, width), lat in latents.items():
+            with ctx.stage(f"decode {height}x{width}"):
+                fluxnb.klein.decode(vae, lat)
+
+    return run
+
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("bf16-resident", all_resident, needs_gpu=True),
     Recipe("staged-nf4", staged("nf4")),
@@ -448,6 +503,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("cp-bf16-2gpu", torchrun("cp", 2, "none"), needs_gpu=True, compute_dtype="bf16", gpus=2),
     Recipe("two-pipelines-nf4", torchrun("replicas", 2, "nf4"), needs_gpu=True, compute_dtype="bf16", gpus=2),
     *[Recipe(fluxnb.recipes.PER_SCHEME + name, quantized(name), needs_gpu=name in ("torchao-fp8",)) for name in quant.SCHEMES],
+    # notebook 12: FLUX.2 [klein] 4B, its own model (--checkpoint random-dev gives random-klein for these)
+    Recipe("klein-bf16", klein_staged(None, None), compute_dtype="bf16", model_id=KLEIN_ID),
+    Recipe("klein-fp16", klein_staged(None, None), compute_dtype="fp16", model_id=KLEIN_ID),
+    Recipe("klein-nf4", klein_staged(None, "nf4"), model_id=KLEIN_ID),
+    Recipe("klein-nf4-encoder4bit", klein_staged("nf4", "nf4"), model_id=KLEIN_ID),
+    Recipe("klein-fp16-encoder4bit", klein_staged("nf4", None), compute_dtype="fp16", model_id=KLEIN_ID),  # the T4 path
 ]}
 
 

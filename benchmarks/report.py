@@ -17,6 +17,9 @@ COURSE_START, COURSE_END = "<!-- fluxnb:course-table:start -->", "<!-- fluxnb:co
 SUMMARY_START, SUMMARY_END = "<!-- fluxnb:summary:start -->", "<!-- fluxnb:summary:end -->"
 COURSE_RESULTS = ROOT / "fluxnb" / "results"  # package data: notebook 00 reads them on Colab too
 RESULTS_DOC = ROOT / "docs" / "results.md"  # every measured table, generated whole
+KLEIN_PREFIX = "klein-"  # FLUX.2 [klein] 4B's recipes (benchmarks/recipes.py): a table of their own
+MODEL_NAMES = {"flux1": "FLUX.1-dev", "klein": "FLUX.2-klein-4B"}
+KLEIN_TABLE = "FLUX.2 [klein] 4B recipes (notebook 12)"  # the klein table's first words
 SUMMARY_RECIPES = (  # README's summary: the course's recipe on each target, and what the other extremes cost
     ("staged-nf4-fp16", "a free Colab T4 (fp16)"), ("staged-nf4-expandable", "an 8 GB card (bf16)"),
     ("nf4-streamed", "the least VRAM: every block streamed"), ("bf16-resident", "a big GPU, nothing quantized"),
@@ -44,13 +47,20 @@ def gpu_name(provenance: dict[str, Any]) -> str:
     return f"{gpus}x {provenance['gpu']}" if gpus > 1 else provenance["gpu"]
 
 
-def label(results: dict[str, Any], only: str | None = None) -> str:
+def model_of(name: str, recipe: dict[str, Any]) -> str:
+    """``"klein"`` for a FLUX.2 [klein] recipe (``klein-*``; its result says ``model``), else ``"flux1"``."""
+    return recipe.get("model") or ("klein" if name.startswith(KLEIN_PREFIX) else "flux1")
+
+
+def label(results: dict[str, Any], only: str | None = None, model: str = "flux1") -> str:
     """"measured on <GPU> with random weights of the real shapes", with versions, date and command; with
-    ``only``, the commands of the recipes whose names start with it (one table's own commands)."""
+    ``only``, the commands of the recipes whose names start with it (one table's own commands); ``model``:
+    whose shapes (``"klein"``: FLUX.2-klein-4B's) and whose recipes' commands."""
     p = results["provenance"]
     what = ("the tiny stand-in (NOT the real shapes: a test of the harness)" if p.get("stand_in") == "tiny"
-            else "random weights of the real FLUX.1-dev shapes")
-    entries = [*results.get("recipes", {}).values(), *results.get("envelopes", {}).values()]
+            else f"random weights of the real {MODEL_NAMES[model]} shapes")
+    entries = [*(r for name, r in results.get("recipes", {}).items() if model_of(name, r) == model),
+               *(results.get("envelopes", {}).values() if model == "flux1" else ())]
     if only is not None:
         entries = [e for name, e in results.get("recipes", {}).items() if name.startswith(only)]
     commands = dict.fromkeys(e["provenance"]["command"] for e in entries if e.get("provenance")) or [p["command"]]
@@ -60,17 +70,18 @@ def label(results: dict[str, Any], only: str | None = None) -> str:
             + "; ".join(f"`{c}`" for c in commands) + ")")
 
 
-def _flow_recipes(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The whole-flow recipes: every result except the ``quant-*`` rows, which have their own table."""
-    return [r for name, r in results["recipes"].items() if not name.startswith("quant-")]
+def _flow_recipes(results: dict[str, Any], model: str = "flux1") -> list[dict[str, Any]]:
+    """The whole-flow recipes of ``model``: every result of it except the ``quant-*`` rows, which have their
+    own table (FLUX.2 [klein]'s ``klein-*`` rows have theirs too: :func:`klein_markdown`)."""
+    return [r for name, r in results["recipes"].items() if not name.startswith("quant-") and model_of(name, r) == model]
 
 
-def recipes_table(results: dict[str, Any]) -> str:
+def recipes_table(results: dict[str, Any], model: str = "flux1") -> str:
     """One row per recipe and size: speed, the denoise stage's VRAM, and the whole flow's peaks."""
     head = ("| recipe | compute | size | s/step | denoise VRAM device / reserved / allocated (GiB) "
             "| flow peak VRAM device (GiB) | flow peak RAM anon (GiB) | load (s) | compile (s) | finite |")
     rows = [head, "|" + "---|" * 10]
-    for r in _flow_recipes(results):
+    for r in _flow_recipes(results, model):
         if r.get("skipped"):
             rows.append(f"| {r['recipe']} | - | - | skipped: {r['skipped']} | | | | | | |")
             continue
@@ -228,6 +239,18 @@ def quant_markdown(results: dict[str, Any]) -> str:
             "parameters and buffers as stored.\n")
 
 
+def klein_markdown(results: dict[str, Any]) -> str:
+    """FLUX.2 [klein] 4B's recipes (``klein-*``), in a table of their own beside FLUX.1's; "" if there are none."""
+    if not _flow_recipes(results, "klein"):
+        return ""
+    return (f"{KLEIN_TABLE}, {label(results, model='klein')}.\n\n"
+            f"{recipes_table(results, 'klein')}\n\n"
+            "The staged flow of `fluxnb.klein`: the Qwen3-4B text encoder (in the compute dtype, or 4-bit NF4) "
+            "encodes and is freed, then the transformer (in the compute dtype, or NF4) and the VAE denoise 4-step "
+            "images at guidance 1.0, then decode. Timed as the FLUX.1 rows are (1-step warm-up, median of the "
+            "timed steps); compare speeds between rows made by the same command.\n")
+
+
 def markdown(results: dict[str, Any]) -> str:
     text = label(results)
     note = ("Each recipe ran in its own process: sizes in the order shown, after a 1-step warm-up; s/step is the "
@@ -238,6 +261,9 @@ def markdown(results: dict[str, Any]) -> str:
     env = envelopes_table(results)
     if env:
         parts += ["", env]
+    klein = klein_markdown(results)
+    if klein:
+        parts += ["", klein]
     quant = quant_markdown(results)
     if quant:
         parts += ["", quant]
@@ -433,11 +459,14 @@ def write_measured_table(data: dict[str, Any] | None = None) -> str:
 def results_document(course: str, benchmark: str, chart_path: str | None) -> str:
     """``docs/results.md``, whole: the course inside each envelope, then every recipe on a GPU."""
     chart_line = f"\n![benchmark chart](../{chart_path})\n" if chart_path else ""
+    shapes = ("the real FLUX.1-dev shapes with random weights (`random-dev`; the FLUX.2 [klein] rows: "
+              "FLUX.2-klein-4B's, `random-klein`)" if KLEIN_TABLE in benchmark
+              else "the real FLUX.1-dev shapes with random weights (`random-dev`)")
     return f"""# Measured: every figure of the course, with where it was measured
 
 Generated whole by `python -m benchmarks report` from the committed results (`fluxnb/results/course-*.json`,
 `benchmarks/results/*.json`); [benchmarks/README.md](../benchmarks/README.md) says which command made each
-and on which machine. Everything ran on the real FLUX.1-dev shapes with random weights (`random-dev`):
+and on which machine. Everything ran on {shapes}:
 memory and speed are real, image quality is not measured anywhere in this project.
 
 ## The whole course inside a free Colab T4 and an 8 GB card
@@ -608,7 +637,10 @@ def _size_peak(recipe: dict[str, Any], field: str, size: str, sizes: list[str]) 
 
 
 def recipe_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One compact row per finished recipe and size: what the planner needs to choose, and nothing else."""
+    """One compact row per finished recipe and size: what the planner needs to choose, and nothing else.
+
+    A FLUX.2 [klein] row says ``"model": "klein"``; a row without ``model`` is FLUX.1's (the planner reads
+    each model's rows apart)."""
     rows = []
     for r in results.get("recipes", {}).values():
         if not r.get("ok") or not r.get("sizes"):
@@ -617,8 +649,9 @@ def recipe_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         sizes = [f"{s['height']}x{s['width']}" for s in r["sizes"]]
         for s, size in zip(r["sizes"], sizes):
             per_gpu = r.get("per_gpu_peaks_gib")  # multi-GPU recipes: {"cuda:0": GiB, ...} over the whole flow
+            model = {"model": "klein"} if model_of(r["recipe"], r) == "klein" else {}  # absent: FLUX.1
             rows.append(dict(
-                recipe=r["recipe"], description=r["description"], size=size,
+                recipe=r["recipe"], description=r["description"], **model, size=size,
                 compute=r["compute_dtype"].replace("torch.", ""), gpus=r.get("gpus") or 1,
                 images_at_once=r.get("images_at_once") or 1, s_per_step=s["s_per_step"],
                 vram_peak_gib=max(per_gpu.values()) if per_gpu else _size_peak(r, "vram_device_gib", size, sizes),
@@ -648,10 +681,11 @@ def recipes_json(paths: list[Path], course_folder: Path = COURSE_RESULTS) -> dic
     """What ``fluxnb/results/recipes.json`` holds: every finished recipe row of ``paths``, and the course runs."""
     per_path = {path: recipe_rows(json.loads(path.read_text())) for path in paths}
     rows = [row for path_rows in per_path.values() for row in path_rows]
+    shapes = "FLUX.1-dev shapes" + (" (rows with model klein: FLUX.2-klein-4B's)" if any(r.get("model") for r in rows) else "")
     return dict(generated_by="python -m benchmarks report",  # sources: the files a row came from
                 sources=[path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
                          for path, path_rows in per_path.items() if path_rows],
-                note="random weights of the real FLUX.1-dev shapes: memory and speed are real, image quality "
+                note=f"random weights of the real {shapes}: memory and speed are real, image quality "
                      "is not measured; vram_peak_gib is the device-level peak (CUDA context included), per GPU "
                      "for multi-GPU recipes; ram_peak_gib is anonymous host memory",
                 recipes=rows, course=course_rows(course_folder))

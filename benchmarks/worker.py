@@ -56,13 +56,15 @@ def run(recipe_name: str, checkpoint: str, sizes: list[tuple[int, int]], steps: 
     recipe = RECIPES[recipe_name]
     name = dtype_name or recipe.compute_dtype
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(name) or fluxnb.pick_dtype()
-    result: dict[str, Any] = dict(recipe=recipe.name, description=recipe.description, compute_dtype=str(dtype),
+    result: dict[str, Any] = dict(recipe=recipe.name, description=recipe.description, model=recipe.model,
+                                  compute_dtype=str(dtype),
                                   steps=steps, sample_interval_s=sample_interval_s, ok=False, error=None,
                                   failed_stage=None)
     if vram_gib is not None:
         result["envelope"] = {"vram_cap_gib": vram_gib, "cuda_context_gib": cap_vram(vram_gib, devices=[0])["cuda:0"]}
     fluxnb.allow_bitsandbytes_on_cpu()
     ctx = Context(checkpoint=checkpoint, sizes=sizes, steps=steps, dtype=dtype,
+                  guidance=fluxnb.generation_settings(recipe.model_id)["guidance"],  # 3.5 for FLUX.1-dev, 1.0 for klein
                   tracker=MemoryTracker(interval_s=sample_interval_s))
     if partial_json is not None:
         ctx.on_size_done = lambda: partial_json.write_text(json.dumps(dict(

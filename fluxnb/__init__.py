@@ -7,7 +7,8 @@ anything loads (:mod:`fluxnb.errors`, :mod:`fluxnb.exceptions`), what fits (:mod
 :mod:`fluxnb.planner`), block streaming (:mod:`fluxnb.streaming`), bitsandbytes on a CPU
 (:mod:`fluxnb.cpu_bitsandbytes`) and the Studio (:mod:`fluxnb.studio`). Notebooks 05-10 import their
 own modules (:mod:`fluxnb.quantization`, :mod:`fluxnb.quant_metrics`, :mod:`fluxnb.gguf_export`,
-:mod:`fluxnb.slices`, :mod:`fluxnb.game`, :mod:`fluxnb.faster`, :mod:`fluxnb.multigpu`); :mod:`fluxnb.recipes`
+:mod:`fluxnb.slices`, :mod:`fluxnb.game`, :mod:`fluxnb.faster`, :mod:`fluxnb.multigpu`), and notebook 12
+FLUX.2 [klein]'s staged flow (:mod:`fluxnb.klein`); :mod:`fluxnb.recipes`
 is the one table of recipes (ways to run FLUX.1) that capacity, the planner and the benchmark read.
 The tools that rehearse the course on a GPU machine live apart, in :mod:`fluxnb.lab` (the runner
 behind ``python -m fluxnb.course``, RAM and VRAM limits, the one subprocess supervisor); neither they nor
@@ -55,7 +56,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
 # ``fluxnb.capacity.step_bytes``, ``fluxnb.streaming.transformer_blocks``): imported on first use too. The
 # rehearsal tooling (fluxnb.lab, course, fit) is not among them: ``import fluxnb.lab`` says what it loads.
 _SUBMODULES = frozenset({"capacity", "checkpoints", "cpu_bitsandbytes", "envelopes", "environment", "errors",
-                         "exceptions", "faster", "game", "gguf_export", "memory", "multigpu", "planner",
+                         "exceptions", "faster", "game", "gguf_export", "klein", "memory", "multigpu", "planner",
                          "prequantized", "quant_configs", "quant_metrics", "quantization", "recipes", "slices",
                          "stages", "streaming", "studio"})
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -14,6 +14,10 @@ Speeds were measured on the GPU each row names; on another GPU they are scaled b
 peak tensor FLOPS, and say so. Where the recipe picked has a copy-paste script, the plan names it
 (:data:`fluxnb.recipes.RECIPES`).
 
+Each row is a recipe of one model: FLUX.1 (the rows without ``model``) or FLUX.2 [klein] 4B (``"model":
+"klein"``, the benchmark's ``klein-*`` rows, notebook 12). ``model=`` (``--model klein``) picks whose rows are
+read; FLUX.1 is the default. A model with no measured rows says so: no number is made up.
+
 The planner answers "which recipe should this machine run?" at a measured size; "this ran out of
 memory: what next?" at any size is :func:`fluxnb.capacity.next_recipe`'s (the errors ask it).
 """
@@ -32,12 +36,31 @@ from fluxnb.capacity import MARGIN_GIB, tokens
 
 RECIPES_JSON = Path(__file__).resolve().parent / "results" / "recipes.json"
 T4 = "Tesla T4"  # a free Colab GPU, as torch.cuda.get_device_name names it
+DEFAULT_SOURCE = "the benchmark's GPU"
 
 # Dense fp16/bf16 tensor-core TFLOPS (fp32 accumulate) from the vendors' datasheets: a rough guide to
 # how much slower a step is than where it was measured, nothing more. FLUX's NF4 steps also depend on
 # memory bandwidth and bitsandbytes' kernels, so a real step is usually slower than this ratio says.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "T4": 65.0,
                "V100": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "A10": 125.0}
+
+
+MODELS = {"flux1": "FLUX.1", "klein": "FLUX.2 [klein]"}  # a row's "model" (absent: "flux1"), and its name in prose
+STEP_RECIPES = {  # (model, bf16): the measured recipes step_seconds reads, the first with two sizes measured
+    ("flux1", True): ("staged-nf4",), ("flux1", False): ("staged-nf4-fp16",),
+    ("klein", True): ("klein-bf16",), ("klein", False): ("klein-fp16-encoder4bit", "klein-fp16"),
+}
+
+
+def _check_model(model: str) -> None:
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(map(repr, MODELS))}, not {model!r}")
+
+
+def rows_of(data: dict[str, Any], model: str = "flux1") -> list[dict[str, Any]]:
+    """The measured recipe rows of ``model`` (``"flux1"`` or ``"klein"``) in ``data``."""
+    _check_model(model)
+    return [r for r in data["recipes"] if r.get("model", "flux1") == model]
 
 
 def load_recipes(path: str | Path | None = None) -> dict[str, Any]:
@@ -123,7 +146,7 @@ def _speed_note(row: dict[str, Any], gpu_name: str | None) -> str:
 def plan(vram_gib: float | None = None, ram_gib: float | None = None, gpu_count: int | None = None,
          bf16: bool | None = None, gpu_name: str | None = None, size: str = "1024x1024",
          data: dict[str, Any] | None = None, allow_approximate: bool = False, allow_compile: bool = False,
-         margin_gib: float = MARGIN_GIB) -> Plan:
+         margin_gib: float = MARGIN_GIB, model: str = "flux1") -> Plan:
     """The fastest measured recipe at ``size`` that fits the machine; by default this machine.
 
     Arguments left as None are read from :func:`fluxnb.machine_info` (inside a course envelope, the
@@ -132,8 +155,10 @@ def plan(vram_gib: float | None = None, ram_gib: float | None = None, gpu_count:
     between runs). Compiled recipes are extras on top of a recipe (a compile per process and image
     size first; notebook 09), named after the choice, and ranked only with ``allow_compile``.
     Step-caching recipes change the model's outputs, so they are left out unless ``allow_approximate``.
-    ``data`` replaces the shipped results (tests pass a fixture).
+    ``data`` replaces the shipped results (tests pass a fixture). ``model``: whose recipes, ``"flux1"`` or
+    ``"klein"`` (FLUX.2 [klein] 4B); with none of its recipes measured yet the plan says so and picks nothing.
     """
+    _check_model(model)
     if None in (vram_gib, ram_gib, gpu_count, bf16):
         from fluxnb.environment import machine_info
 
@@ -146,12 +171,20 @@ def plan(vram_gib: float | None = None, ram_gib: float | None = None, gpu_count:
     if gpu_count == 0:
         vram_gib = None
     data = load_recipes() if data is None else data
-    measured = [r for r in data["recipes"] if r["size"] == size and (allow_approximate or r["exact"])]
+    machine = dict(vram_gib=vram_gib, ram_gib=ram_gib, gpu_count=gpu_count, bf16=bf16, gpu_name=gpu_name, size=size,
+                   model=model)
+    of_model = rows_of(data, model)
+    if not of_model:  # e.g. FLUX.2 [klein] before its benchmark rows are committed
+        return Plan(machine, None, notes=[
+            f"No {MODELS[model]} recipe has been measured yet (fluxnb/results/recipes.json has no row of it), so "
+            "there is nothing to choose from and no time to give: `python -m benchmarks run --recipes "
+            + ",".join(n for (m, _), names in STEP_RECIPES.items() if m == model for n in names)
+            + "` on a GPU measures them, `python -m fluxnb.fit --model klein` checks this machine."])
+    measured = [r for r in of_model if r["size"] == size and (allow_approximate or r["exact"])]
     rows = [r for r in measured if allow_compile or not r.get("compile_s")]
     if not rows:
-        sizes = sorted({r["size"] for r in data["recipes"]})
+        sizes = sorted({r["size"] for r in of_model})
         raise ValueError(f"no measured recipe at size {size!r}: measured sizes are {', '.join(sizes)}.")
-    machine = dict(vram_gib=vram_gib, ram_gib=ram_gib, gpu_count=gpu_count, bf16=bf16, gpu_name=gpu_name, size=size)
     def fit(r: dict[str, Any]) -> bool:
         return _why_not(r, vram_gib, ram_gib, gpu_count or 0, bool(bf16), margin_gib) is None
 
@@ -187,14 +220,14 @@ def plan(vram_gib: float | None = None, ram_gib: float | None = None, gpu_count:
         c = compiled[0]
         notes.append(f"faster with torch.compile: `{c['recipe']}` {c['s_per_step']:.3f} s/step after {c['compile_s']:.0f} s "
                      f"of compiling, peak {c['vram_peak_gib']:.2f} GiB (notebook 09).")
-    if best["compute"] == "float16":
+    if best["compute"] == "float16" and model == "flux1":
         notes.append("measured in fp16, as this GPU computes (no bf16): the text encoders run in fp32 (notebook 01).")
     if best.get("upper_bound"):
         notes.append("the VRAM peak at this size is an upper bound (measured after a larger size in the same process).")
     if len(fitting) > 1:
         notes.append("also fitting: " + ", ".join(f"`{r['recipe']}` {r['s_per_step']:.3f} s/step" for r in fitting[1:4])
                      + ("" if len(fitting) <= 4 else f", and {len(fitting) - 4} more") + ".")
-    for run in data.get("course", []):
+    for run in data.get("course", []) if model == "flux1" else ():  # the course runs are FLUX.1's notebooks
         if vram_gib >= run["vram_gib"] and ram_gib >= run["ram_gib"] and (bf16 or not run["bf16"]):
             names = run.get("notebook_names")
             which = f"notebooks {', '.join(names)}" if names else f"{run['notebooks']} notebooks"
@@ -207,16 +240,22 @@ def plan(vram_gib: float | None = None, ram_gib: float | None = None, gpu_count:
 
 
 def step_seconds(height: int, width: int, gpu_name: str | None, bf16: bool = True,
-                 data: dict[str, Any] | None = None) -> float | None:
-    """An estimate of one NF4 denoising step of FLUX.1 at ``height`` x ``width`` on ``gpu_name``.
+                 data: dict[str, Any] | None = None, model: str = "flux1") -> float | None:
+    """An estimate of one denoising step of ``model`` at ``height`` x ``width`` on ``gpu_name``.
 
-    From the course's measured staged NF4 recipe (``staged-nf4``, or ``staged-nf4-fp16`` without bf16)
-    at its two measured sizes, linear in tokens, scaled by datasheet tensor FLOPS to ``gpu_name``
-    (:func:`peak_tflops`): a rough guide, usually optimistic for small GPUs. None for a GPU not in the
-    table (or none at all)."""
+    FLUX.1 (``model="flux1"``): from the course's measured staged NF4 recipe (``staged-nf4``, or
+    ``staged-nf4-fp16`` without bf16). FLUX.2 [klein] (``"klein"``): from ``klein-bf16``, or without bf16
+    ``klein-fp16-encoder4bit`` (the T4 path), else ``klein-fp16`` (:data:`STEP_RECIPES`). At the recipe's two
+    measured sizes, linear in tokens, scaled by datasheet tensor FLOPS to ``gpu_name`` (:func:`peak_tflops`):
+    a rough guide, usually optimistic for small GPUs. None for a GPU not in the table (or none at all), and
+    where the recipe is not measured at two sizes (klein's, until its benchmark rows are committed)."""
+    _check_model(model)
     data = load_recipes() if data is None else data
-    name = "staged-nf4" if bf16 else "staged-nf4-fp16"
-    rows = [r for r in data["recipes"] if r["recipe"] == name]
+    rows: list[dict[str, Any]] = []
+    for name in STEP_RECIPES[(model, bool(bf16))]:
+        rows = [r for r in rows_of(data, model) if r["recipe"] == name]
+        if len(rows) >= 2:
+            break
     if len(rows) < 2:
         return None
     points = sorted((tokens(*map(int, r["size"].split("x"))), r["s_per_step"]) for r in rows)[:2]
@@ -231,23 +270,36 @@ def _about(seconds: float) -> str:
     return "about " + (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min")
 
 
-def eta(steps: int, height: int, width: int, what: str = "this cell", data: dict[str, Any] | None = None) -> str:
+def eta(steps: int, height: int, width: int, what: str = "this cell", data: dict[str, Any] | None = None,
+        model: str = "flux1") -> str:
     """One line to print before a cell that denoises ``steps`` steps at ``height`` x ``width``: about how long
-    it takes on this GPU and on a free Colab T4, said to be an estimate (:func:`step_seconds`)."""
+    it takes on this GPU and on a free Colab T4, said to be an estimate (:func:`step_seconds`).
+
+    ``model``: ``"flux1"`` (FLUX.1's staged NF4 rows) or ``"klein"`` (FLUX.2 [klein]'s rows, notebook 12:
+    ``eta(4, 1024, 1024, what="the 4 denoising steps", model="klein")``). Where no step of it is measured, the
+    line says that a T4 time is not known yet."""
     import torch
 
+    _check_model(model)
     data = load_recipes() if data is None else data
-    t4 = step_seconds(height, width, T4, bf16=False, data=data)
-    on_t4 = f"{_about(steps * t4)} on a free Colab T4" if t4 else "a T4 time is not known"
-    source = next((r["gpu"] for r in data["recipes"] if r["recipe"] == "staged-nf4"), "the benchmark's GPU")
-    how = f"estimates from the course's measured steps on {source}, scaled by datasheet FLOPS"
+    t4 = step_seconds(height, width, T4, bf16=False, data=data, model=model)
+    unknown = "a T4 time is not known" if model == "flux1" else "a T4 time is not known yet"
+    on_t4 = f"{_about(steps * t4)} on a free Colab T4" if t4 else unknown
+    names = [n for (m, _), recipes_ in STEP_RECIPES.items() if m == model for n in recipes_]
+    source = next((r["gpu"] for name in names for r in rows_of(data, model) if r["recipe"] == name), None)
+    if model == "flux1":
+        how = f"estimates from the course's measured steps on {source or DEFAULT_SOURCE}, scaled by datasheet FLOPS"
+    elif source is None:
+        how = "no FLUX.2 [klein] step is measured in fluxnb's results yet"
+    else:
+        how = f"estimates from FLUX.2 [klein]'s measured steps on {source}, scaled by datasheet FLOPS"
     if not torch.cuda.is_available():
-        return (f"{what}: {steps} steps at {height}x{width} (height x width): {on_t4} with FLUX.1 ({how}); "
+        return (f"{what}: {steps} steps at {height}x{width} (height x width): {on_t4} with {MODELS[model]} ({how}); "
                 "here, without a GPU, the tiny stand-in takes seconds.")
     from fluxnb.environment import bf16_supported
 
     gpu = torch.cuda.get_device_name(0)
-    here = step_seconds(height, width, gpu, bf16=bf16_supported(), data=data)
+    here = step_seconds(height, width, gpu, bf16=bf16_supported(), data=data, model=model)
     on_here = f"{_about(steps * here)} on this {gpu}" if here else f"no estimate for this {gpu}"
     return f"{what}: {steps} steps at {height}x{width} (height x width): {on_here}, {on_t4} ({how})."
 
@@ -268,11 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1024x1024", help="height x width, as measured (default 1024x1024)")
     parser.add_argument("--approximate", action="store_true", help="include step-caching recipes")
     parser.add_argument("--compile", action="store_true", help="rank torch.compile recipes too")
+    parser.add_argument("--model", choices=sorted(MODELS), default="flux1",
+                        help="whose recipes: flux1 (FLUX.1, default) or klein (FLUX.2 [klein] 4B, notebook 12)")
     ns = parser.parse_args(argv)
     if ns.vram is not None and ns.bf16 is None:
         parser.error("with --vram, say whether that GPU has bf16: --bf16 (Ampere or newer) or --no-bf16 (a T4)")
     result = plan(ns.vram, ns.ram, ns.gpus if ns.gpus is not None else (1 if ns.vram is not None else None), ns.bf16,
-                  ns.gpu_name, ns.size, allow_approximate=ns.approximate, allow_compile=ns.compile)
+                  ns.gpu_name, ns.size, allow_approximate=ns.approximate, allow_compile=ns.compile, model=ns.model)
     print(result)
     return 0 if result.fits else 1
 

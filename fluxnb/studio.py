@@ -21,6 +21,13 @@ It only calls the functions the notebooks teach (:mod:`fluxnb.stages`), and load
   (T5 is freed before the transformer loads), and a *new* prompt costs freeing the denoiser, encoding,
   and loading it again.
 
+FLUX.2 [klein] 4B (``model_id="black-forest-labs/FLUX.2-klein-4B"``, notebook 12) runs its own staged flow
+(:mod:`fluxnb.klein`) with its settings: 4 steps, guidance fixed at 1.0 (the field is greyed out: the model is
+step-distilled). Qwen3 loads in 4-bit NF4; the transformer in the compute dtype where its weights and a step
+fit the free VRAM (a T4), else in NF4 (:func:`klein_transformer_quant`); on a GPU Qwen3 is freed before the
+transformer loads (the staged flow: a new prompt reloads the transformer) unless ``keep_text_encoders=True``.
+Block streaming and tiled decodes are FLUX.1's (its capacity model): klein's images use neither.
+
 The logic is testable without a browser: :meth:`Studio.generate` does one generation with the form's
 values (or explicit ones) and returns a :class:`Generation`; the Generate button runs the same
 method in a thread, so the kernel stays free to receive the Stop button's click.
@@ -41,8 +48,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from fluxnb import capacity, planner, stages, streaming
-from fluxnb.checkpoints import is_stand_in, variant_of
+from fluxnb import capacity, klein, planner, stages, streaming
+from fluxnb.checkpoints import family_of, generation_settings, is_stand_in, parameter_counts, variant_of
 from fluxnb.environment import available_ram_gib, bf16_supported, free_vram_gib
 from fluxnb.errors import MAX_SEED, FluxnbError, check_generation_request, check_prompt
 from fluxnb.exceptions import BadSettingError
@@ -207,6 +214,23 @@ def check_room_before_loading(height: int, width: int, free_gib: float) -> None:
             f"tiles) and this GPU has {free_gib:.1f} GiB free: choose a smaller size (the step grows with width x height).")
 
 
+def klein_transformer_quant(dtype: torch.dtype, height: int, width: int) -> tuple[str | None, str]:
+    """How the Studio loads FLUX.2 [klein]'s transformer, and a sentence saying why: in ``dtype`` (None) where
+    its weights plus a ``height`` x ``width`` step and decode fit the free VRAM (a T4: 7.2 GiB of fp16 weights),
+    else NF4 (``"nf4"``). The step is FLUX.1's (:func:`activations_gib`), which klein's smaller transformer does
+    not exceed. On a CPU: ``dtype``."""
+    free = free_vram_gib()
+    if free is None:
+        return None, "No GPU: the transformer loads in the compute dtype."
+    weights = parameter_counts("klein")["transformer"] * torch.finfo(dtype).bits / 8 / GIB
+    need = weights + activations_gib(height, width)
+    if free >= need:
+        return None, (f"The transformer in {str(dtype).removeprefix('torch.')} ({weights:.1f} GiB) and a {width}x{height} "
+                      f"step fit the {free:.1f} GiB of free VRAM.")
+    return "nf4", (f"The transformer in {str(dtype).removeprefix('torch.')} ({weights:.1f} GiB) and a {width}x{height} "
+                   f"step need {need:.1f} GiB, more than the {free:.1f} GiB free: it loads in NF4.")
+
+
 def png_settings(path: str | Path) -> dict[str, str]:
     """The settings a Studio (or notebook 03) PNG carries in its text chunks."""
     with Image.open(path) as image:
@@ -244,6 +268,8 @@ def reproduction_code(path: str | Path) -> str:
     from fluxnb.prequantized import PREQUANTIZED_REPOS
 
     real_model = s.get("model_id", "black-forest-labs/FLUX.1-dev")
+    if family_of(real_model) == "klein":
+        return klein_reproduction_code(path, s)
     stand_in = _stand_in_lines(s["checkpoint"], real_model)
     prequantized = None if s["prequantized"] == "None" else s["prequantized"]
     source = s.get("transformer_source", s["prequantized"])
@@ -346,6 +372,73 @@ def reproduction_code(path: str | Path) -> str:
     return "\n".join(line for line in lines if line is not None)
 
 
+def klein_reproduction_code(path: str | Path, s: dict[str, str]) -> str:
+    """:func:`reproduction_code` for a FLUX.2 [klein] image (``s``: its PNG settings): klein's staged flow in
+    diffusers, transformers and bitsandbytes (:mod:`fluxnb.klein` written out), fluxnb only in the switch to a
+    stand-in."""
+    model_id = klein.MODEL_ID if is_stand_in(s["checkpoint"]) else s["checkpoint"]
+    kind = is_stand_in(s["checkpoint"])
+    stand_in = [] if kind is None else [
+        f"# This image came from fluxnb's {'tiny' if kind == 'tiny' else 'random-klein'!r} stand-in (random weights, not "
+        "the real model). For the real", "# model delete the next two lines.", "import fluxnb",
+        f"MODEL_ID = fluxnb.resolve_checkpoint(MODEL_ID, choice={'tiny' if kind == 'tiny' else 'random-klein'!r})"]
+    transformer_quant = s.get("transformer_quant", "None")
+    if transformer_quant == "nf4":
+        tr_load = ("Flux2Transformer2DModel.from_pretrained(MODEL_ID, subfolder=\"transformer\", dtype=DTYPE,\n"
+                   "    quantization_config=DiffusersBitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\",\n"
+                   "                                                    bnb_4bit_compute_dtype=DTYPE), use_safetensors=True)")
+    else:
+        tr_load = ("Flux2Transformer2DModel.from_pretrained(MODEL_ID, subfolder=\"transformer\", dtype=DTYPE,\n"
+                   "    use_safetensors=True).to(DEVICE)")
+    lines = [
+        f"# Makes {Path(path).name} again: settings read from its PNG metadata (made by fluxnb "
+        f"{s.get('fluxnb', '?')}'s Studio).",
+        "# FLUX.2 [klein]'s staged flow in diffusers, transformers and bitsandbytes: encode the prompt with a 4-bit",
+        "# Qwen3, free it, denoise with the transformer, decode with the VAE (notebook 12).",
+        "import gc",
+        "",
+        "import torch",
+        "from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel",
+        "from diffusers import BitsAndBytesConfig as DiffusersBitsAndBytesConfig",
+        "from transformers import BitsAndBytesConfig, Qwen3ForCausalLM",
+        "",
+        f"MODEL_ID = {model_id!r}",
+        f"DTYPE, TEXT_DTYPE = {s['dtype']}, {s['text_dtype']}",
+        *stand_in,
+        f"PROMPT = {s['prompt']!r}",
+        f"SEED, STEPS, GUIDANCE = {int(s['seed'])}, {int(s['steps'])}, {float(s['guidance'])}",
+        f"HEIGHT, WIDTH, MAX_SEQUENCE_LENGTH = {int(s['height'])}, {int(s['width'])}, {int(s['max_sequence_length'])}",
+        "DEVICE = \"cuda\" if torch.cuda.is_available() else \"cpu\"",
+        "",
+        "# 1. encode the prompt with a 4-bit Qwen3, then free it",
+        "qwen3 = Qwen3ForCausalLM.from_pretrained(MODEL_ID, subfolder=\"text_encoder\", dtype=TEXT_DTYPE,",
+        "    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\",",
+        "                                           bnb_4bit_compute_dtype=TEXT_DTYPE), use_safetensors=True)",
+        "pipe = Flux2KleinPipeline.from_pretrained(MODEL_ID, text_encoder=qwen3, transformer=None, vae=None,",
+        "                                          dtype=TEXT_DTYPE, use_safetensors=True)",
+        "with torch.no_grad():",
+        "    prompt_embeds, _ = pipe.encode_prompt(prompt=PROMPT, device=pipe._execution_device,",
+        "                                          max_sequence_length=MAX_SEQUENCE_LENGTH)",
+        "del pipe, qwen3",
+        "gc.collect()",
+        "torch.cuda.empty_cache()",
+        "",
+        "# 2. the transformer and the VAE in one pipeline without a text encoder",
+        f"transformer = {tr_load}",
+        "vae = AutoencoderKLFlux2.from_pretrained(MODEL_ID, subfolder=\"vae\", dtype=DTYPE, use_safetensors=True).to(DEVICE)",
+        "pipe = Flux2KleinPipeline.from_pretrained(MODEL_ID, transformer=transformer, vae=vae, text_encoder=None,",
+        "                                          tokenizer=None, dtype=DTYPE, use_safetensors=True)",
+        "",
+        "# 3. denoise from the embeddings and decode; the same seed gives the same image (prompt_embeds= by name:",
+        "# the pipeline's first argument is an input image)",
+        "image = pipe(prompt_embeds=prompt_embeds.to(DEVICE, DTYPE), height=HEIGHT, width=WIDTH,",
+        "             num_inference_steps=STEPS, guidance_scale=GUIDANCE,",
+        "             generator=torch.Generator(\"cpu\").manual_seed(SEED)).images[0]  # CPU noise: the same on any device",
+        "image.save(\"remade.png\")",
+    ]
+    return "\n".join(lines)
+
+
 class _StepCallback(StepTimer):
     """A ``callback_on_step_end``: times each step (StepTimer), moves the progress bar, honours Stop.
 
@@ -383,6 +476,8 @@ class Studio:
         import ipywidgets as w
 
         self.checkpoint, self.model_id = str(checkpoint), model_id or str(checkpoint)
+        self.model = family_of(self.model_id)  # "flux1" or "klein": whose staged flow the Studio runs
+        self.transformer_quant: str | None = None  # klein: None (the compute dtype) or "nf4", decided on loading
         self.dtype, self.text_dtype = dtype, text_dtype
         self.prequantized = prequantized
         self.transformer_source = transformer_source or prequantized
@@ -402,14 +497,17 @@ class Studio:
         self.thread: threading.Thread | None = None
         self.last_error: BaseException | None = None
 
+        model_defaults = {} if self.model == "flux1" else {  # klein: 4 steps, guidance 1.0 (step-distilled)
+            key: generation_settings(self.model_id)[key] for key in ("steps", "guidance")}
         d = {**dict(prompt="A cat holding a sign that says hello world", seed=0, steps=28, guidance=3.5,
-                    height=768, width=768, count=1), **(defaults or {})}
+                    height=768, width=768, count=1), **model_defaults, **(defaults or {})}
         full = dict(layout=w.Layout(width="100%"))
         self.prompt = w.Textarea(value=d["prompt"], description="Prompt", rows=2, **full)
         self.seed = w.IntText(value=d["seed"], description="Seed")
         self.random_seed = w.Checkbox(value=False, description="random seed", indent=False)
         self.steps = w.IntText(value=d["steps"], description="Steps")
-        self.guidance = w.FloatText(value=d["guidance"], description="Guidance")
+        self.guidance = w.FloatText(value=d["guidance"], description="Guidance", disabled=self.model == "klein",
+                                    tooltip="fixed at 1.0: FLUX.2 [klein] is step-distilled" if self.model == "klein" else "")
         self.width = w.IntText(value=d["width"], step=16, description="Width", tooltip="a multiple of 16")
         self.height = w.IntText(value=d["height"], step=16, description="Height", tooltip="a multiple of 16")
         self.count = w.IntText(value=d["count"], description="Images")
@@ -504,6 +602,7 @@ class Studio:
         Raises ``ValueError`` for bad settings, ``RuntimeError`` if a generation is running already.
         """
         request = request or self.request_from_form(**settings)
+        self._check_model_settings(request)
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("The Studio is generating already: wait for it, or press Stop.")
         self._stop.clear()
@@ -512,24 +611,27 @@ class Studio:
         self.generate_button.disabled, self.stop_button.disabled = True, False
         try:
             free = free_vram_gib()  # None: no GPU
-            if self._denoiser is None and free is not None:  # before anything loads: can this size be made here?
+            if self._denoiser is None and free is not None and self.model == "flux1":  # can this size be made here?
                 check_room_before_loading(request.height, request.width, free)
             embeds = self._embeddings_for(request.prompt, request.height, request.width)
-            pipe = self._load_denoiser()
-            self._make_room(pipe, request.height, request.width)
+            pipe = self._load_denoiser(request.height, request.width)
+            if self.model == "flux1":  # streaming and tiling follow FLUX.1's capacity model
+                self._make_room(pipe, request.height, request.width)
             for k in range(request.count):
                 seed = request.seed + k
                 self.progress.value, self.progress.max = 0, request.steps
                 self._say(f"Image {k + 1}/{request.count}: denoising, seed {seed}{self._eta(request)}...")
                 callback = _StepCallback(self)
-                latents = stages.denoise(pipe, embeds, request.height, request.width, request.steps,
-                                         request.guidance, seed, step_timer=callback)
+                denoise = klein.denoise if self.model == "klein" else stages.denoise
+                latents = denoise(pipe, embeds, request.height, request.width, request.steps,
+                                  request.guidance, seed, step_timer=callback)
                 if callback.interrupted:
                     result.stopped = True
                     self._say(f"Stopped at step {len(callback.ends)} of {request.steps}: image {k + 1} was "
                               f"dropped; {len(result.paths)} image(s) saved.")
                     break
-                image = stages.decode(pipe.vae, latents, request.height, request.width)
+                image = (klein.decode(pipe.vae, latents) if self.model == "klein"
+                         else stages.decode(pipe.vae, latents, request.height, request.width))
                 del latents
                 path = stages.save_image(image, self.output_dir / "images", **self._metadata(request, seed))
                 result.paths.append(path)
@@ -547,11 +649,19 @@ class Studio:
                       f"{self.output_dir / 'images'}.")
         return result
 
+    def _check_model_settings(self, request: Request) -> None:
+        """FLUX.2 [klein] is step-distilled: its guidance is fixed (1.0), before anything loads."""
+        fixed = generation_settings(self.model_id)["guidance"]
+        if self.model == "klein" and request.guidance != fixed:
+            raise BadSettingError(f"guidance={request.guidance:g}: FLUX.2 [klein] is step-distilled and takes no "
+                                  f"guidance; it is fixed at {fixed:g} (the diffusers pipeline ignores any other value).")
+
     def _eta(self, request: Request) -> str:
         """", about N s" on a GPU fluxnb has measured or can scale to (:func:`fluxnb.planner.step_seconds`)."""
         if not torch.cuda.is_available():
             return ""
-        per_step = planner.step_seconds(request.height, request.width, torch.cuda.get_device_name(0), bf16_supported())
+        per_step = planner.step_seconds(request.height, request.width, torch.cuda.get_device_name(0), bf16_supported(),
+                                        model=self.model)
         return "" if per_step is None else f", about {request.steps * per_step:.0f} s (an estimate)"
 
     def _metadata(self, request: Request, seed: int) -> dict[str, Any]:
@@ -563,10 +673,18 @@ class Studio:
                     prequantized=self.prequantized, transformer_source=self.transformer_source,
                     max_sequence_length=self.max_sequence_length, vae_tiling=self._tiled,
                     resident_blocks=self._resident,
+                    **({"transformer_quant": self.transformer_quant} if self.model == "klein" else {}),
                     fluxnb=__version__, made_by="fluxnb.Studio")
 
     def _decide_keep_encoders(self, height: int, width: int) -> bool:
         """Keep the text encoders loaded next to the denoiser? Yes on a CPU; on a GPU only if both fit."""
+        if self.keep_text_encoders is None and self.model == "klein":
+            keep = not torch.cuda.is_available()
+            reason = ("No GPU: Qwen3 stays loaded in host RAM next to the denoiser." if keep else
+                      "FLUX.2 [klein]'s staged flow: Qwen3 is freed before the transformer loads, and a new prompt "
+                      "reloads the transformer.")
+            self.keep_text_encoders = keep
+            self._say(reason)
         if self.keep_text_encoders is None:
             keep, reason = both_models_fit(self.checkpoint, self.prequantized, height, width)
             self.keep_text_encoders = keep
@@ -586,12 +704,17 @@ class Studio:
                 self._say("New prompt: freeing the transformer to load T5 (both do not fit on this GPU)...")
                 self._denoiser, self._room_for, self._tiled, self._resident = None, None, False, None
                 flush()
+            if self._encoders is None and self.model == "klein":
+                self._say("Loading the text encoder (4-bit Qwen3)...")
+                self._encoders = klein.load_text_encoder(self.checkpoint, self.text_dtype, "nf4")
+                self.loads["text encoders"] += 1
             if self._encoders is None:
                 self._say("Loading the text encoders (CLIP, 4-bit T5)...")
                 self._encoders = stages.load_text_encoders_4bit(self.checkpoint, self.text_dtype, self.prequantized)
                 self.loads["text encoders"] += 1
             self._say("Encoding the prompt...")
-            embeds = stages.encode_prompt(self._encoders, prompt, self.max_sequence_length)
+            encode = klein.encode_prompt if self.model == "klein" else stages.encode_prompt
+            embeds = encode(self._encoders, prompt, self.max_sequence_length)
             path = stages.save_embeddings(embeds, self.output_dir / "embeddings", **settings)
             del embeds
             if not keep:
@@ -602,7 +725,15 @@ class Studio:
         self.memory.value = memory_readout()
         return embeds
 
-    def _load_denoiser(self) -> Any:
+    def _load_denoiser(self, height: int = 1024, width: int = 1024) -> Any:
+        if self._denoiser is None and self.model == "klein":
+            self.transformer_quant, reason = klein_transformer_quant(self.dtype, height, width)
+            self._say(f"{reason} Loading the transformer and the VAE...")
+            transformer = klein.load_transformer(self.checkpoint, self.dtype, self.transformer_quant)
+            self._denoiser = klein.load_denoising_pipeline(self.checkpoint, transformer, self.dtype)
+            self._denoiser.set_progress_bar_config(disable=True)  # the Studio has its own bar
+            self.loads["denoiser"] += 1
+            self.memory.value = memory_readout()
         if self._denoiser is None:
             self._say("Loading the 4-bit transformer and the VAE...")
             transformer = stages.load_transformer_4bit(self.checkpoint, self.dtype, prequantized=self.transformer_source)

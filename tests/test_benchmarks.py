@@ -319,3 +319,57 @@ def test_course_rows_take_each_notebooks_latest_run_per_envelope(tmp_path):
     assert (t4["passed"], t4["notebooks"], t4["failed"]) == (2, 2, [])
     assert t4["gpu"] == "H100, H200" and t4["notebook_names"] == ["05", "06"] and t4["vram_peak_gib"] == 4.1
     assert rows["8gb-card"]["failed"] == ["06_y.ipynb"]
+
+
+KLEIN_RECIPES = ["klein-bf16", "klein-fp16", "klein-nf4", "klein-nf4-encoder4bit", "klein-fp16-encoder4bit"]
+KLEIN_STAGES = ["load transformer ({}) + VAE", "warm-up 64x64", "denoise 64x64", "free transformer", "decode 64x64"]
+
+
+def test_the_klein_recipes_load_klein():
+    assert [name for name, r in RECIPES.items() if r.model == "klein"] == KLEIN_RECIPES
+    assert all(RECIPES[name].model_id == "black-forest-labs/FLUX.2-klein-4B" for name in KLEIN_RECIPES)
+    assert RECIPES["staged-nf4"].model == "flux1"
+    assert {name: RECIPES[name].compute_dtype for name in KLEIN_RECIPES} == {
+        "klein-bf16": "bf16", "klein-fp16": "fp16", "klein-nf4": "auto", "klein-nf4-encoder4bit": "auto",
+        "klein-fp16-encoder4bit": "fp16"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_every_klein_recipe_runs_the_staged_flow_on_tiny_klein():
+    """Each klein-* row through the worker on tiny klein (a second each): the staged stages, klein's guidance."""
+    checkpoint = fluxnb.resolve_checkpoint("black-forest-labs/FLUX.2-klein-4B", choice="tiny")
+    encoders = {"klein-bf16": "bf16", "klein-fp16": "fp16", "klein-nf4": "fp32", "klein-nf4-encoder4bit": "nf4",
+                "klein-fp16-encoder4bit": "nf4"}
+    transformers = {"klein-bf16": "bf16", "klein-fp16": "fp16", "klein-nf4": "nf4", "klein-nf4-encoder4bit": "nf4",
+                    "klein-fp16-encoder4bit": "fp16"}
+    for name in KLEIN_RECIPES:
+        result = worker.run(name, checkpoint, [(64, 64)], steps=1)
+        assert result["ok"] and result["error"] is None and result["model"] == "klein", (name, result["error"])
+        assert [s["stage"] for s in result["stages"]] == [f"encode (Qwen3 {encoders[name]})",
+                                                          KLEIN_STAGES[0].format(transformers[name]), *KLEIN_STAGES[1:]]
+        assert result["sizes"][0]["latents_finite"] is True and result["sizes"][0]["s_per_step"] > 0
+        assert result["load_s"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_one_checkpoint_choice_resolves_per_recipe_and_klein_gets_its_own_table(tmp_path):
+    """``--checkpoint tiny`` gives FLUX.1's rows tiny FLUX.1-dev and klein's tiny klein (random-dev: random-klein);
+    the report puts klein's rows in their own table and marks them for the planner."""
+    out = tmp_path / "cpu.json"
+    code = cli.main(["run", "--checkpoint", "tiny", "--recipes", "staged-nf4,klein-fp16-encoder4bit", "--sizes", "32x32",
+                     "--steps", "1", "--results", str(out), "--no-docs"])
+    data = json.loads(out.read_text())
+    assert code == 0
+    flux1, klein = data["recipes"]["staged-nf4"], data["recipes"]["klein-fp16-encoder4bit"]
+    assert "flux.1-dev" in flux1["provenance"]["checkpoint"] and "flux.2-klein-4b" in klein["provenance"]["checkpoint"]
+    assert klein["provenance"]["stand_in"] == "tiny" and klein["model"] == "klein" and klein["ok"]
+    text = report.markdown(data)
+    main, _, rest = text.partition("FLUX.2 [klein] 4B recipes")
+    assert "| staged-nf4 |" in main and "| klein-fp16-encoder4bit |" not in main
+    assert "| klein-fp16-encoder4bit | float16 | 32x32 |" in rest and "| staged-nf4 |" not in rest
+    rows = report.recipe_rows(data)
+    assert [r.get("model") for r in rows] == [None, "klein"]  # FLUX.1's rows stay as they were
+    assert "FLUX.2-klein-4B's" in report.recipes_json([out], course_folder=tmp_path)["note"]
+    assert "`random-klein`" in report.results_document("", text, None)
+    assert "`random-klein`" not in report.results_document("", report.markdown(dict(
+        data, recipes={"staged-nf4": flux1})), None)

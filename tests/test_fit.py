@@ -182,3 +182,53 @@ def test_help_explains_the_dry_run(capsys):
     for words in ("Will the course fit this GPU?", "random-dev", "--checkpoint tiny", "Exit code", "--timeout"):
         assert words in text
     assert "--worker" not in text and "--build" not in text  # the children's flags are internal
+
+
+KLEIN_STAGES = ["encode (NF4 Qwen3)", "load float32 transformer + VAE", "denoise 64x64", "free transformer (keep VAE)",
+                "decode (VAE)"]
+
+
+@cpu_only
+def test_dry_run_of_klein_end_to_end_on_the_cpu(tmp_path, capfd):
+    """``--model klein``: FLUX.2 [klein]'s staged flow in the real child on tiny klein, same stages and verdict."""
+    out = tmp_path / "fit.json"
+    code = fit.main(["--model", "klein", *TINY_RUN, "--json", str(out)])
+    printed = capfd.readouterr().out
+    result = json.loads(out.read_text())
+    assert code == 0 and result["ok"] and result["fits"] and result["model"] == "klein"
+    assert [s["stage"] for s in result["stages"]] == KLEIN_STAGES
+    assert "flux.2-klein-4b" in result["checkpoint"] and result["stand_in"] == "tiny"
+    assert result["image_size"] == [64, 64] and len(result["step_s"]) == 2 and result["s_per_step"] > 0
+    assert all(f"STAGE {name}" in printed for name in KLEIN_STAGES)
+    assert "FLUX.2 [klein]'s staged flow ran end to end on the CPU" in printed and "--model klein" in printed
+
+
+def test_klein_s_random_stand_in_is_built_in_a_child_whatever_random_is_named(monkeypatch):
+    """``random-dev`` with ``--model klein`` is random-klein; it is built by a ``--build`` child (a CUDA context
+    made here would count in every later peak), told the model."""
+    commands = []
+
+    def fake_run(cmd, timeout_s, output=None, **kwargs):
+        commands.append(cmd)
+        return SimpleNamespace(returncode=0, output="/somewhere/random-flux.2-klein-4b\n")
+
+    monkeypatch.setattr(fit, "run_process", fake_run)
+    assert fit.prepare_checkpoint("random-dev", "klein") == "/somewhere/random-flux.2-klein-4b"
+    assert commands[0][-6:] == ["fluxnb.fit", "--build", "--checkpoint", "random-dev", "--model", "klein"][-6:]
+    assert fit.random_variant(fit.MODEL_IDS["klein"], "random-dev") == "klein"
+    assert fit.prepare_checkpoint("tiny", "klein").endswith("tiny-flux.2-klein-4b")
+
+
+@cpu_only
+def test_the_klein_build_child_refuses_a_machine_without_a_gpu(capsys, monkeypatch):
+    monkeypatch.delenv("FLUXNB_BUILD_WITHOUT_GPU", raising=False)
+    assert fit.main(["--build", "--checkpoint", "random-dev", "--model", "klein"]) == 2
+    err = capsys.readouterr().err
+    assert "Could not build random-dev" in err and "FLUX.2-klein-4B" in err
+    assert not (fluxnb.checkpoints.cache_dir() / "random-flux.2-klein-4b").exists()
+
+
+def test_nf4_transformer_is_a_klein_option(capsys):
+    with pytest.raises(SystemExit):
+        fit.main(["--nf4-transformer", *TINY_RUN])
+    assert "--nf4-transformer is for --model klein" in capsys.readouterr().err

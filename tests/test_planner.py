@@ -144,3 +144,41 @@ def test_the_committed_course_runs_cover_every_notebook_in_both_envelopes():
         assert not row["failed"] and row["passed"] == len(notebooks), (envelope, row["failed"])
     line = next(n for n in planner.plan(vram_gib=7.6, ram_gib=16, gpu_count=1, bf16=True).notes if "8gb-card" in n)
     assert f"all {len(notebooks)} passed" in line
+
+
+KLEIN = dict(recipes=[*FIXTURE["recipes"],
+                      _row("klein-bf16", 0.10, 17.5, model="klein"), _row("klein-bf16", 0.05, 17.0, size="512x768", model="klein"),
+                      _row("klein-fp16-encoder4bit", 0.11, 9.8, compute="float16", model="klein"),
+                      _row("klein-fp16-encoder4bit", 0.06, 9.5, compute="float16", size="512x768", model="klein")],
+             course=FIXTURE["course"])
+
+
+def test_klein_reads_only_klein_rows_and_flux1_only_its_own():
+    p = planner.plan(vram_gib=14.74, ram_gib=12.0, gpu_count=1, bf16=False, gpu_name="Tesla T4", data=KLEIN, model="klein")
+    assert p.recipe["recipe"] == "klein-fp16-encoder4bit" and {r["recipe"] for r in p.fitting} == {"klein-fp16-encoder4bit"}
+    assert "colab-t4" not in str(p)  # the course runs are FLUX.1's notebooks
+    assert planner.plan(vram_gib=80.0, ram_gib=128.0, gpu_count=1, bf16=True, data=KLEIN,
+                        model="klein").recipe["recipe"] == "klein-bf16"
+    flux1 = planner.plan(vram_gib=14.74, ram_gib=12.0, gpu_count=1, bf16=False, data=KLEIN)
+    assert not any(r["recipe"].startswith("klein-") for r in flux1.fitting)
+    t4 = planner.step_seconds(1024, 1024, "Tesla T4", bf16=False, data=KLEIN, model="klein")
+    assert t4 == pytest.approx(0.11 * 989 / 65)
+    assert planner.step_seconds(1024, 1024, "NVIDIA H100 80GB HBM3", data=KLEIN, model="klein") == pytest.approx(0.10)
+    line = planner.eta(4, 1024, 1024, what="the 4 denoising steps", data=KLEIN, model="klein")
+    assert line.startswith("the 4 denoising steps: 4 steps at 1024x1024") and "on a free Colab T4" in line
+    assert "FLUX.2 [klein]" in line and "not known" not in line
+
+
+def test_klein_without_measured_rows_says_so_and_makes_up_no_number(capsys):
+    line = planner.eta(4, 1024, 1024, what="the 4 denoising steps", data=FIXTURE, model="klein")
+    assert "a T4 time is not known yet" in line and "s on a free Colab T4" not in line and "H100" not in line
+    assert planner.step_seconds(1024, 1024, "Tesla T4", bf16=False, data=FIXTURE, model="klein") is None
+    p = planner.plan(vram_gib=14.74, ram_gib=12.0, gpu_count=1, bf16=False, data=FIXTURE, model="klein")
+    assert not p.fits and "No FLUX.2 [klein] recipe has been measured yet" in str(p)
+    shipped = planner.load_recipes()
+    if not planner.rows_of(shipped, "klein"):  # the shipped results, until klein's rows are committed
+        assert planner.main(["--vram", "14.74", "--ram", "12", "--no-bf16", "--model", "klein"]) == 1
+        assert "No FLUX.2 [klein] recipe has been measured yet" in capsys.readouterr().out
+        assert "not known yet" in planner.eta(4, 1024, 1024, what="the 4 denoising steps", model="klein")
+    with pytest.raises(ValueError, match="model must be one of"):
+        planner.step_seconds(1024, 1024, "Tesla T4", model="flux2")

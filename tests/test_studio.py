@@ -369,3 +369,49 @@ def test_a_size_the_studio_cannot_make_is_refused_before_loading(checkpoint, tmp
     assert isinstance(studio.last_error, SizeDoesNotFitError)
     assert "2048x2048 needs at least" in html.unescape(studio.status.value)
     assert sum(loads.values()) == 0 and studio.loads == Counter()
+
+
+KLEIN_ID = "black-forest-labs/FLUX.2-klein-4B"
+
+
+@pytest.fixture(scope="module")
+def klein_checkpoint():
+    fluxnb.allow_bitsandbytes_on_cpu()
+    return fluxnb.resolve_checkpoint(KLEIN_ID, choice="tiny")
+
+
+def test_klein_generates_with_its_own_flow_and_settings_and_show_code_remakes_it(klein_checkpoint, tmp_path, monkeypatch):
+    """Studio(model_id=FLUX.2-klein-4B): klein's staged flow (fluxnb.klein), 4 steps and guidance 1.0 by default
+    (the field greyed out), each model loaded once, and Show code's script makes the same pixels."""
+    from fluxnb import klein
+
+    calls = Counter()
+    for name in ("load_text_encoder", "load_transformer"):
+        real = getattr(klein, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(klein, name, counted)
+    dtype = fluxnb.pick_dtype()
+    studio = Studio(klein_checkpoint, dtype, dtype, tmp_path / "studio", model_id=KLEIN_ID)
+    assert (studio.steps.value, studio.guidance.value, studio.guidance.disabled) == (4, 1.0, True)
+    fill(studio, prompt="a lighthouse at dusk", seed=3, height=32, width=64, count=1)
+    click_and_wait(studio)
+    second = studio.generate(prompt="a lighthouse at dusk", seed=4, steps=2, height=32, width=32)
+    assert calls == {"load_text_encoder": 1, "load_transformer": 1}  # the same prompt: nothing loads again
+    first = studio.generations[0]
+    meta = png_settings(first.paths[0])
+    assert meta["model_id"] == KLEIN_ID and meta["steps"] == "4" and meta["guidance"] == "1.0"
+    assert Image.open(first.paths[0]).size == (64, 32) and Image.open(second.paths[0]).size == (32, 32)
+    with pytest.raises(BadSettingError, match="fixed at 1"):
+        studio.generate(prompt="a lighthouse at dusk", guidance=3.5, height=32, width=32)
+    code = reproduction_code(first.paths[0])
+    assert "Flux2KleinPipeline" in code and "Qwen3ForCausalLM" in code and "SEED, STEPS, GUIDANCE = 3, 4, 1.0" in code
+    fluxnb_lines = [line for line in code.splitlines() if "fluxnb" in line and not line.startswith("#")]
+    assert fluxnb_lines == ["import fluxnb", "MODEL_ID = fluxnb.resolve_checkpoint(MODEL_ID, choice='tiny')"]
+    assert f"MODEL_ID = {KLEIN_ID!r}" in code and str(tmp_path) not in code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "reproduction", "exec"), {})
+    assert np.array_equal(pixels(tmp_path / "remade.png"), pixels(first.paths[0]))
