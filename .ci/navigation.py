@@ -37,6 +37,7 @@ COURSE = [  # (file, title): the course, in order
     ("09_faster.ipynb", "09 · Faster: torch.compile and step caching"),
     ("10_multi_gpu.ipynb", "10 · Two GPUs: split the model, share one image, or make two"),
     ("11_studio.ipynb", "11 · The Studio"),
+    ("12_flux2_klein.ipynb", "12 · FLUX.2 [klein] 4B on a free T4"),
 ]
 SOLUTIONS = "solutions"  # notebooks/solutions/: one notebook of worked answers per lesson
 START, END = "<!-- fluxnb:nav:start -->", "<!-- fluxnb:nav:end -->"

@@ -1,7 +1,8 @@
-"""The recipes: every way to run FLUX.1 that the course teaches or its benchmark measures, in one table.
+"""The recipes: every way to run FLUX that the course teaches or its benchmark measures, in one table.
 
-A *recipe* is a whole way to run FLUX.1: which models are quantized, where each one lives (resident,
-staged one at a time, offloaded, streamed, split over GPUs) and the dtype it computes in. Each has the
+A *recipe* is a whole way to run FLUX: which models are quantized, where each one lives (resident,
+staged one at a time, offloaded, streamed, split over GPUs) and the dtype it computes in; ``family`` says
+whether it runs FLUX.1 or FLUX.2 [klein] 4B (notebook 12). Each has the
 name of its benchmark row (``bf16-resident``, ``staged-nf4-fp16``, ...; ``benchmarks/recipes.py`` says
 how the benchmark runs it), a description, and, where one exists, the copy-paste script in
 ``recipes/`` that runs the same flow alone. A quantization *scheme* (``bnb-nf4``, ``gguf-q8_0``:
@@ -27,13 +28,15 @@ PER_SCHEME = "quant-"
 
 @dataclass(frozen=True)
 class Recipe:
-    """One way to run FLUX.1: its name, what it does, and its copy-paste script if it has one."""
+    """One way to run FLUX (FLUX.1, or klein where ``family`` says so): its name, what it does, and its
+    copy-paste script if it has one."""
 
     name: str
     description: str
     script: str | None = None  # "recipes/<file>.py", relative to the repository
     in_short: str = ""  # the script in a few words, as an out-of-memory message names it
     measured: bool = True  # False: a script the benchmark does not run (it has no row in the results)
+    family: str = "flux1"  # the model it runs, as fluxnb.checkpoints.family_of names it: "flux1" or "klein"
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
@@ -82,6 +85,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("nf4-group-offload-block-cpu", "NF4 package loaded to host RAM, group offload, block level, streams"),
     Recipe("nf4-group-offload-leaf", "NF4 transformer (quantized on the GPU), group offload, leaf level, streams"),
     Recipe("vae-tiling", "VAE decode, whole image vs enable_tiling() with 512-pixel tiles"),
+    # notebook 12: FLUX.2 [klein] 4B
+    Recipe("klein-t4-fp16", "FLUX.2 [klein] 4B staged in fp16: Qwen3 encode, free, transformer (unquantized) "
+           "denoise 4 steps, free, VAE decode", "recipes/t4_flux2_klein_fp16.py", "FLUX.2 [klein] 4B, fp16: a T4",
+           measured=False, family="klein"),
 ]}
 
 

@@ -95,6 +95,7 @@ TYPED_ON_PURPOSE = re.compile(
     r"|\b8\s+GiB\s+card\b|\b8\s+GB\s+(?:card's|walkthrough)"
     r"|\b[12]\s+GiB\s+(?:come\s+and\s+go|tensor)"  # notebook 00's demo tensor: the code makes 1 GiB
     r"|about\s+12\s+GB/s"  # PCIe 3.0 x16, a datasheet figure given in an exercise
+    r"|(?:Qwen3-|klein-|\[klein\]\s)4B\b"  # a model's name (FLUX.2 [klein] 4B, Qwen3-4B), not a figure
 )
 REGION = re.compile(r"<!-- fluxnb:([a-z-]+):start -->.*?<!-- fluxnb:\1:end -->", re.S)
 

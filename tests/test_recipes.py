@@ -9,6 +9,7 @@ import ast
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def run_recipe(name: str, out: Path, *extra: str) -> subprocess.CompletedProcess
 
 def test_the_course_recipes_each_have_a_script():
     assert set(NAMES) == {"t4_staged_nf4_fp16", "card_8gb_staged_nf4_bf16", "model_cpu_offload",
-                          "prequantized_from_hub", "two_gpus", "all_resident_bf16"}
+                          "prequantized_from_hub", "two_gpus", "all_resident_bf16", "t4_flux2_klein_fp16"}
     for name in capacity.SIZE_MODEL_RECIPES:  # what an out-of-memory message tells a learner to run
         assert recipes.RECIPES[name].script, name
 
@@ -68,6 +69,12 @@ def test_one_table_names_every_script_and_every_benchmark_row():
     assert {f"staged-nf4-cache-{name}" for name in faster.CACHES} <= set(recipes.RECIPES)  # one row per step cache
     assert all(r.measured or r.script for r in recipes.RECIPES.values())  # a recipe nobody runs is not one
     assert recipes.how_to_run("staged-nf4-fp16") == "recipes/t4_staged_nf4_fp16.py (staged NF4, fp16: a T4)"
+    for r in recipes.RECIPES.values():  # each script runs the family its row says (fluxnb.checkpoints.family_of)
+        assert r.family in ("flux1", "klein"), r.name
+        if r.script:
+            model = re.search(r'^MODEL_ID = "([^"]+)"', (REPO / r.script).read_text(), re.M).group(1)
+            assert fluxnb.checkpoints.family_of(model) == r.family, (r.name, model)
+    assert {n for n, r in recipes.RECIPES.items() if r.family == "klein"} == {"klein-t4-fp16"}
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +132,18 @@ def test_the_t4_recipe_makes_the_notebooks_image(tiny_runs, tmp_path):
     assert np.array_equal(np.asarray(image), np.asarray(Image.open(result["image"]).convert("RGB")))
 
 
+def test_the_klein_recipe_makes_the_one_pipeline_image(tiny_runs):
+    """Staged (encode, free, denoise, free, decode) gives the pixels of one Flux2KleinPipeline call, fp16 as on a T4."""
+    from diffusers import Flux2KleinPipeline
+
+    result, _, _ = tiny_runs["t4_flux2_klein_fp16"]
+    assert result["recipe"] == "klein-t4-fp16" and result["dtype"] == "torch.float16"
+    pipe = Flux2KleinPipeline.from_pretrained(str(fluxnb.build_tiny("klein")), dtype=torch.float16, use_safetensors=True)
+    image = pipe(prompt="a red fox", height=64, width=48, num_inference_steps=2, guidance_scale=1.0,
+                 generator=torch.Generator("cpu").manual_seed(7)).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(result["image"]).convert("RGB")))
+
+
 # --- the code says what the notebooks say -------------------------------------------------------------
 
 
@@ -157,8 +176,8 @@ def test_quantization_configs_are_the_notebooks(path):
         assert sorted(kwargs) == ["bnb_4bit_compute_dtype", "bnb_4bit_quant_type", "load_in_4bit"]
         assert kwargs["load_in_4bit"] == "True" and kwargs["bnb_4bit_quant_type"] == "'nf4'"
         assert kwargs["bnb_4bit_compute_dtype"] in ("DTYPE", "TEXT_DTYPE")
-    expected = {"two_gpus": 0, "all_resident_bf16": 0, "prequantized_from_hub": 0}.get(path.stem, 2)
-    assert len(ours) == expected  # T5 and the transformer; none where nothing is quantized while loading
+    expected = {"two_gpus": 0, "all_resident_bf16": 0, "prequantized_from_hub": 0, "t4_flux2_klein_fp16": 0}.get(path.stem, 2)
+    assert len(ours) == expected  # T5 and the transformer; none where nothing is quantized while loading (klein: fp16)
 
 
 @pytest.mark.parametrize("path", RECIPES + [Path(stages.__file__)], ids=lambda p: p.stem)
@@ -175,18 +194,35 @@ def test_every_load_is_safetensors_and_runs_no_remote_code(path):
 def test_prompt_encoding_seeding_and_defaults_are_the_notebooks(path):
     tree = _tree(path)
     source = path.read_text()
+    model = re.search(r'^MODEL_ID = "([^"]+)"', source, re.M).group(1)
+    assert model in ("black-forest-labs/FLUX.1-dev", KLEIN)
     encode = _calls(tree, "encode_prompt")
-    if encode:  # the staged recipes encode as fluxnb.stages.encode_prompt does
+    if encode and model == KLEIN:  # klein's recipe encodes as notebook 12's cells do
+        theirs = {tuple(sorted(_kwargs(c))) for c in _calls(_notebook_tree(NOTEBOOK_12), "encode_prompt")}
+        assert theirs == {("device", "max_sequence_length", "prompt")}
+        assert {tuple(sorted(_kwargs(c))) for c in encode} == theirs
+    elif encode:  # the staged recipes encode as fluxnb.stages.encode_prompt does
         (theirs,) = [c for c in _calls(STAGES, "encode_prompt") if isinstance(c.func, ast.Attribute)]  # pipe.encode_prompt
         assert [sorted(_kwargs(c)) for c in encode] == [sorted(_kwargs(theirs))]
     assert 'generator=torch.Generator("cpu").manual_seed(args.seed)' in source  # stages.denoise's seeding
     assert 'generator=torch.Generator("cpu").manual_seed(seed)' in Path(stages.__file__).read_text()
-    dev = fluxnb.generation_settings("black-forest-labs/FLUX.1-dev")
+    assert 'generator=torch.Generator("cpu").manual_seed(SEED)' in NOTEBOOK_12.read_text().replace('\\"', '"')
+    settings = fluxnb.generation_settings(model)  # dev's, or klein's 4 steps and guidance 1.0
     defaults = {a.dest: a.default for a in _parser(path)._actions}
     assert (defaults["steps"], defaults["guidance"], defaults["max_sequence_length"]) == (
-        dev["steps"], dev["guidance"], dev["max_sequence_length"])
-    assert 'MODEL_ID = "black-forest-labs/FLUX.1-dev"' in source
+        settings["steps"], settings["guidance"], settings["max_sequence_length"])
     assert "output_type=\"latent\"" in source or "images[0]" in source
+
+
+KLEIN = "black-forest-labs/FLUX.2-klein-4B"
+NOTEBOOK_12 = REPO / "notebooks" / "12_flux2_klein.ipynb"
+
+
+def _notebook_tree(path: Path) -> ast.Module:
+    """A notebook's code cells as one module (IPython's % lines left out)."""
+    cells = json.loads(path.read_text())["cells"]
+    code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    return ast.parse("\n".join(line for cell in code for line in cell.splitlines() if not line.lstrip().startswith("%")))
 
 
 def _parser(path: Path):
@@ -227,6 +263,8 @@ def test_dtypes_follow_the_notebooks_rule():
     assert "DTYPE = torch.bfloat16" in card and "TEXT_DTYPE = DTYPE" in card
     for name in ("model_cpu_offload", "prequantized_from_hub", "two_gpus"):
         assert "TEXT_DTYPE = torch.float32 if DTYPE == torch.float16 else DTYPE" in (REPO / "recipes" / f"{name}.py").read_text()
+    klein = (REPO / "recipes" / "t4_flux2_klein_fp16.py").read_text()  # Qwen3 in float32 would not fit a T4: fp16
+    assert "DTYPE = torch.float16" in klein and "TEXT_DTYPE" not in klein
 
 
 def test_the_prequantized_package_is_the_courses():

@@ -77,7 +77,7 @@ def solutions(cells: list[dict]) -> list[dict]:
 
 def test_every_lesson_has_its_solutions_notebook_and_nothing_else_is_there():
     assert navigation.layout_problems() == []
-    assert len(PAIRS) == 12 and all(solved.is_file() for _, solved in PAIRS)
+    assert len(PAIRS) == 13 and all(solved.is_file() for _, solved in PAIRS)
 
 
 @pytest.mark.parametrize("lesson, solved", PAIRS, ids=lambda p: p.stem)
