@@ -86,9 +86,15 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("nf4-group-offload-leaf", "NF4 transformer (quantized on the GPU), group offload, leaf level, streams"),
     Recipe("vae-tiling", "VAE decode, whole image vs enable_tiling() with 512-pixel tiles"),
     # notebook 12: FLUX.2 [klein] 4B
-    Recipe("klein-t4-fp16", "FLUX.2 [klein] 4B staged in fp16: Qwen3 encode, free, transformer (unquantized) "
-           "denoise 4 steps, free, VAE decode", "recipes/t4_flux2_klein_fp16.py", "FLUX.2 [klein] 4B, fp16: a T4",
-           measured=False, family="klein"),
+    Recipe("klein-bf16", "FLUX.2 [klein] 4B staged: bf16 Qwen3-4B encode, free, bf16 transformer denoise, free, "
+           "VAE decode", family="klein"),
+    Recipe("klein-fp16", "FLUX.2 [klein] 4B staged in fp16, as on a T4: Qwen3-4B encode, free, transformer "
+           "(unquantized) denoise 4 steps, free, VAE decode", "recipes/t4_flux2_klein_fp16.py",
+           "FLUX.2 [klein] 4B, fp16: a T4", family="klein"),
+    Recipe("klein-nf4", "FLUX.2 [klein] 4B staged: Qwen3-4B in the compute dtype, NF4 transformer", family="klein"),
+    Recipe("klein-nf4-encoder4bit", "FLUX.2 [klein] 4B staged: 4-bit NF4 Qwen3-4B, NF4 transformer", family="klein"),
+    Recipe("klein-fp16-encoder4bit", "FLUX.2 [klein] 4B staged in fp16 with a 4-bit NF4 Qwen3-4B",
+           family="klein"),
 ]}
 
 

@@ -25,7 +25,7 @@ import torch  # after PYTORCH_CUDA_ALLOC_CONF: the allocator reads it when CUDA 
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
 from PIL import PngImagePlugin
 
-RECIPE = "klein-t4-fp16"
+RECIPE = "klein-fp16"
 MODEL_ID = "black-forest-labs/FLUX.2-klein-4B"
 DTYPE = torch.float16  # a T4 has no bf16
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -67,6 +67,7 @@ def test_one_table_names_every_script_and_every_benchmark_row():
     assert set(BENCHMARK) == {name for name, r in recipes.RECIPES.items() if r.measured} | per_scheme
     assert all(BENCHMARK[name].description == recipes.RECIPES[name].description for name in set(BENCHMARK) - per_scheme)
     assert {f"staged-nf4-cache-{name}" for name in faster.CACHES} <= set(recipes.RECIPES)  # one row per step cache
+    assert all(BENCHMARK[name].model == recipes.RECIPES[name].family for name in set(BENCHMARK) - per_scheme)
     assert all(r.measured or r.script for r in recipes.RECIPES.values())  # a recipe nobody runs is not one
     assert recipes.how_to_run("staged-nf4-fp16") == "recipes/t4_staged_nf4_fp16.py (staged NF4, fp16: a T4)"
     for r in recipes.RECIPES.values():  # each script runs the family its row says (fluxnb.checkpoints.family_of)
@@ -74,7 +75,7 @@ def test_one_table_names_every_script_and_every_benchmark_row():
         if r.script:
             model = re.search(r'^MODEL_ID = "([^"]+)"', (REPO / r.script).read_text(), re.M).group(1)
             assert fluxnb.checkpoints.family_of(model) == r.family, (r.name, model)
-    assert {n for n, r in recipes.RECIPES.items() if r.family == "klein"} == {"klein-t4-fp16"}
+    assert {n for n, r in recipes.RECIPES.items() if r.family == "klein" and r.script} == {"klein-fp16"}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_the_klein_recipe_makes_the_one_pipeline_image(tiny_runs):
     from diffusers import Flux2KleinPipeline
 
     result, _, _ = tiny_runs["t4_flux2_klein_fp16"]
-    assert result["recipe"] == "klein-t4-fp16" and result["dtype"] == "torch.float16"
+    assert result["recipe"] == "klein-fp16" and result["dtype"] == "torch.float16"
     pipe = Flux2KleinPipeline.from_pretrained(str(fluxnb.build_tiny("klein")), dtype=torch.float16, use_safetensors=True)
     image = pipe(prompt="a red fox", height=64, width=48, num_inference_steps=2, guidance_scale=1.0,
                  generator=torch.Generator("cpu").manual_seed(7)).images[0]
