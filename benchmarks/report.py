@@ -258,6 +258,8 @@ def markdown(results: dict[str, Any]) -> str:
             "the median 1024x1024 speed and the brackets give the range over all runs; compare speeds between rows made by the same command. *Device* VRAM includes the CUDA context; for a second size, *reserved* and "
             "*device* include what the allocator kept from the first, while *allocated* is that size's own.")
     parts = [text[0].upper() + text[1:] + ".", "", recipes_table(results), "", note, "", ratios(results)]
+    if not _flow_recipes(results, "flux1"):  # a klein-only file (benchmarks/gpu_klein.sh): no empty FLUX.1 table
+        parts = []
     env = envelopes_table(results)
     if env:
         parts += ["", env]
@@ -538,7 +540,11 @@ def write_all(results_path: Path, targets: bool = True) -> str:
         rel = results_path.with_suffix(".png").relative_to(ROOT).as_posix() if charted else None
         course = write_course_docs()
         RESULTS_DOC.parent.mkdir(exist_ok=True)
-        RESULTS_DOC.write_text(results_document(course, text, rel))
+        others = sorted(p for p in results_path.parent.glob("*.json") if p != results_path)
+        runs = [json.loads(p.read_text()) for p in others]
+        klein = [klein_markdown(r) for r in runs if "recipes" in r]  # FLUX.2 [klein]'s rows of other benchmark runs
+        document = "\n".join([text, *[k for k in klein if k]]) if KLEIN_TABLE not in text else text
+        RESULTS_DOC.write_text(results_document(course, document, rel))
         recipes = write_recipes_json()
         write_summary(recipes)
         write_measured_table(recipes)
