@@ -130,8 +130,9 @@ def denoise(pipe: Any, embeds: dict[str, torch.Tensor], height: int, width: int,
         callback_on_step_end=step_timer,
     ).images
     if not torch.isfinite(latents).all():
-        raise NonFiniteLatentsError(f"The latents contain NaN/inf after {steps} steps in {pipe.transformer.dtype}: "
-                                    "on a GPU with bf16 compute in torch.bfloat16.")
+        raise NonFiniteLatentsError(f"The latents contain NaN/inf after {steps} steps in {pipe.transformer.dtype}. "
+                                    "Check the embeddings are finite first (on a T4: encode with the 4-bit Qwen3 "
+                                    "computing in torch.float32); on a GPU with bf16, compute in torch.bfloat16.")
     return latents
 
 
