@@ -257,9 +257,8 @@ def markdown(results: dict[str, Any]) -> str:
             "median of the timed steps. Where a recipe ran in several processes (`--repeat`), the row is the run with "
             "the median 1024x1024 speed and the brackets give the range over all runs; compare speeds between rows made by the same command. *Device* VRAM includes the CUDA context; for a second size, *reserved* and "
             "*device* include what the allocator kept from the first, while *allocated* is that size's own.")
-    parts = [text[0].upper() + text[1:] + ".", "", recipes_table(results), "", note, "", ratios(results)]
-    if not _flow_recipes(results, "flux1"):  # a klein-only file (benchmarks/gpu_klein.sh): no empty FLUX.1 table
-        parts = []
+    parts = ([text[0].upper() + text[1:] + ".", "", recipes_table(results), "", note, "", ratios(results)]
+             if _flow_recipes(results, "flux1") else [])  # a klein-only file (benchmarks/gpu_klein.sh): no empty table
     env = envelopes_table(results)
     if env:
         parts += ["", env]

@@ -35,6 +35,7 @@ folder first and renamed when complete, so an interrupted build never leaves a h
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -182,9 +183,9 @@ def cache_dir() -> Path:
 
 def stand_in_dir(kind: str, variant: str) -> Path:
     """The folder that stand-in ``kind`` (``"tiny"`` or ``"random"``) of ``variant`` is built into:
-    ``cache_dir() / "{kind}-flux.1-{variant}"``, e.g. ``~/.cache/fluxnb/random-flux.1-dev``, and for klein
-    ``cache_dir() / "{kind}-flux.2-klein-4b"``."""
-    return cache_dir() / f"{kind}-{REPOSITORIES[variant].lower()}" if variant == "klein" else cache_dir() / f"{kind}-flux.1-{variant}"
+    ``cache_dir() / "{kind}-{repository, lower case}"``, e.g. ``~/.cache/fluxnb/random-flux.1-dev``, and for
+    klein ``~/.cache/fluxnb/random-flux.2-klein-4b``."""
+    return cache_dir() / f"{kind}-{REPOSITORIES[variant].lower()}"
 
 
 def family_of(model_id: str) -> str:
@@ -443,8 +444,14 @@ def parameter_counts(variant: str = "dev") -> dict[str, int]:
 
     Each model is built from the real config (the ones above, equal to the Hub's ``config.json``) on
     PyTorch's ``meta`` device: every tensor has its shape but no memory, so counting all of FLUX's
-    parameters takes a second and no download, on any machine."""
+    parameters takes a second and no download, on any machine. The counts are computed once per variant
+    (the configs are fixed): the Studio and notebook 12 ask again at every load."""
     _check_variant(variant)
+    return dict(_parameter_counts(variant))  # a copy: the caller may change it
+
+
+@functools.cache
+def _parameter_counts(variant: str) -> dict[str, int]:
     with torch.device("meta"), no_progress_bars():
         return {name: sum(p.numel() for p in _make_part(name, variant, tiny=False).parameters())
                 for name in components_of(variant)}

@@ -708,7 +708,7 @@ class Studio:
                 self._say("Loading the text encoder (4-bit Qwen3)...")
                 self._encoders = klein.load_text_encoder(self.checkpoint, self.text_dtype, "nf4")
                 self.loads["text encoders"] += 1
-            if self._encoders is None:
+            elif self._encoders is None:
                 self._say("Loading the text encoders (CLIP, 4-bit T5)...")
                 self._encoders = stages.load_text_encoders_4bit(self.checkpoint, self.text_dtype, self.prequantized)
                 self.loads["text encoders"] += 1
@@ -726,21 +726,20 @@ class Studio:
         return embeds
 
     def _load_denoiser(self, height: int = 1024, width: int = 1024) -> Any:
-        if self._denoiser is None and self.model == "klein":
+        if self._denoiser is not None:
+            return self._denoiser
+        if self.model == "klein":
             self.transformer_quant, reason = klein_transformer_quant(self.dtype, height, width)
             self._say(f"{reason} Loading the transformer and the VAE...")
             transformer = klein.load_transformer(self.checkpoint, self.dtype, self.transformer_quant)
             self._denoiser = klein.load_denoising_pipeline(self.checkpoint, transformer, self.dtype)
-            self._denoiser.set_progress_bar_config(disable=True)  # the Studio has its own bar
-            self.loads["denoiser"] += 1
-            self.memory.value = memory_readout()
-        if self._denoiser is None:
+        else:
             self._say("Loading the 4-bit transformer and the VAE...")
             transformer = stages.load_transformer_4bit(self.checkpoint, self.dtype, prequantized=self.transformer_source)
             self._denoiser = stages.load_denoising_pipeline(self.checkpoint, transformer, self.dtype)
-            self._denoiser.set_progress_bar_config(disable=True)  # the Studio has its own bar
-            self.loads["denoiser"] += 1
-            self.memory.value = memory_readout()
+        self._denoiser.set_progress_bar_config(disable=True)  # the Studio has its own bar
+        self.loads["denoiser"] += 1
+        self.memory.value = memory_readout()
         return self._denoiser
 
     def _make_room(self, pipe: Any, height: int, width: int) -> None:

@@ -61,10 +61,14 @@ class Finished:
 
     returncode: int | None
     output: str
-    timed_out: bool
+
+    @property
+    def timed_out(self) -> bool:
+        """Stopped at the timeout (then it has no exit code of its own)."""
+        return self.returncode is None
 
     def describe(self) -> str:
-        """"exited 0", "exited with code 3", "killed by SIGKILL", "timed out after 600 s"."""
+        """"exited with code 3", "killed by SIGKILL" or "timed out"."""
         if self.timed_out:
             return "timed out"
         if self.returncode is not None and self.returncode < 0:
@@ -89,18 +93,18 @@ def run_process(argv: list[str], timeout_s: float, *, env: dict[str, str] | None
                             text=True, errors="replace")
     try:
         out, _ = proc.communicate(timeout=timeout_s)
-        return Finished(proc.returncode, out or "", timed_out=False)
+        return Finished(proc.returncode, out or "")
     except subprocess.TimeoutExpired:
         if stop_grace_s > 0:
             proc.terminate()
             try:
                 out, _ = proc.communicate(timeout=stop_grace_s)
-                return Finished(None, out or "", timed_out=True)
+                return Finished(None, out or "")
             except subprocess.TimeoutExpired:
                 pass
         proc.kill()
         out, _ = proc.communicate()
-        return Finished(None, out or "", timed_out=True)
+        return Finished(None, out or "")
     except BaseException:  # KeyboardInterrupt in a notebook: the child must not outlive the call
         proc.kill()
         proc.wait()
