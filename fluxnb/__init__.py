@@ -1,7 +1,8 @@
 """fluxnb: the helper package of the course "FLUX.1 on small GPUs".
 
 What a lesson imports: the staged recipe the notebooks teach (:mod:`fluxnb.stages`), the checkpoint
-switch and the offline stand-ins (:mod:`fluxnb.checkpoints`, :mod:`fluxnb.prequantized`), measuring
+switch and the offline stand-ins (:mod:`fluxnb.checkpoints`, :mod:`fluxnb.prequantized`), served under the
+real repository ids by a local Hub endpoint (:mod:`fluxnb.hub`), measuring
 (:mod:`fluxnb.memory`), the machine (:mod:`fluxnb.environment`), checks that say what to do before
 anything loads (:mod:`fluxnb.errors`, :mod:`fluxnb.exceptions`), what fits (:mod:`fluxnb.capacity`,
 :mod:`fluxnb.planner`), block streaming (:mod:`fluxnb.streaming`), bitsandbytes on a CPU
@@ -42,7 +43,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                "check_size_fits", "estimate_vram_gib", "load_image_with_settings", "oom_advice",
                "prompt_truncation_notice"),
     "memory": ("MemoryTracker", "StepTimer", "bytes_to_giga_bytes", "flush"),
-    "prequantized": ("download_gb", "download_plan", "export_prequantized", "prequantized_checkpoint",
+    "prequantized": ("download_gb", "download_plan", "download_text", "export_prequantized", "prequantized_checkpoint",
                      "saved_quantized_dir"),
     "stages": ("NonFiniteLatentsError", "decode", "denoise", "embeddings_path", "encode_and_save", "encode_prompt",
                "execution_device", "load_denoising_pipeline", "load_embeddings", "load_pipeline_all_at_once",
@@ -56,7 +57,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
 # ``fluxnb.capacity.step_bytes``, ``fluxnb.streaming.transformer_blocks``): imported on first use too. The
 # rehearsal tooling (fluxnb.lab, course, fit) is not among them: ``import fluxnb.lab`` says what it loads.
 _SUBMODULES = frozenset({"capacity", "checkpoints", "cpu_bitsandbytes", "envelopes", "environment", "errors",
-                         "exceptions", "faster", "game", "gguf_export", "klein", "memory", "multigpu", "planner",
+                         "exceptions", "faster", "game", "gguf_export", "hub", "klein", "memory", "multigpu", "planner",
                          "prequantized", "quant_configs", "quant_metrics", "quantization", "recipes", "slices",
                          "stages", "streaming", "studio"})
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from fluxnb.environment import check_free_disk
-from fluxnb.exceptions import NeedsGPUError
+from fluxnb.exceptions import BadSettingError, NeedsGPUError
 from fluxnb.quiet import no_progress_bars
 
 ENV_VAR = "FLUXNB_CHECKPOINT"
@@ -224,35 +224,66 @@ def generation_settings(model_id: str) -> dict[str, Any]:
     return dict(steps=50, guidance=3.5, max_sequence_length=512)
 
 
+def stand_in_kind(choice: str) -> str | None:
+    """``"tiny"`` or ``"random"`` for a ``FLUXNB_CHECKPOINT`` value that names a stand-in, else None."""
+    choice = choice.strip()
+    return None if choice not in STAND_INS else ("tiny" if choice == "tiny" else "random")
+
+
 def resolve_checkpoint(model_id: str, choice: str | None = None) -> str:
     """Return what ``from_pretrained`` should load for ``model_id``, honouring ``FLUXNB_CHECKPOINT``.
 
-    ``choice`` overrides the environment variable (the benchmark's ``--checkpoint`` uses it).
-    ``tiny`` follows the notebook's model (dev, schnell or klein). A ``random-*`` stand-in always has the
-    notebook's family (:func:`family_of`), since one ``FLUXNB_CHECKPOINT`` is set for every notebook:
-    for a klein model id every ``random-*`` gives ``random-klein``; for a FLUX.1 id ``random-dev`` and
-    ``random-schnell`` give the variant they name (as before) and ``random-klein`` gives the notebook's
-    own variant. Stand-ins are built on first use and reused after. With a stand-in on a machine without a
-    GPU (the tiny course), diffusers' bitsandbytes quantizers are opened for the CPU here
-    (:func:`fluxnb.cpu_bitsandbytes.allow_bitsandbytes_on_cpu`), so no lesson has to; on a GPU that
-    changes nothing.
+    ``choice`` overrides the environment variable (a recipe's ``--checkpoint`` uses it).
+
+    * unset: ``model_id``, from the Hub;
+    * a stand-in (``tiny``, ``random-dev``, ``random-schnell``, ``random-klein``): ``model_id`` too, the real
+      repository id, now served by the stand-in Hub of this process (:func:`fluxnb.hub.serve`): the
+      notebook downloads it through huggingface_hub as it would the real model, into the stand-ins' own
+      cache. ``tiny`` serves the tiny stand-ins, any ``random-*`` the full-size random ones, each of the
+      repository's own model (FLUX.1-dev, -schnell or FLUX.2-klein-4B). The stand-in of ``model_id`` is
+      built here if it is not yet (a random one: about a minute on a GPU; refused without one), so no
+      download waits for a build. Without a GPU (the tiny course), diffusers' bitsandbytes quantizers
+      are opened for the CPU (:func:`fluxnb.cpu_bitsandbytes.allow_bitsandbytes_on_cpu`); on a GPU that
+      changes nothing. Must come before diffusers or transformers are imported (see :mod:`fluxnb.hub`);
+    * anything else: a Hub id or a local folder, used as given.
     """
     choice = (os.environ.get(ENV_VAR, "") if choice is None else choice).strip()
-    if not choice:
-        return model_id
+    kind = stand_in_kind(choice)
+    if kind is None:
+        return choice or model_id
+    from fluxnb import hub
+
+    repository = hub.serve(kind).repositories.get(model_id.strip("/"))
+    if repository is None:
+        raise BadSettingError(f"FLUXNB_CHECKPOINT={choice} has stand-ins of {', '.join(hub.current().repositories)} only, "
+                         f"not of {model_id!r}: set MODEL_ID to one of them, or unset FLUXNB_CHECKPOINT.")
+    from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
+
+    allow_bitsandbytes_on_cpu()  # no-op on a GPU; after serve(): it imports diffusers
+    repository.folder()  # built now, not while a download waits
+    return model_id
+
+
+def stand_in_folder(model_id: str, choice: str) -> str:
+    """The folder of the stand-in ``choice`` of ``model_id``'s family, built on first use, or ``choice`` itself
+    if it names no stand-in: for the tools that load a stand-in straight from disk (the benchmark, the dry
+    run), where what is measured is memory and speed, not a download. ``tiny`` follows ``model_id``'s variant;
+    ``random-dev``/``-schnell`` name theirs within FLUX.1 and ``random-klein`` gives the notebook's own
+    (:func:`random_variant`)."""
+    choice = choice.strip()
+    if choice not in STAND_INS:
+        return choice or model_id
     from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
 
     allow_bitsandbytes_on_cpu()  # no-op on a GPU
     if choice == "tiny":
         return str(build_tiny(variant_of(model_id)))
-    if choice in STAND_INS:  # random-*
-        return str(build_random(random_variant(model_id, choice)))
-    return choice
+    return str(build_random(random_variant(model_id, choice)))
 
 
 def random_variant(model_id: str, choice: str) -> str:
-    """Which random stand-in ``choice`` (``random-dev``, ``-schnell`` or ``-klein``) gives for ``model_id``:
-    always one of the notebook's family (see :func:`resolve_checkpoint`)."""
+    """Which random stand-in ``choice`` (``random-dev``, ``-schnell`` or ``-klein``) gives for ``model_id``
+    in :func:`stand_in_folder`: always one of the notebook's family."""
     if family_of(model_id) == "klein":
         return "klein"
     named = choice.removeprefix("random-")
@@ -260,11 +291,21 @@ def random_variant(model_id: str, choice: str) -> str:
 
 
 def is_stand_in(checkpoint: str | os.PathLike[str]) -> str | None:
-    """``"tiny"``, ``"random"`` or None: which kind of fluxnb stand-in a checkpoint folder is."""
+    """``"tiny"``, ``"random"`` or None: which kind of fluxnb stand-in ``checkpoint`` is: a stand-in's folder,
+    or a repository id that this process's stand-in Hub serves (:func:`resolve_checkpoint`)."""
     marker = Path(checkpoint) / _DONE
-    if not marker.is_file():
-        return None
-    return str(json.loads(marker.read_text())["kind"])
+    if marker.is_file():
+        return str(json.loads(marker.read_text())["kind"])
+    from fluxnb import hub
+
+    return hub.serving() if hub.served_repository(str(checkpoint)) is not None else None
+
+
+def describe(checkpoint: str | os.PathLike[str]) -> str:
+    """``checkpoint`` as a measurement's record should name it: the id or folder, and which stand-in it is if
+    it is one (``"black-forest-labs/FLUX.1-dev (the tiny stand-in: random weights)"``)."""
+    kind = is_stand_in(checkpoint)
+    return str(checkpoint) if kind is None else f"{checkpoint} (the {kind} stand-in: random weights)"
 
 
 # --- tokenizers ---------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch
 from fluxnb import capacity  # called as capacity.next_recipe(): the one answer to "what next?"
 from fluxnb.capacity import GIB, course_recipe, estimate_vram_gib, largest_size_that_fits
 from fluxnb.checkpoints import is_stand_in
+from fluxnb.hub import stand_in_gb
 from fluxnb import environment  # called as environment.x(): the machine, as tests replace it
 from fluxnb.exceptions import (  # noqa: F401  (raised here and by the modules below)
     BadSettingError, DamagedFileError, FluxnbError, HubAccessError, HubUnreachableError, MissingFileError, NeedsGPUError)
@@ -511,7 +512,8 @@ def check_checkpoint_access(checkpoint: str) -> None:
     check_repo_id(checkpoint)
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if not torch.cuda.is_available():
+    stand_in = is_stand_in(checkpoint)  # "tiny": served by the stand-in Hub of this process, runs on a CPU
+    if not torch.cuda.is_available() and stand_in != "tiny":
         raise NeedsGPUError(
             f"No GPU in this runtime, so {checkpoint} would download tens of GB and then run for hours on the CPU. "
             "On Colab: Runtime -> Change runtime type -> T4 GPU (if the free GPU quota is used up, try again later). "
@@ -529,5 +531,5 @@ def check_checkpoint_access(checkpoint: str) -> None:
     check_hub_access(checkpoint, token)
     cached = try_to_load_from_cache(checkpoint, "model_index.json")
     if not isinstance(cached, str):
-        need = DOWNLOAD_GB["schnell" if "schnell" in checkpoint.lower() else "dev"]
+        need = stand_in_gb(checkpoint) if stand_in else DOWNLOAD_GB["schnell" if "schnell" in checkpoint.lower() else "dev"]
         environment.check_free_disk(constants.HF_HUB_CACHE, need, what=f"Downloading {checkpoint}")

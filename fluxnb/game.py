@@ -83,8 +83,9 @@ class SpotTheQuantized:
     """The game: :data:`QUESTION` over ``images`` (scheme name -> PIL image), scored, round after round.
 
     ``metrics`` (scheme name -> ``relative_error``, ``psnr_db``, ``ssim``) is shown only after Reveal.
-    ``reference`` names the unquantized image (its option says so). ``stand_in`` and ``sliced`` say where
-    the images come from (:func:`stand_in_note`). ``not_run`` (scheme -> why) lists, after Reveal, the
+    ``reference`` names the unquantized image (its option says so). ``checkpoint`` (the notebook's
+    ``CHECKPOINT``: the game asks :func:`fluxnb.is_stand_in` whether it is a stand-in) or ``stand_in`` itself,
+    and ``sliced``, say where the images come from (:func:`stand_in_note`). ``not_run`` (scheme -> why) lists, after Reveal, the
     schemes this machine skipped. ``rng``: a :class:`random.Random`, or a seed for one (tests); by
     default a fresh one from the operating system, so each run and each round has its own order.
     ``image_px``: the width each image is shown at; ``columns``: images per row.
@@ -97,7 +98,11 @@ class SpotTheQuantized:
     def __init__(self, images: Mapping[str, Image.Image], metrics: Mapping[str, Mapping[str, float]],
                  reference: str = "bf16", stand_in: str | None = None, sliced: bool = False,
                  not_run: Mapping[str, str] | None = None, rng: random.Random | int | None = None,
-                 image_px: int = 384, columns: int = 2) -> None:
+                 image_px: int = 384, columns: int = 2, checkpoint: str | None = None) -> None:
+        if checkpoint is not None and stand_in is None:
+            from fluxnb.checkpoints import is_stand_in
+
+            stand_in = is_stand_in(checkpoint)
         if len(images) < 2:
             raise BadSettingError(f"The game needs at least two images to tell apart, got {len(images)}: run the cells "
                                    "that make the reference's and the schemes' images first.")

@@ -19,9 +19,10 @@ FLUX.1-schnell has no such package from the diffusers/Hugging Face maintainers (
 uploads), so :data:`PREQUANTIZED_REPOS` has none for it and the notebooks quantize schnell while
 loading, as before.
 
-The stand-ins (``FLUXNB_CHECKPOINT=tiny``, ``random-dev``, ``random-schnell``) get a package of their
-own in the same layout, exported once into the fluxnb cache by :func:`export_prequantized`, so the
-notebooks run the same loading code on them. It is written in the form the Hub's package was written
+With a stand-in (``FLUXNB_CHECKPOINT=tiny`` or ``random-*``) the stand-in Hub (:mod:`fluxnb.hub`) serves
+a package of the stand-in's own under the same id, in the same layout, exported once into the fluxnb cache
+by :func:`export_prequantized` (:func:`stand_in_package`), so the notebooks download and load it exactly as
+they would the Hub's. It is written in the form the Hub's package was written
 in 2024, not today's (:func:`to_hub_package_form`): today's libraries must load *that*.
 
 What is known of the Hub package, and from where (no machine of this project can reach the Hub):
@@ -50,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from fluxnb.checkpoints import (ENV_VAR, REAL_MAX_SHARD_BYTES, STAND_INS, cache_dir, resolve_checkpoint, variant_of,
+from fluxnb.checkpoints import (ENV_VAR, REAL_MAX_SHARD_BYTES, cache_dir, resolve_checkpoint, variant_of,
                                 write_hub_json)  # REAL_MAX_SHARD_BYTES: the 2024 libraries' shard sizes, as the Hub package was cut
 from fluxnb.environment import check_free_disk
 from fluxnb.memory import flush
@@ -124,23 +125,40 @@ def prequantized_checkpoint(model_id: str, dtype: torch.dtype, choice: str | Non
 
     Follows ``FLUXNB_CHECKPOINT`` (``choice`` overrides it) as :func:`fluxnb.resolve_checkpoint` does:
 
-    * unset: the Hub package of the original FLUX.1 variant (:data:`PREQUANTIZED_REPOS`), None if there
-      is none (schnell) or ``model_id`` is not the original (a fine-tune: its own weights must be used);
-    * a stand-in: fluxnb's own export of it, built once into the cache per stand-in, variant and
-      ``dtype`` (e.g. ``tiny-flux.1-dev-nf4-float32``), since each saved 4-bit layer carries its dtype;
+    * unset, or a stand-in: the Hub package of the original FLUX.1 variant (:data:`PREQUANTIZED_REPOS`), None
+      if there is none (schnell, klein) or ``model_id`` is not the original (a fine-tune: its own weights
+      must be used). With a stand-in the stand-in Hub serves that package under its real id, made from the
+      stand-in (:func:`stand_in_package`, built here for ``dtype`` if it is not yet);
     * anything else (a folder or Hub id): itself if it has the package layout (``text_encoder_2`` and
       ``transformer`` whose ``config.json`` carry a ``quantization_config``), else None.
     """
+    from fluxnb.checkpoints import stand_in_kind
+
     choice = (os.environ.get(ENV_VAR, "") if choice is None else choice).strip()
     variant = variant_of(model_id)
-    if not choice:
-        official = model_id.strip("/").lower() == ORIGINALS.get(variant, "").lower()  # no FLUX.1 package for klein
-        return PREQUANTIZED_REPOS.get(variant) if official else None
-    if choice in STAND_INS:
-        kind, _, named = choice.partition("-")  # "tiny" follows the notebook's variant, "random-x" names it
-        folder = cache_dir() / f"{kind}-flux.1-{named or variant}-nf4-{_dtype_name(dtype)}"
-        return str(export_prequantized(resolve_checkpoint(model_id, choice), folder, dtype))
-    return choice if all(_is_quantized(choice, part) for part in NF4_PARTS) else None
+    if choice and stand_in_kind(choice) is None:
+        return choice if all(_is_quantized(choice, part) for part in NF4_PARTS) else None
+    official = model_id.strip("/").lower() == ORIGINALS.get(variant, "").lower()  # no FLUX.1 package for klein
+    repo = PREQUANTIZED_REPOS.get(variant) if official else None
+    if repo is not None and choice:
+        from fluxnb import hub
+
+        resolve_checkpoint(model_id, choice)  # serves the stand-ins (before anything imports huggingface_hub)
+        served = hub.served_repository(repo)
+        if served is not None:
+            served.folder()  # the package is made now, not while a download waits
+    return repo
+
+
+def stand_in_package(kind: str, dtype: torch.dtype) -> Path:
+    """The NF4 package of the ``kind`` (``"tiny"``/``"random"``) FLUX.1-dev stand-in, exported once per ``dtype``
+    into the fluxnb cache (``tiny-flux.1-dev-nf4-float32`` ...), since each saved 4-bit layer carries its
+    dtype: what the stand-in Hub serves as ``hf-internal-testing/flux.1-dev-nf4-pkg``."""
+    from fluxnb.checkpoints import build_random, build_tiny
+
+    source = build_tiny("dev") if kind == "tiny" else build_random("dev")
+    folder = cache_dir() / f"{kind}-flux.1-dev-nf4-{_dtype_name(dtype)}"
+    return export_prequantized(str(source), folder, dtype)
 
 
 def _is_quantized(source: str, part: str) -> bool:
@@ -310,6 +328,25 @@ def download_plan(model_id: str, prequantized: str | None) -> list[DownloadItem]
 def download_gb(plan: list[DownloadItem], include_cached: bool = False) -> float:
     """GB (10^9 bytes) that ``plan`` downloads; with ``include_cached``, its whole size."""
     return sum(item.size for item in plan if include_cached or not item.cached) / 1e9
+
+
+def size_text(size: int | float) -> str:
+    """Bytes as a learner reads a download's size: ``"13.44 GB"``, ``"3.1 MB"``, ``"812 kB"`` (powers of 10, as
+    the Hub and pip show sizes)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}" if unit == "GB" else f"{size / scale:.1f} {unit}"
+    return f"{int(size)} B"
+
+
+def download_text(plan: list[DownloadItem]) -> str:
+    """What ``plan`` costs, in one phrase: ``"13.44 GB to download (13.50 GB read in all)"``, or, where everything
+    is on this machine already, ``"nothing to download (13.50 GB read from the cache)"``."""
+    fetch = sum(item.size for item in plan if not item.cached)
+    total = sum(item.size for item in plan)
+    if fetch == 0:
+        return f"nothing to download ({size_text(total)} read from the cache)"
+    return f"{size_text(fetch)} to download ({size_text(total)} read in all)"
 
 
 def saved_quantized_dir(folder: str | Path, checkpoint: str, dtype: torch.dtype) -> Path:

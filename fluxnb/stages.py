@@ -131,19 +131,42 @@ def load_embeddings(path: str | Path, device: torch.device | str | None = None,
     return tensors, metadata
 
 
+def saved_embeddings(folder: str | Path, **settings: Any) -> Path | None:
+    """A file in ``folder`` that :func:`save_embeddings` wrote with ``settings``, if there is one.
+
+    Where T5 came from (``prequantized``: the NF4 package, or None: the original, quantized while
+    loading) does not count: both are the same 4-bit T5, made by the same ``BitsAndBytesConfig`` from
+    the same weights, so notebook 01's file serves 03 whichever way 01 loaded it. Everything else
+    (prompt, checkpoint, tokens, dtype) must match.
+    """
+    exact = embeddings_path(folder, **settings)
+    if exact.is_file():
+        return exact
+    wanted = {key: str(value) for key, value in settings.items() if key != "prequantized"}
+    for path in sorted(Path(folder).glob(exact.name.rsplit("-", 1)[0] + "-*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+        except Exception:  # noqa: BLE001 (a damaged file is not a match; load_embeddings names it if used)
+            continue
+        if {key: metadata.get(key) for key in wanted} == wanted:
+            return path
+    return None
+
+
 def encode_and_save(checkpoint: str, prompt: str, dtype: torch.dtype, folder: str | Path,
                     max_sequence_length: int = 512, prequantized: str | None = None) -> Path:
     """All of notebook 01 in one call: load the 4-bit encoders, encode, save, free. Returns the file.
 
-    If embeddings with the same settings (``prequantized``, where T5 came from, included) were saved
-    before (by notebook 01), nothing is loaded.
+    If embeddings of this prompt with these settings were saved before (by notebook 01, with T5 from
+    either source: :func:`saved_embeddings`), nothing is loaded.
     """
     check_prompt(prompt)
     check_max_sequence_length(max_sequence_length)
     settings = dict(prompt=prompt, checkpoint=checkpoint, max_sequence_length=max_sequence_length,
                     dtype=str(dtype), prequantized=prequantized)
-    path = embeddings_path(folder, **settings)
-    if path.exists():
+    path = saved_embeddings(folder, **settings)
+    if path is not None:
         return path
     pipe = load_text_encoders_4bit(checkpoint, dtype, prequantized)
     embeds = encode_prompt(pipe, prompt, max_sequence_length)

@@ -38,17 +38,14 @@ def test_other_values_are_a_hub_id_or_path(monkeypatch):
 def test_random_values_build_the_named_variant(monkeypatch):
     calls = []
     monkeypatch.setattr(checkpoints, "build_random", lambda variant: calls.append(variant) or f"/r/{variant}")
-    monkeypatch.setenv("FLUXNB_CHECKPOINT", "random-schnell")
-    assert fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev") == "/r/schnell"
-    monkeypatch.setenv("FLUXNB_CHECKPOINT", "random-dev")
-    assert fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-schnell") == "/r/dev"
+    assert checkpoints.stand_in_folder("black-forest-labs/FLUX.1-dev", "random-schnell") == "/r/schnell"
+    assert checkpoints.stand_in_folder("black-forest-labs/FLUX.1-schnell", "random-dev") == "/r/dev"
     assert calls == ["schnell", "dev"]
 
 
 def test_tiny_follows_the_notebooks_variant(monkeypatch, fresh_cache):
-    monkeypatch.setenv("FLUXNB_CHECKPOINT", "tiny")
-    dev = fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev")
-    schnell = fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-schnell")
+    dev = checkpoints.stand_in_folder("black-forest-labs/FLUX.1-dev", "tiny")
+    schnell = checkpoints.stand_in_folder("black-forest-labs/FLUX.1-schnell", "tiny")
     assert dev.endswith("tiny-flux.1-dev") and schnell.endswith("tiny-flux.1-schnell")
     assert json.loads((fresh_cache / "tiny-flux.1-dev/transformer/config.json").read_text())["guidance_embeds"]
     assert not json.loads((fresh_cache / "tiny-flux.1-schnell/transformer/config.json").read_text())["guidance_embeds"]
@@ -131,8 +128,7 @@ def test_random_stand_in_is_refused_without_a_gpu_before_anything_is_written(mon
         if how == "build_random":
             fluxnb.build_random("dev")
         else:
-            monkeypatch.setenv("FLUXNB_CHECKPOINT", "random-dev")
-            fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev")
+            checkpoints.stand_in_folder("black-forest-labs/FLUX.1-dev", "random-dev")
     message = str(refusal.value)
     gb = checkpoints.random_stand_in_gb("dev")
     assert 33 < gb < 34.5 and f"{gb:.1f} GB" in message and " min here" in message
@@ -448,10 +444,10 @@ def test_a_random_stand_in_always_has_the_notebooks_family(monkeypatch):
     calls = []
     monkeypatch.setattr(checkpoints, "build_random", lambda variant: calls.append(variant) or f"/r/{variant}")
     for choice in ("random-dev", "random-schnell", "random-klein"):
-        assert fluxnb.resolve_checkpoint(KLEIN, choice=choice) == "/r/klein"
-    assert fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev", choice="random-klein") == "/r/dev"
-    assert fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-schnell", choice="random-klein") == "/r/schnell"
-    assert fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev", choice="random-schnell") == "/r/schnell"
+        assert checkpoints.stand_in_folder(KLEIN, choice) == "/r/klein"
+    assert checkpoints.stand_in_folder("black-forest-labs/FLUX.1-dev", "random-klein") == "/r/dev"
+    assert checkpoints.stand_in_folder("black-forest-labs/FLUX.1-schnell", "random-klein") == "/r/schnell"
+    assert checkpoints.stand_in_folder("black-forest-labs/FLUX.1-dev", "random-schnell") == "/r/schnell"
     assert calls == ["klein"] * 3 + ["dev", "schnell", "schnell"]
 
 
@@ -564,9 +560,8 @@ def test_random_klein_is_refused_without_a_gpu_before_anything_is_written(monkey
 
     monkeypatch.setattr(checkpoints, "_write_pipeline", no_writing)
     monkeypatch.delenv(checkpoints.WITHOUT_GPU_VAR, raising=False)
-    monkeypatch.setenv("FLUXNB_CHECKPOINT", "random-dev")  # the course runner's one setting, on the klein notebook
-    with pytest.raises(fluxnb.errors.NeedsGPUError) as refusal:
-        fluxnb.resolve_checkpoint(KLEIN)
+    with pytest.raises(fluxnb.errors.NeedsGPUError) as refusal:  # the course runner's one setting, on klein
+        checkpoints.stand_in_folder(KLEIN, "random-dev")
     message = str(refusal.value)
     assert "random-klein" in message and "FLUX.2-klein-4B" in message and "16.0 GB" in message
     assert not fresh_cache.exists() or not any(fresh_cache.iterdir())

@@ -28,7 +28,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def pkg(tiny):
-    return prequantized_checkpoint(DEV, torch.float32, choice="tiny")
+    return str(prequantized.stand_in_package("tiny", torch.float32))
 
 
 def _linears(model):
@@ -144,22 +144,30 @@ def test_compute_dtype_follows_dtype_not_the_saved_one(tiny, pkg):
         assert layers and {m.compute_dtype for m in layers} == {dtype}
 
 
-def test_embeddings_are_keyed_by_where_t5_came_from(tiny, pkg, tmp_path):
-    own = fluxnb.encode_and_save(tiny, "a cat", torch.float32, tmp_path, max_sequence_length=64)
-    from_pkg = fluxnb.encode_and_save(tiny, "a cat", torch.float32, tmp_path, 64, prequantized=pkg)
-    assert own != from_pkg
-    assert fluxnb.load_embeddings(from_pkg, "cpu")[1]["prequantized"] == pkg
+def test_embeddings_serve_whichever_way_t5_was_loaded(tiny, pkg, tmp_path, monkeypatch):
+    """Notebook 01 quantizes T5 itself by default (prequantized=None); 03 asks with the NF4 package. Both are the
+    same 4-bit T5, so 03 must read 01's file, not load T5 again (and the other way round)."""
+    own = fluxnb.encode_and_save(tiny, "a cat", torch.float32, tmp_path / "a", max_sequence_length=64)
+    other = fluxnb.encode_and_save(tiny, "a cat", torch.float32, tmp_path / "b", 64, prequantized=pkg)
     assert fluxnb.load_embeddings(own, "cpu")[1]["prequantized"] == "None"
-    assert fluxnb.encode_and_save(tiny, "a cat", torch.float32, tmp_path, 64, prequantized=pkg) == from_pkg
+    assert fluxnb.load_embeddings(other, "cpu")[1]["prequantized"] == pkg
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the text encoders were loaded although the embeddings were saved")
+
+    monkeypatch.setattr(fluxnb.stages, "load_text_encoders_4bit", no_loading)
+    assert fluxnb.encode_and_save(tiny, "a cat", torch.float32, tmp_path / "a", 64, prequantized=pkg) == own
+    assert fluxnb.encode_and_save(tiny, "a cat", torch.float32, tmp_path / "b", 64) == other
+    assert len(list((tmp_path / "a").iterdir())) == 1  # one file: nothing encoded twice
+    with pytest.raises(AssertionError, match="were loaded"):  # other settings still encode
+        fluxnb.encode_and_save(tiny, "a cat", torch.float32, tmp_path / "a", 32, prequantized=pkg)
 
 
-def test_the_export_is_keyed_by_stand_in_variant_and_dtype(tiny, pkg):
-    bf16 = prequantized_checkpoint(DEV, torch.bfloat16, choice="tiny")
+def test_the_stand_in_package_is_keyed_by_dtype_and_schnell_has_none(tiny, pkg):
+    bf16 = str(prequantized.stand_in_package("tiny", torch.bfloat16))
     assert bf16.endswith("tiny-flux.1-dev-nf4-bfloat16") and bf16 != pkg
     assert _quantization(Path(bf16), "transformer")["bnb_4bit_compute_dtype"] == "bfloat16"
-    schnell = prequantized_checkpoint(SCHNELL, torch.float32, choice="tiny")
-    assert schnell.endswith("tiny-flux.1-schnell-nf4-float32")
-    assert not json.loads((Path(schnell) / "transformer/config.json").read_text())["guidance_embeds"]
+    assert prequantized_checkpoint(SCHNELL, torch.float32, choice="tiny") is None  # none on the Hub: none served
 
 
 def test_export_never_overwrites(tiny, tmp_path):
@@ -197,22 +205,20 @@ def test_the_variable_picks_the_package(monkeypatch, tiny, pkg):
     assert prequantized_checkpoint(SCHNELL, torch.float16) is None  # none published: quantize while loading
     krea = "black-forest-labs/FLUX.1-Krea-dev"
     assert prequantized_checkpoint(krea, torch.float16) is None  # not FLUX.1-dev's weights
-    monkeypatch.setenv("FLUXNB_CHECKPOINT", "tiny")
-    assert prequantized_checkpoint(DEV, torch.float32) == pkg
+    monkeypatch.setenv("FLUXNB_CHECKPOINT", "tiny")  # with a stand-in it is the Hub id too: tests/test_hub.py
     assert prequantized_checkpoint(DEV, torch.float32, choice="") == HUB_PKG  # choice overrides the variable
     assert prequantized_checkpoint(DEV, torch.float32, choice=pkg) == pkg  # a folder in the package layout
     assert prequantized_checkpoint(DEV, torch.float32, choice=tiny) is None  # a bf16/fp32 original
     assert prequantized_checkpoint(DEV, torch.float32, choice="someone/not-cached") is None  # offline, unknown
 
 
-def test_random_stand_ins_export_their_named_variant(monkeypatch):
+def test_the_random_stand_ins_package_is_made_from_random_dev(monkeypatch):
     calls = []
-    monkeypatch.setattr(prequantized, "resolve_checkpoint", lambda model_id, choice: f"/r/{choice}")
+    monkeypatch.setattr(fluxnb.checkpoints, "build_random", lambda variant: f"/r/{variant}")
     monkeypatch.setattr(prequantized, "export_prequantized",
                         lambda ckpt, folder, dtype: calls.append((ckpt, folder.name, dtype)) or folder)
-    monkeypatch.setenv("FLUXNB_CHECKPOINT", "random-schnell")
-    assert prequantized_checkpoint(DEV, torch.float16).endswith("random-flux.1-schnell-nf4-float16")
-    assert calls == [("/r/random-schnell", "random-flux.1-schnell-nf4-float16", torch.float16)]
+    assert prequantized.stand_in_package("random", torch.float16).name == "random-flux.1-dev-nf4-float16"
+    assert calls == [("/r/dev", "random-flux.1-dev-nf4-float16", torch.float16)]
 
 
 # --- the download plan ----------------------------------------------------------------------------

@@ -43,11 +43,14 @@ from typing import Any
 
 import psutil
 
+from fluxnb import hub
 from fluxnb.capacity import GIB
+from fluxnb.checkpoints import ENV_VAR as CHECKPOINT_VAR, stand_in_kind
 from fluxnb.envelopes import ENV_VAR, ENVELOPES, OTHERS_VAR, Envelope
 from fluxnb.lab.limits import RamCgroup, VramHolder
 from fluxnb.lab.supervisor import entry_command, run_process, signal_name
 from fluxnb.memory import anon_ram_bytes
+from fluxnb.prequantized import size_text
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 RESULTS_NAME = "course-results.json"
@@ -68,6 +71,8 @@ class NotebookResult:
     ram_anon_peak_gib: float | None = None  # sampled anonymous RAM of the kernel and its children
     oom_kills: int | None = None
     executed: str = ""
+    downloaded_bytes: int | None = None  # what the notebook fetched from the stand-in Hub into its empty cache
+    downloads: dict[str, int] | None = None  # the same, by repository
 
 
 # --- one notebook ---------------------------------------------------------------------------------
@@ -272,6 +277,7 @@ def run_course(output: Path, notebooks: list[Path], timeout_s: int = 1800, envel
     SIGINT/SIGTERM do stop it, after killing the running kernel.
     """
     output.mkdir(parents=True, exist_ok=True)
+    served = stand_in_kind(os.environ.get(CHECKPOINT_VAR, "")) is not None  # downloads go through the stand-in Hub
     results: dict[str, Any] = dict(envelope=envelope.as_dict() if envelope else None, provenance=provenance(command),
                                    notebooks=[])
     vram = VramHolder(envelope.vram_gib) if envelope else None
@@ -282,6 +288,7 @@ def run_course(output: Path, notebooks: list[Path], timeout_s: int = 1800, envel
         for path in notebooks:
             folder = output / path.stem if envelope else output  # a fresh Colab VM has no earlier outputs
             env = {**os.environ, "FLUXNB_OUTPUT": str(folder.resolve())}
+            downloads = _fresh_hub_cache(env, output, path.stem) if served else None
             cgroup = None
             if envelope:
                 env[ENV_VAR] = envelope.name
@@ -292,6 +299,11 @@ def run_course(output: Path, notebooks: list[Path], timeout_s: int = 1800, envel
             finally:
                 if cgroup is not None:
                     cgroup.remove()
+                if downloads is not None:
+                    shutil.rmtree(env[hub.CACHE_VAR], ignore_errors=True)  # a VM's disk goes with the VM
+            if downloads is not None:
+                result.downloads = downloaded_by_repository(downloads)
+                result.downloaded_bytes = sum(result.downloads.values())
             results["notebooks"].append(asdict(result))
             _save(output / RESULTS_NAME, results)
             print(_line(result), flush=True)
@@ -305,6 +317,27 @@ def run_course(output: Path, notebooks: list[Path], timeout_s: int = 1800, envel
     return results
 
 
+def _fresh_hub_cache(env: dict[str, str], output: Path, name: str) -> Path:
+    """Give the next kernel an empty Hugging Face cache and a download log of its own, as a fresh Colab VM has
+    (its stand-in Hub reads both from ``env``: :mod:`fluxnb.hub`); return the log's path."""
+    cache, log = output / "hub-cache" / name, output / "downloads" / f"{name}.jsonl"
+    shutil.rmtree(cache, ignore_errors=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)
+    env[hub.CACHE_VAR], env[hub.LOG_VAR] = str(cache.resolve()), str(log.resolve())
+    return log
+
+
+def downloaded_by_repository(log: Path) -> dict[str, int]:
+    """Bytes the stand-in Hub sent, by repository, from its log (one JSON line per transfer; none: nothing)."""
+    totals: dict[str, int] = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            totals[entry["repo"]] = totals.get(entry["repo"], 0) + entry["bytes"]
+    return totals
+
+
 def _save(path: Path, results: dict[str, Any]) -> None:
     path.write_text(json.dumps(results, indent=1) + "\n")
 
@@ -313,7 +346,8 @@ def _line(r: NotebookResult) -> str:
     peaks = ", ".join(f"{k} {v:.2f} GiB" for k, v in (("VRAM", r.vram_device_peak_gib), ("RAM", r.ram_peak_gib),
                                                       ("RAM anon", r.ram_anon_peak_gib)) if v is not None)
     verdict = "passed" if r.passed else f"FAILED in cell {r.failed_cell} ({r.failed_source!r}): {r.cause}"
-    return f"{r.notebook}: {verdict}; {r.seconds:.1f} s" + (f"; {peaks}" if peaks else "")
+    fetched = "" if r.downloaded_bytes is None else f"; downloaded {size_text(r.downloaded_bytes)}"
+    return f"{r.notebook}: {verdict}; {r.seconds:.1f} s" + (f"; {peaks}" if peaks else "") + fetched
 
 
 # --- the results as a table (README and notebook 04 show it, generated) --------------------------
