@@ -226,3 +226,52 @@ def test_notebooks_may_follow_the_options(tmp_path, capsys):
         pytest.skip("the CPU path")
     assert course.main([str(tmp_path), "--envelope", "colab-t4", "--timeout", "5", "notebooks/09_faster.ipynb"]) == 2
     assert "run it on a machine with a GPU" in capsys.readouterr().err  # got past the parser
+
+
+def test_each_notebook_downloads_into_an_empty_cache_and_its_bytes_are_counted(tmp_path):
+    """As on a fresh Colab VM: the second notebook downloads again what the first did, and the runner says how much."""
+    fetch = ("import fluxnb\n"
+             "checkpoint = fluxnb.resolve_checkpoint('black-forest-labs/FLUX.1-schnell')\n"
+             "from huggingface_hub import hf_hub_download\n"
+             "for name in ('vae/config.json', 'vae/diffusion_pytorch_model.safetensors'):\n"
+             "    hf_hub_download(checkpoint, name)")
+    first = _notebook(tmp_path / "01_fetch.ipynb", fetch)
+    second = _notebook(tmp_path / "02_fetch.ipynb", fetch)
+    nothing = _notebook(tmp_path / "03_nothing.ipynb", "print('no download')")
+    proc = _runner(tmp_path / "out", first, second, nothing, env={**os.environ, "FLUXNB_CHECKPOINT": "tiny"})
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    tiny = fluxnb.build_tiny("schnell")
+    size = sum((tiny / "vae" / name).stat().st_size for name in ("config.json", "diffusion_pytorch_model.safetensors"))
+    rows = json.loads((tmp_path / "out" / course.RESULTS_NAME).read_text())["notebooks"]
+    assert [r["downloaded_bytes"] for r in rows] == [size, size, 0]
+    assert rows[0]["downloads"] == {"black-forest-labs/FLUX.1-schnell": size} and rows[2]["downloads"] == {}
+    assert f"downloaded {fluxnb.prequantized.size_text(size)}" in output
+    assert not (tmp_path / "out" / "hub-cache" / "01_fetch").exists()  # a VM's disk goes with the VM
+
+
+def _course_output_with(*names: str) -> Path:
+    """A tiny course run that executed ``names`` into one output folder: CI's (FLUXNB_COURSE_OUTPUT, made by
+    .ci/run before the tests), or one made here."""
+    given = os.environ.get("FLUXNB_COURSE_OUTPUT")
+    if given and all((Path(given) / "downloads" / f"{Path(n).stem}.jsonl").exists() for n in names):
+        return Path(given)
+    out = Path(os.environ["FLUXNB_OUTPUT"]).parent / "course-01-03"
+    proc = _runner(out, *(ROOT / "notebooks" / n for n in names), env={**os.environ, "FLUXNB_CHECKPOINT": "tiny"})
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output
+    return out
+
+
+def test_notebook_03_reads_01s_embeddings_and_loads_no_text_encoder():
+    out = _course_output_with("01_encode_prompt_4bit_t5.ipynb", "03_generate.ipynb")
+    results = {r["notebook"]: r for r in json.loads((out / course.RESULTS_NAME).read_text())["notebooks"]}
+    assert results["01_encode_prompt_4bit_t5.ipynb"]["passed"] and results["03_generate.ipynb"]["passed"]
+    fetched = [json.loads(line) for line in (out / "downloads" / "03_generate.jsonl").read_text().splitlines()]
+    dev = [e["path"] for e in fetched if e["repo"] == "black-forest-labs/FLUX.1-dev"]
+    assert dev and not [p for p in dev if p.startswith(("text_encoder", "tokenizer"))], dev  # the VAE, not T5
+    assert not [e for e in fetched if e["repo"] == "hf-internal-testing/flux.1-dev-nf4-pkg"
+                and e["path"].startswith("text_encoder_2/")]
+    dev_files = [p for p in (out / "embeddings").glob("*.safetensors")
+                 if "FLUX.1-dev" in fluxnb.load_embeddings(p, "cpu")[1]["checkpoint"]]
+    assert len(dev_files) == 1, dev_files  # 01's file, read by 03: not a second one

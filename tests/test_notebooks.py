@@ -127,3 +127,19 @@ def test_fact_spans_are_current_and_the_scan_can_fail():
     with pytest.raises(ValueError, match="no fact named t4_vram"):
         report.fill_facts("<!-- fact:t4_vram -->15 GiB<!-- /fact -->", facts)
     assert FIGURE.search("a T4 has 15 GiB") and not FIGURE.search(TYPED_ON_PURPOSE.sub("", "an 8 GB card"))
+
+
+SOLUTIONS = sorted((Path(__file__).parent.parent / "notebooks" / "solutions").glob("[0-9]*.ipynb"))
+_STAND_IN_SWITCHES = re.compile(r"is_stand_in|stand_in\s*=|STAND_INS|FLUXNB_CHECKPOINT|stand_in_folder|build_tiny|"
+                                r"build_random")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda p: p.stem)
+def test_no_lesson_cell_switches_on_the_stand_in(path):
+    """The stand-ins arrive as the real model does (fluxnb.hub: the real id, through the Hub's client), so after
+    the parameters cell no code cell asks whether it runs on one: what a learner reads is what runs on the Hub."""
+    cells = [c for c in _cells(path) if c["cell_type"] == "code"]
+    parameters = next(i for i, c in enumerate(cells) if "fluxnb.resolve_checkpoint(MODEL_ID)" in _source(c))
+    for cell in cells[parameters + 1:]:
+        found = _STAND_IN_SWITCHES.search(_source(cell))
+        assert found is None, f"{path.name}: {found[0]!r} after the parameters cell, in {_source(cell)[:80]!r}"
