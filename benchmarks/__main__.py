@@ -139,12 +139,13 @@ def pick_median(attempts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def recipe_checkpoint(choice: str, model_id: str, resolved: dict[str, str]) -> str:
-    """``--checkpoint`` resolved for one recipe's model (:func:`fluxnb.resolve_checkpoint`): ``random-dev`` is
+    """``--checkpoint`` resolved for one recipe's model (:func:`fluxnb.checkpoints.stand_in_folder`: a benchmark
+    loads a stand-in from its folder, since it measures memory and speed, not a download): ``random-dev`` is
     FLUX.1-dev's random stand-in for the FLUX.1 recipes and ``random-klein`` for the ``klein-*`` ones, ``tiny``
     each model's tiny one; a folder is used as given. Each model is resolved (built) once, when a recipe of it
     first runs, so a run of klein rows alone never builds FLUX.1's 34 GB stand-in."""
     if model_id not in resolved:
-        resolved[model_id] = fluxnb.resolve_checkpoint(model_id, choice=choice)
+        resolved[model_id] = fluxnb.checkpoints.stand_in_folder(model_id, choice)
     return resolved[model_id]
 
 
@@ -216,7 +217,7 @@ def cmd_envelope(ns: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("The envelope caps a GPU's memory: it needs a GPU.", file=sys.stderr)
         return 2
-    checkpoint = fluxnb.resolve_checkpoint("black-forest-labs/FLUX.1-dev", choice=ns.checkpoint)
+    checkpoint = fluxnb.checkpoints.stand_in_folder("black-forest-labs/FLUX.1-dev", ns.checkpoint)
     path = ns.results or RESULTS / f"{gpu_slug()}.json"
     results = load_results(path)
     results.setdefault("envelopes", {})

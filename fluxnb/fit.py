@@ -52,7 +52,7 @@ import torch
 from fluxnb.capacity import TIGHT_GIB
 from fluxnb import klein
 from fluxnb.checkpoints import (STAND_INS, build_random, cache_dir, generation_settings, is_stand_in,
-                                random_stand_in_gb, random_variant, resolve_checkpoint, stand_in_dir)
+                                random_stand_in_gb, random_variant, stand_in_dir, stand_in_folder)
 from fluxnb.errors import NeedsGPUError, check_generation_request
 from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
 from fluxnb.environment import machine_info, pick_dtype
@@ -228,7 +228,7 @@ def prepare_checkpoint(choice: str, model: str = "flux1") -> str | None:
     a CUDA context in this process, counted in every later peak. Anything else is used as given.
     """
     if choice == "tiny" or choice not in STAND_INS:
-        return resolve_checkpoint(MODEL_IDS[model], choice=choice)
+        return stand_in_folder(MODEL_IDS[model], choice)
     variant = random_variant(MODEL_IDS[model], choice)
     folder = stand_in_dir("random", variant)
     if is_stand_in(folder) == "random":

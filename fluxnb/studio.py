@@ -238,17 +238,18 @@ def png_settings(path: str | Path) -> dict[str, str]:
 
 
 def _stand_in_lines(checkpoint: str, model_id: str) -> list[str]:
-    """The one visible switch to a fluxnb stand-in, if ``checkpoint`` is one (else nothing)."""
-    kind = is_stand_in(checkpoint) if Path(checkpoint).is_dir() else None
+    """The one visible switch to a fluxnb stand-in, if ``checkpoint`` is one (else nothing): two lines that
+    serve the stand-in under ``model_id`` (:mod:`fluxnb.hub`), before anything imports diffusers. The rest of
+    the script is then the real model's, word for word."""
+    kind = is_stand_in(checkpoint)  # a stand-in's folder, or the real id served by this kernel's stand-in Hub
     if kind is None:
         return []
-    choice = "tiny" if kind == "tiny" else f"random-{variant_of(model_id)}"
+    choice = "tiny" if kind == "tiny" else f"random-{variant_of(model_id)}"  # random-dev, -schnell or -klein
     return [
-        f"# This image came from fluxnb's {choice!r} stand-in (random weights, not the real model). For the real",
-        "# model delete the next three lines.",
+        f"# This image came from fluxnb's {choice!r} stand-in (random weights, not the real model), served under the",
+        "# real model's id by a Hub on this machine. For the real model delete the next two lines.",
         "import fluxnb",
-        f"MODEL_ID = fluxnb.resolve_checkpoint(MODEL_ID, choice={choice!r})",
-        f"PREQUANTIZED = TRANSFORMER = fluxnb.prequantized_checkpoint({model_id!r}, DTYPE, choice={choice!r})",
+        f"fluxnb.resolve_checkpoint({model_id!r}, choice={choice!r})  # before diffusers is imported",
     ]
 
 
@@ -275,9 +276,10 @@ def reproduction_code(path: str | Path) -> str:
     source = s.get("transformer_source", s["prequantized"])
     source = None if source == "None" else source
     model_id = s["checkpoint"]
-    if stand_in:  # the script names the real model; the stand-in lines switch it, as in the notebooks
+    if stand_in:  # the script names the real model and its package; the stand-in lines serve both
         model_id = real_model
-        prequantized = source = PREQUANTIZED_REPOS.get(variant_of(model_id)) or prequantized
+        prequantized = PREQUANTIZED_REPOS.get(variant_of(model_id)) if prequantized else None
+        source = prequantized if source else None
     resident = s.get("resident_blocks", "None")
     if prequantized is None:  # no package: quantize both while loading, from the original weights
         t5_load = ("T5EncoderModel.from_pretrained(MODEL_ID, subfolder=\"text_encoder_2\", dtype=TEXT_DTYPE,\n"
@@ -300,6 +302,7 @@ def reproduction_code(path: str | Path) -> str:
         f"{s.get('fluxnb', '?')}'s Studio).",
         "# The staged flow of notebooks 01-03 in diffusers, transformers and bitsandbytes: encode the prompt, free",
         "# the text encoders, denoise with the 4-bit transformer, decode with the VAE (recipes/prequantized_from_hub.py).",
+        *stand_in,
         "import gc",
         "",
         "import bitsandbytes as bnb",
@@ -314,7 +317,6 @@ def reproduction_code(path: str | Path) -> str:
         (f"TRANSFORMER = PREQUANTIZED" if source == prequantized else f"TRANSFORMER = {source!r}  # the NF4 transformer notebook 02 saved")
         if source else None,
         f"DTYPE, TEXT_DTYPE = {s['dtype']}, {s['text_dtype']}  # text encoders in fp32 on a GPU without bf16 (notebook 01)",
-        *stand_in,
         f"PROMPT = {s['prompt']!r}",
         f"SEED, STEPS, GUIDANCE = {int(s['seed'])}, {int(s['steps'])}, {float(s['guidance'])}",
         f"HEIGHT, WIDTH, MAX_SEQUENCE_LENGTH = {int(s['height'])}, {int(s['width'])}, {int(s['max_sequence_length'])}",
@@ -377,11 +379,7 @@ def klein_reproduction_code(path: str | Path, s: dict[str, str]) -> str:
     diffusers, transformers and bitsandbytes (:mod:`fluxnb.klein` written out), fluxnb only in the switch to a
     stand-in."""
     model_id = klein.MODEL_ID if is_stand_in(s["checkpoint"]) else s["checkpoint"]
-    kind = is_stand_in(s["checkpoint"])
-    stand_in = [] if kind is None else [
-        f"# This image came from fluxnb's {'tiny' if kind == 'tiny' else 'random-klein'!r} stand-in (random weights, not "
-        "the real model). For the real", "# model delete the next two lines.", "import fluxnb",
-        f"MODEL_ID = fluxnb.resolve_checkpoint(MODEL_ID, choice={'tiny' if kind == 'tiny' else 'random-klein'!r})"]
+    stand_in = _stand_in_lines(s["checkpoint"], model_id)
     transformer_quant = s.get("transformer_quant", "None")
     if transformer_quant == "nf4":
         tr_load = ("Flux2Transformer2DModel.from_pretrained(MODEL_ID, subfolder=\"transformer\", dtype=DTYPE,\n"
@@ -395,6 +393,7 @@ def klein_reproduction_code(path: str | Path, s: dict[str, str]) -> str:
         f"{s.get('fluxnb', '?')}'s Studio).",
         "# FLUX.2 [klein]'s staged flow in diffusers, transformers and bitsandbytes: encode the prompt with a 4-bit",
         "# Qwen3, free it, denoise with the transformer, decode with the VAE (notebook 12).",
+        *stand_in,
         "import gc",
         "",
         "import torch",
@@ -404,7 +403,6 @@ def klein_reproduction_code(path: str | Path, s: dict[str, str]) -> str:
         "",
         f"MODEL_ID = {model_id!r}",
         f"DTYPE, TEXT_DTYPE = {s['dtype']}, {s['text_dtype']}",
-        *stand_in,
         f"PROMPT = {s['prompt']!r}",
         f"SEED, STEPS, GUIDANCE = {int(s['seed'])}, {int(s['steps'])}, {float(s['guidance'])}",
         f"HEIGHT, WIDTH, MAX_SEQUENCE_LENGTH = {int(s['height'])}, {int(s['width'])}, {int(s['max_sequence_length'])}",

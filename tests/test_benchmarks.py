@@ -337,7 +337,7 @@ def test_the_klein_recipes_load_klein():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
 def test_every_klein_recipe_runs_the_staged_flow_on_tiny_klein():
     """Each klein-* row through the worker on tiny klein (a second each): the staged stages, klein's guidance."""
-    checkpoint = fluxnb.resolve_checkpoint("black-forest-labs/FLUX.2-klein-4B", choice="tiny")
+    checkpoint = fluxnb.checkpoints.stand_in_folder("black-forest-labs/FLUX.2-klein-4B", "tiny")
     encoders = {"klein-bf16": "bf16", "klein-fp16": "fp16", "klein-nf4": "fp32", "klein-nf4-encoder4bit": "nf4",
                 "klein-fp16-encoder4bit": "nf4"}
     transformers = {"klein-bf16": "bf16", "klein-fp16": "fp16", "klein-nf4": "nf4", "klein-nf4-encoder4bit": "nf4",

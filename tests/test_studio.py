@@ -3,6 +3,7 @@
 Runs on the tiny stand-in (conftest.py sets FLUXNB_CHECKPOINT=tiny and a scratch cache).
 """
 
+import os
 import html
 import io
 from collections import Counter
@@ -22,8 +23,21 @@ MODEL_ID = "black-forest-labs/FLUX.1-dev"
 @pytest.fixture(scope="module")
 def checkpoint():
     fluxnb.allow_bitsandbytes_on_cpu()
-    ck = fluxnb.resolve_checkpoint(MODEL_ID)
-    return ck, fluxnb.prequantized_checkpoint(MODEL_ID, fluxnb.pick_dtype())
+    ck = fluxnb.checkpoints.stand_in_folder(MODEL_ID, "tiny")  # this process serves no stand-in Hub (conftest.py)
+    return ck, str(fluxnb.prequantized.stand_in_package("tiny", fluxnb.pick_dtype()))
+
+
+def run_as_a_script(code: str, folder):
+    """Run Show code's script as a learner would: saved to a file, ``python remade.py``, in a fresh interpreter
+    (no saved embeddings there: it encodes again); it writes ``folder / "remade.png"``."""
+    import subprocess
+    import sys
+
+    (folder / "remade.py").write_text(code)
+    env = {**os.environ, "FLUXNB_HUB_CACHE": str(folder / "hub-cache"), "FLUXNB_OUTPUT": str(folder / "elsewhere")}
+    done = subprocess.run([sys.executable, "remade.py"], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.fixture
@@ -112,16 +126,16 @@ def test_show_code_remakes_the_selected_image_exactly(checkpoint, tmp_path, monk
     assert studio.selected.value == str(second.paths[0]) and "SEED, STEPS, GUIDANCE = 4, 2" in studio.code.value
     studio.selected.value = str(result.paths[0])  # picking an image in the list updates the code shown
     assert studio.code.value == code
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("FLUXNB_OUTPUT", str(tmp_path / "elsewhere"))  # no saved embeddings: encodes again
-    exec(compile(code, "reproduction", "exec"), {})
+    run_as_a_script(code, tmp_path)
     assert np.array_equal(pixels(tmp_path / "remade.png"), pixels(result.paths[0]))
-    # a standalone diffusers script: fluxnb only in the visible switch to the stand-in it was made with
+    # a standalone diffusers script: fluxnb only in the visible switch to the stand-in it was made with, which
+    # serves it under the real ids; the rest is the real model's script
     fluxnb_lines = [line for line in code.splitlines() if "fluxnb" in line and not line.startswith("#")]
-    assert fluxnb_lines == ["import fluxnb", "MODEL_ID = fluxnb.resolve_checkpoint(MODEL_ID, choice='tiny')",
-                            "PREQUANTIZED = TRANSFORMER = fluxnb.prequantized_checkpoint('black-forest-labs/FLUX.1-dev', "
-                            "DTYPE, choice='tiny')"], fluxnb_lines
+    assert fluxnb_lines == ["import fluxnb", "fluxnb.resolve_checkpoint('black-forest-labs/FLUX.1-dev', choice='tiny')"
+                            "  # before diffusers is imported"], fluxnb_lines
+    assert code.index("import fluxnb") < code.index("from diffusers")
     assert "MODEL_ID = 'black-forest-labs/FLUX.1-dev'" in code and str(tmp_path) not in code  # no local cache paths
+    assert "PREQUANTIZED = 'hf-internal-testing/flux.1-dev-nf4-pkg'" in code
     for call in ("T5EncoderModel.from_pretrained", "FluxTransformer2DModel.from_pretrained", "pipe.encode_prompt"):
         assert call in code
 
@@ -377,7 +391,7 @@ KLEIN_ID = "black-forest-labs/FLUX.2-klein-4B"
 @pytest.fixture(scope="module")
 def klein_checkpoint():
     fluxnb.allow_bitsandbytes_on_cpu()
-    return fluxnb.resolve_checkpoint(KLEIN_ID, choice="tiny")
+    return fluxnb.checkpoints.stand_in_folder(KLEIN_ID, "tiny")
 
 
 def test_klein_generates_with_its_own_flow_and_settings_and_show_code_remakes_it(klein_checkpoint, tmp_path, monkeypatch):
@@ -410,8 +424,8 @@ def test_klein_generates_with_its_own_flow_and_settings_and_show_code_remakes_it
     code = reproduction_code(first.paths[0])
     assert "Flux2KleinPipeline" in code and "Qwen3ForCausalLM" in code and "SEED, STEPS, GUIDANCE = 3, 4, 1.0" in code
     fluxnb_lines = [line for line in code.splitlines() if "fluxnb" in line and not line.startswith("#")]
-    assert fluxnb_lines == ["import fluxnb", "MODEL_ID = fluxnb.resolve_checkpoint(MODEL_ID, choice='tiny')"]
+    assert fluxnb_lines == ["import fluxnb",
+                            f"fluxnb.resolve_checkpoint({KLEIN_ID!r}, choice='tiny')  # before diffusers is imported"]
     assert f"MODEL_ID = {KLEIN_ID!r}" in code and str(tmp_path) not in code
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "reproduction", "exec"), {})
+    run_as_a_script(code, tmp_path)
     assert np.array_equal(pixels(tmp_path / "remade.png"), pixels(first.paths[0]))
