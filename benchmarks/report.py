@@ -457,6 +457,30 @@ def write_measured_table(data: dict[str, Any] | None = None) -> str:
     return body
 
 
+DOWNLOADS_START, DOWNLOADS_END = "<!-- fluxnb:downloads-table:start -->", "<!-- fluxnb:downloads-table:end -->"
+DOWNLOADS = ROOT / "benchmarks" / "results"  # downloads-*.json: course runs whose notebooks each began with an empty cache
+
+
+def downloads_markdown(folder: Path = DOWNLOADS) -> str:
+    """What each notebook downloads on a fresh VM, from the committed course runs that counted it
+    (``benchmarks/results/downloads-*.json``: the runner's results, :func:`fluxnb.lab.course.downloads_markdown`)."""
+    from fluxnb.lab.course import downloads_markdown as table
+
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("downloads-*.json"))]
+    return "\n".join(table(run) for run in runs) if runs else "No course run has counted its downloads yet.\n"
+
+
+def write_downloads_docs() -> str:
+    """Refresh the downloads section of ``docs/results.md`` (between its markers) from the committed runs."""
+    body = downloads_markdown()
+    text = RESULTS_DOC.read_text()
+    if DOWNLOADS_START not in text:
+        raise ValueError(f"{RESULTS_DOC} has no downloads section: regenerate it with `python -m benchmarks report`")
+    start, end = text.index(DOWNLOADS_START) + len(DOWNLOADS_START), text.index(DOWNLOADS_END)
+    RESULTS_DOC.write_text(text[:start] + "\n" + body.strip() + "\n" + text[end:])
+    return body
+
+
 def results_document(course: str, benchmark: str, chart_path: str | None) -> str:
     """``docs/results.md``, whole: the course inside each envelope, then every recipe on a GPU."""
     chart_line = f"\n![benchmark chart](../{chart_path})\n" if chart_path else ""
@@ -479,6 +503,16 @@ front page and in `python -m fluxnb.planner`.
 {COURSE_START}
 {course.strip()}
 {COURSE_END}
+
+## What each notebook downloads on a fresh VM
+
+The course runner gives each notebook an empty Hugging Face cache and counts every byte the stand-in Hub
+sends it (`fluxnb.hub`): what a learner's fresh Colab VM would download, file for file, at the stand-in's
+sizes. The tiny stand-in's files are a few MB; the real sizes come from a run on `random-dev`.
+
+{DOWNLOADS_START}
+{downloads_markdown().strip()}
+{DOWNLOADS_END}
 
 ## Every recipe on a GPU
 

@@ -51,7 +51,8 @@ from pathlib import Path
 
 import torch
 
-from fluxnb.checkpoints import (ENV_VAR, REAL_MAX_SHARD_BYTES, cache_dir, resolve_checkpoint, variant_of,
+from fluxnb.checkpoints import (ENV_VAR, KLEIN_PARTS, REAL_MAX_SHARD_BYTES, cache_dir, family_of, resolve_checkpoint,
+                                variant_of,
                                 write_hub_json)  # REAL_MAX_SHARD_BYTES: the 2024 libraries' shard sizes, as the Hub package was cut
 from fluxnb.environment import check_free_disk
 from fluxnb.memory import flush
@@ -306,13 +307,17 @@ def download_plan(model_id: str, prequantized: str | None) -> list[DownloadItem]
     """Every file a notebook's loaders read: what it will download, computed from the file lists.
 
     From ``model_id`` (the original, or a stand-in's folder): ``model_index.json``, the scheduler,
-    tokenizers, CLIP and the VAE; from ``prequantized`` the NF4 ``text_encoder_2`` and ``transformer``,
+    tokenizers, CLIP and the VAE (for FLUX.2 [klein]: all its parts, and ``prequantized`` is ignored); from ``prequantized`` the NF4 ``text_encoder_2`` and ``transformer``,
     or without it those two from ``model_id`` (bf16, quantized while loading). Only files that
     ``from_pretrained`` fetches count. Files in the Hugging Face cache, or in a local folder, are marked
     ``cached``. Offline, a Hub repo is planned from its cached copy; not cached: ``ConnectionError``.
     A source without one of its parts: ``FileNotFoundError``.
     """
-    sources = {model_id: ORIGINAL_PARTS + (() if prequantized else NF4_PARTS)}
+    if family_of(model_id) == "klein":  # FLUX.2 [klein]: one text encoder, no NF4 package
+        sources = {model_id: ("model_index.json", *KLEIN_PARTS)}
+        prequantized = None
+    else:
+        sources = {model_id: ORIGINAL_PARTS + (() if prequantized else NF4_PARTS)}
     if prequantized:
         sources[prequantized] = sources.get(prequantized, ()) + NF4_PARTS
     plan = []

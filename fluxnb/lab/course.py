@@ -385,6 +385,24 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join([head, "", *rows, "", note]) + "\n"
 
 
+def downloads_markdown(results: dict[str, Any]) -> str:
+    """What each notebook of a course run downloaded from the stand-in Hub into its empty cache (as on a fresh
+    VM), as a markdown table with where it was measured: from the runner's counts, not from file lists."""
+    p = results["provenance"]
+    head = (f"`{p['command']}` with `FLUXNB_CHECKPOINT={p['checkpoint'] or '(unset)'}`, each notebook starting "
+            f"from an empty Hugging Face cache, on {p['gpu'] or 'a CPU'} ({p['date'][:10]}; Python {p['python']}, "
+            + ", ".join(f"{name} {p['libraries'][name]}" for name in ("torch", "diffusers", "transformers",
+                                                                      "huggingface_hub")) + "):")
+    rows = ["| notebook | result | downloaded | from |", "|---|---|---|---|"]
+    for r in results["notebooks"]:
+        fetched = r.get("downloaded_bytes")
+        sources = ", ".join(f"{repo} {size_text(n)}" for repo, n in sorted((r.get("downloads") or {}).items()))
+        rows.append(f"| {r['notebook']} | {'pass' if r['passed'] else 'FAIL'} | "
+                    f"{'-' if fetched is None else size_text(fetched)} | {sources or '-'} |")
+    total = sum(r.get("downloaded_bytes") or 0 for r in results["notebooks"])
+    return "\n".join([head, "", *rows, "", f"All notebooks together: {size_text(total)}."]) + "\n"
+
+
 def _short(cause: str | None) -> str:
     """The first two sentences of a cause (a CUDA OOM message runs on for a paragraph), for a table cell."""
     sentences = (cause or "").replace("|", "/").split(". ")
