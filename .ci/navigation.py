@@ -10,7 +10,7 @@ badges and links to the previous and next notebook; the footer (the last cell) s
 and links to the lesson's solutions. Each lesson in ``COURSE`` has one solutions notebook,
 ``notebooks/solutions/<lesson>_solutions.ipynb`` (derived from ``COURSE``, never listed twice): its header
 has the same badges and a link back to its lesson, its footer leads to the next lesson's solutions, and
-its setup cell is the lesson's (the same Colab install line).
+its setup cell is the lesson's (the same install on Colab and Kaggle), under a markdown cell made here too.
 Colab's metadata asks for a T4 GPU. ``REPO`` is the one place the repository's GitHub path is written.
 """
 
@@ -47,10 +47,14 @@ BINDER_BADGE = "https://mybinder.org/badge_logo.svg"
 INSTALL = re.compile(r'%pip install -q "fluxnb @ git\+https://github\.com/[^"]+"')
 SETUP = "## Setup"  # the heading of the markdown cell before each lesson's setup cell; both are made here
 BACKENDS = ("torchao", "optimum-quanto", "gguf", "torchmetrics", "sdnq")  # 05-07's extra installs, pinned as in requirements.txt
-SETUP_KIND = {  # what a lesson's setup cell adds to the install: "drive" (keep downloads on Google Drive) by default
+SETUP_KIND = {  # what a lesson's setup cell installs besides the course's libraries: 05-07 the backends
     "05_bitsandbytes_options.ipynb": "backends", "06_quantization_backends.ipynb": "backends",
-    "07_spot_the_quantized.ipynb": "backends", "10_multi_gpu.ipynb": "kaggle",
+    "07_spot_the_quantized.ipynb": "backends",
 }
+KAGGLE_CHECK = '"KAGGLE_KERNEL_RUN_TYPE" in os.environ'  # what fluxnb.environment.runtime() checks (KAGGLE_ENV_VAR)
+SOLUTIONS_SETUP = (f"{SETUP}\n\nThe lesson's setup cell, unchanged: on Colab and Kaggle it installs the pinned libraries (the\n"
+                   "lesson's setup section says what each needs first); anywhere else the README's setup command already\n"
+                   "did. It prints where the downloads and the outputs go.")
 
 
 def colab_url(name: str) -> str:
@@ -119,34 +123,31 @@ def pins(names: tuple[str, ...], root: Path = ROOT) -> str:
 
 def setup_cells(i: int, root: Path = ROOT) -> tuple[str, str]:
     """Lesson ``i``'s setup: the markdown that says what the cell does, and the cell. Made here for every
-    lesson, so the twelve say the same thing the same way and install the same pinned versions."""
-    kind = SETUP_KIND.get(COURSE[i][0], "drive")
-    install = f'    %pip install -q "fluxnb @ git+https://github.com/{REPO}"'
+    lesson, so the thirteen say the same thing the same way and install the same pinned versions, on
+    Colab and on Kaggle alike, and all keep files where ``fluxnb.environment.set_up_storage`` says."""
+    kind = SETUP_KIND.get(COURSE[i][0])
     what = "the course's pinned libraries" + (" and the quantization backends" if kind == "backends" else "")
-    where = "Colab or Kaggle" if kind == "kaggle" else "Colab"
-    text = (f"{SETUP}\n\nRun this cell first. On {where} it installs {what} next to the PyTorch already\n"
-            "there (about a minute; on Colab, pick **Runtime → Change runtime type → T4 GPU** before). Anywhere else\n"
-            "it does nothing: the README's setup command installed them.")
-    code = [f"# On {where}: install {what} (its PyTorch stays).", "# Elsewhere nothing happens here.",
-            "import os", "import sys", ""]
-    if kind == "drive":
-        text += ("\n\nColab gives every notebook a fresh machine: with `USE_GOOGLE_DRIVE = True` the downloads and\n"
-                 "outputs stay on your Google Drive for the next notebook (it needs the free space the download check prints).")
-        code += ['USE_GOOGLE_DRIVE = False  # True: keep the Hugging Face cache and the outputs on your Google Drive',
-                 'if "google.colab" in sys.modules:', install,
-                 "    if USE_GOOGLE_DRIVE:",
-                 "        from google.colab import drive", "",
-                 '        drive.mount("/content/drive")',
-                 '        os.environ["HF_HOME"] = "/content/drive/MyDrive/fluxnb/huggingface"  # before huggingface_hub is imported',
-                 '        os.environ["FLUXNB_OUTPUT"] = "/content/drive/MyDrive/fluxnb/outputs"']
-    elif kind == "backends":
-        code += ['if "google.colab" in sys.modules:', install, f"    %pip install -q {pins(BACKENDS, root)}",
-                 f'    print("installed: {what}, pinned as in requirements.txt")']
-    else:  # kaggle: the free two-GPU machine
-        text += "\n\nOn Kaggle, choose **Settings → Accelerator → GPU T4 x2** first."
-        code += ['if "google.colab" in sys.modules:', install, f'    print("installed: {what}")',
-                 'elif "KAGGLE_KERNEL_RUN_TYPE" in os.environ:  # Kaggle: Settings -> Accelerator -> GPU T4 x2', install,
-                 f'    print("installed on Kaggle: {what}")']
+    text = (f"{SETUP}\n\nRun this cell first. On Colab and Kaggle it installs {what}\n"
+            "next to the PyTorch already there (about a minute); anywhere else the README's setup command\n"
+            "installed them. Then it prints where the downloads and the outputs go.\n\n"
+            "- **Colab:** pick **Runtime → Change runtime type → T4 GPU** first. Each notebook gets a fresh machine:\n"
+            "  with `USE_GOOGLE_DRIVE = True` what the notebooks make (embeddings, images, the 4-bit transformer\n"
+            "  notebook 02 saves for 03) stays on your Google Drive. The downloads go there too only if Drive has\n"
+            "  room for the largest of them; a free Drive has not, so they stay on this machine's disk and are\n"
+            "  downloaded again in each notebook.\n"
+            "- **Kaggle:** switch on **Settings → Internet** and pick **Settings → Accelerator → GPU T4 x2** (both need\n"
+            "  a phone-verified account; notebook 10 uses the two T4s, the others one). What a notebook writes to\n"
+            "  `/kaggle/working` is kept with its saved version, in limited space, so only the outputs go there;\n"
+            "  the downloads go to scratch space, emptied when the session ends.")
+    code = [f"# On Colab and Kaggle: install {what} (their PyTorch stays).",
+            "# Elsewhere the README's setup command installed them.", "import os", "import sys", "",
+            "USE_GOOGLE_DRIVE = False  # Colab: True keeps the outputs (and, if Drive has room, the downloads) on Drive",
+            f'if "google.colab" in sys.modules or {KAGGLE_CHECK}:',
+            f'    %pip install -q "fluxnb @ git+https://github.com/{REPO}"']
+    if kind == "backends":
+        code.append(f"    %pip install -q {pins(BACKENDS, root)}")
+    code += ["import fluxnb.environment  # imports neither PyTorch nor huggingface_hub: the downloads' folder can still be set", "",
+             "print(fluxnb.environment.set_up_storage(USE_GOOGLE_DRIVE))  # mounts Drive if asked; says where files go"]
     return text, "\n".join(code)
 
 
@@ -166,7 +167,12 @@ def update_notebook(nb: dict, i: int, solutions: bool = False, lesson: dict | No
     first = re.sub(r"^\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)\n*", "", first)  # the older, hand-made badge
     nb["cells"][0]["source"] = ((solutions_header(i) if solutions else header(i)) + "\n\n" + first).splitlines(keepends=True)
     cells = [c for c in nb["cells"] if not "".join(c["source"]).startswith(FOOTER)]
-    if not solutions:  # the setup: the "## Setup" markdown cell and the first code cell, right after it
+    if solutions:  # the solutions' setup markdown says the cell is the lesson's
+        for cell in cells:
+            if cell["cell_type"] == "markdown" and "".join(cell["source"]).startswith(SETUP):
+                cell["source"] = SOLUTIONS_SETUP.splitlines(keepends=True)
+                break
+    else:  # the setup: the "## Setup" markdown cell and the first code cell, right after it
         text, code = setup_cells(i)
         at = next((k for k, c in enumerate(cells)
                    if c["cell_type"] == "markdown" and "".join(c["source"]).startswith(SETUP)), None)

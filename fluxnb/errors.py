@@ -440,6 +440,21 @@ def check_repo_id(checkpoint: str) -> None:
                          f"\"black-forest-labs/FLUX.1-schnell\" ({error}).") from error
 
 
+def where_to_put_the_token(runtime: str | None = None) -> str:
+    """What to do with a Hugging Face read token on ``runtime`` (default: this one,
+    :func:`fluxnb.environment.runtime`) so that :func:`fluxnb.environment.find_hub_token` finds it."""
+    runtime = runtime or environment.runtime()
+    if runtime == environment.COLAB:
+        return ("on Colab, store it as a secret: the key icon in the left bar -> Add new secret, name HF_TOKEN, the "
+                "token as its value, and switch on Notebook access for it")
+    if runtime == environment.KAGGLE:
+        return ("on Kaggle, store it as a secret: Add-ons -> Secrets -> Add Secret, label HF_TOKEN, the token as its "
+                "value, and tick it so that it is attached to this notebook; Internet must be on too (Settings -> "
+                "Internet, which needs a phone-verified Kaggle account)")
+    return ("on this machine, set the HF_TOKEN environment variable to it before starting Jupyter, or run "
+            "`hf auth login` once in a terminal")
+
+
 def check_hub_access(repo_id: str, token: str | None) -> None:
     """Ask the Hub whether ``token`` may download ``repo_id`` (one small request, no weights).
 
@@ -476,15 +491,20 @@ def check_hub_access(repo_id: str, token: str | None) -> None:
         if error.response is not None and error.response.status_code == 401:
             raise HubAccessError(
                 "The Hugging Face token was refused (invalid or revoked): make a new read token on "
-                "https://huggingface.co/settings/tokens and store it as the Colab secret (or HF_TOKEN) HF_TOKEN."
+                f"https://huggingface.co/settings/tokens and put it in place of the old one: {where_to_put_the_token()} "
+                "(an HF_TOKEN environment variable, where one is set, comes first: replace or unset it). Then "
+                + ("restart the session (Runtime -> Restart session: Colab's secret is read once a session) and run "
+                   "the notebook again." if environment.runtime() == environment.COLAB else "run this cell again.")
             ) from error
         raise
     except httpx.TransportError as error:
         if cached:
             return  # the download is cached: from_pretrained can run without the network
+        internet = ("turn Internet on (Settings -> Internet, which needs a phone-verified Kaggle account)"
+                    if environment.runtime() == environment.KAGGLE else "check the internet connection (a firewall, a proxy)")
         raise HubUnreachableError(
-            f"The Hugging Face Hub cannot be reached ({type(error).__name__}) and {repo_id} is not cached: check "
-            "the internet connection (a firewall, a proxy), or use the offline stand-in: FLUXNB_CHECKPOINT=tiny."
+            f"The Hugging Face Hub cannot be reached ({type(error).__name__}) and {repo_id} is not cached: "
+            f"{internet}, or use the offline stand-in: FLUXNB_CHECKPOINT=tiny."
         ) from error
 
 
@@ -514,18 +534,25 @@ def check_checkpoint_access(checkpoint: str) -> None:
 
     stand_in = is_stand_in(checkpoint)  # "tiny": served by the stand-in Hub of this process, runs on a CPU
     if not torch.cuda.is_available() and stand_in != "tiny":
+        gpu = {environment.COLAB: "Runtime -> Change runtime type -> T4 GPU (if the free GPU quota is used up, try "
+                                  "again later)",
+               environment.KAGGLE: "Settings -> Accelerator -> GPU T4 x2 (Kaggle's GPUs need a phone-verified account)"}
+        where = environment.runtime()
         raise NeedsGPUError(
             f"No GPU in this runtime, so {checkpoint} would download tens of GB and then run for hours on the CPU. "
-            "On Colab: Runtime -> Change runtime type -> T4 GPU (if the free GPU quota is used up, try again later). "
-            "Or learn the steps without a GPU on the tiny offline stand-in: uncomment "
+            + (f"Choose a GPU: {gpu[where]}. " if where in gpu else
+               f"Run it on a machine with an NVIDIA GPU, on Colab ({gpu[environment.COLAB]}) or on Kaggle "
+               f"({gpu[environment.KAGGLE]}). ")
+            + "Or learn the steps without a GPU on the tiny offline stand-in: uncomment "
             "os.environ[\"FLUXNB_CHECKPOINT\"] = \"tiny\" in the parameters cell and run the notebook again."
         )
 
     token = environment.find_hub_token()
     if checkpoint.startswith(GATED_PREFIXES) and not token:
         raise HubAccessError(
-            f"{checkpoint} is gated: accept its licence on https://huggingface.co/{checkpoint}, then add a "
-            "read token as the Colab secret HF_TOKEN (or run huggingface_hub.login()). No token? Use "
+            f"{checkpoint} is gated: accept its licence on https://huggingface.co/{checkpoint}, make a read token "
+            f"on https://huggingface.co/settings/tokens, then {where_to_put_the_token()}, and run this cell again. "
+            "No token? Use "
             "MODEL_ID = 'black-forest-labs/FLUX.1-schnell', which is open."
         )
     check_hub_access(checkpoint, token)

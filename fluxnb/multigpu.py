@@ -288,9 +288,19 @@ def launch(mode: str, nproc: int, checkpoint: str, json_path: str | Path, dtype:
 
     Raises ``RuntimeError`` with the end of the ranks' output if they fail or run past ``timeout_s``
     (then torchrun and every rank are killed, so no rank is left holding a GPU).
+
+    The ranks are ``python -m fluxnb.multigpu`` run by this interpreter, in this folder, with this
+    process's environment: they import fluxnb as the notebook does (on Kaggle: the one the setup cell
+    installed). ``json_path`` is made absolute and its folder created, so rank 0 writes where it was asked:
+    ``fluxnb.output_dir(...)`` is ``/kaggle/working/outputs/...`` on Kaggle, which Kaggle keeps with the
+    notebook's version. A Hub token that :func:`fluxnb.environment.find_hub_token` read from a Colab or
+    Kaggle secret is in that environment as ``HF_TOKEN``: no library reads those secrets in a rank.
     """
-    json_path = Path(json_path)
+    json_path = Path(json_path).expanduser().absolute()
     json_path.unlink(missing_ok=True)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    if not Path(checkpoint).is_dir():
+        fluxnb.find_hub_token()  # a token from a notebook secret becomes HF_TOKEN, which the ranks inherit
     cmd = module_command("torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                          "-m", "fluxnb.multigpu", mode, "--checkpoint", checkpoint, "--json", str(json_path), "--dtype",
                          dtype, "--quant", quant, "--size", f"{height}x{width}", "--steps", str(steps), "--seed", str(seed))

@@ -48,3 +48,80 @@ def fake_hub(monkeypatch):
     yield url
     server.shutdown()
     server.server_close()
+
+
+# --- runtimes: this process as a Kaggle or a Colab notebook sees it ------------------------------------
+
+
+class _KaggleSecretsModule:
+    """A stand-in for Kaggle's ``kaggle_secrets`` (Kaggle/docker-python, ``patches/kaggle_secrets.py``), as
+    its client behaves: ``UserSecretsClient()`` raises ``CredentialError`` without the variable
+    ``KAGGLE_USER_SECRETS_TOKEN`` (a session with no access to secrets); ``get_secret(label)`` raises
+    ``BackendError`` when no secret of that label is attached to the notebook (the service answers
+    ``wasSuccessful: false``), and ``ConnectionError`` when Internet is off."""
+
+    class CredentialError(Exception):
+        pass
+
+    class BackendError(Exception):
+        pass
+
+    class ValidationError(Exception):
+        pass
+
+    def __init__(self):
+        self.__name__ = "kaggle_secrets"
+        self.secrets: dict[str, str] = {}  # label -> value of the secrets attached to this notebook
+        self.asked: list[str] = []
+        self.online = True
+        module = self
+
+        class UserSecretsClient:
+            def __init__(self):
+                import os
+
+                if os.getenv("KAGGLE_USER_SECRETS_TOKEN") is None:
+                    raise module.CredentialError("A JWT Token is required to use the UserSecretsClient, but none "
+                                                 "found in environment variable KAGGLE_USER_SECRETS_TOKEN")
+
+            def get_secret(self, label):
+                module.asked.append(label)
+                if not module.online:
+                    raise ConnectionError("Timeout error trying to communicate with service. Please ensure internet is on.")
+                if label not in module.secrets:
+                    raise module.BackendError("Unexpected response from the service. Response: {'wasSuccessful': False}.")
+                return module.secrets[label]
+
+        self.UserSecretsClient = UserSecretsClient
+
+
+def unset(monkeypatch, *names: str) -> None:
+    """Unset environment variables for one test, and undo whatever the code under test sets them to:
+    ``monkeypatch.delenv`` of a variable that is not set records nothing, so it would not undo that."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def kaggle(monkeypatch, tmp_path):
+    """This process as a Kaggle notebook: ``KAGGLE_KERNEL_RUN_TYPE`` set (no Colab), ``tmp_path/kaggle/working``
+    as ``/kaggle/working``, and the stand-in ``kaggle_secrets`` above with no secret attached yet (add
+    some to ``.secrets``). No ``HF_TOKEN`` and no earlier login, so a token can only come from a secret."""
+    import sys
+
+    from fluxnb import environment
+
+    unset(monkeypatch, "COLAB_RELEASE_TAG", "HF_TOKEN")
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    monkeypatch.setenv("KAGGLE_USER_SECRETS_TOKEN", "a-session-jwt")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    working = tmp_path / "kaggle" / "working"
+    working.mkdir(parents=True)
+    monkeypatch.setattr(environment, "KAGGLE_WORKING", working)
+    monkeypatch.setattr(environment, "_token_from_secret", None)  # no token put in HF_TOKEN by an earlier test
+    secrets = _KaggleSecretsModule()
+    secrets.working = working
+    monkeypatch.setitem(sys.modules, "kaggle_secrets", secrets)
+    return secrets

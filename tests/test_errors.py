@@ -198,6 +198,85 @@ def test_a_gated_repo_whose_licence_was_not_accepted(monkeypatch, gpu_with_disk,
     fluxnb.check_checkpoint_access(GATED)  # the same repo with a token that accepted it
 
 
+# --- where the token goes, on each runtime ---------------------------------------------------------------
+
+TOKEN_PLACES = {  # runtime -> what its messages must say, and what they must not (another runtime's place)
+    "colab": (["on Colab, store it as a secret", "key icon in the left bar", "name HF_TOKEN", "Notebook access"],
+              ["Kaggle", "hf auth login"]),
+    "kaggle": (["on Kaggle, store it as a secret", "Add-ons -> Secrets", "label HF_TOKEN", "attached to this notebook",
+                "Internet must be on", "Settings -> Internet", "phone-verified"], ["Colab", "hf auth login"]),
+    "local": (["HF_TOKEN environment variable", "`hf auth login`"], ["Colab", "Kaggle"]),
+}
+
+
+def _says_where_the_token_goes(message: str, runtime: str) -> None:
+    says, not_there = TOKEN_PLACES[runtime]
+    assert all(s in message for s in says), f"{runtime}: {message}"
+    assert not any(s in message for s in not_there), f"{runtime}: {message}"
+
+
+@pytest.mark.parametrize("runtime", sorted(TOKEN_PLACES))
+def test_a_gated_model_without_a_token_says_where_the_token_goes_here(monkeypatch, runtime):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fluxnb.environment, "runtime", lambda: runtime)
+    monkeypatch.setattr(fluxnb.environment, "find_hub_token", lambda: None)
+    with pytest.raises(PermissionError, match=rf"{GATED} is gated: accept its licence on https://huggingface.co/{GATED}, "
+                                              r"make a read token on https://huggingface.co/settings/tokens, then") as info:
+        fluxnb.check_checkpoint_access(GATED)
+    _says_where_the_token_goes(str(info.value), runtime)
+    assert "FLUX.1-schnell" in str(info.value)  # and the open model, for anyone without a token
+
+
+@pytest.mark.parametrize("runtime", sorted(TOKEN_PLACES))
+def test_a_refused_token_says_where_the_new_one_goes_here(monkeypatch, gpu_with_disk, fake_hub, capsys, runtime):
+    monkeypatch.setattr(fluxnb.environment, "runtime", lambda: runtime)
+    monkeypatch.setenv("HF_TOKEN", BAD_TOKEN)
+    with pytest.raises(PermissionError, match=r"The Hugging Face token was refused \(invalid or revoked\): make a new "
+                                              r"read token on https://huggingface.co/settings/tokens and put it in place "
+                                              r"of the old one: ") as info:
+        fluxnb.check_checkpoint_access("black-forest-labs/FLUX.1-schnell")
+    _says_where_the_token_goes(str(info.value), runtime)
+    assert ("Runtime -> Restart session: Colab's secret is read once a session" in str(info.value)) is (runtime == "colab")
+    out = capsys.readouterr()
+    assert BAD_TOKEN not in str(info.value) + out.out + out.err
+
+
+def test_a_kaggle_secret_unlocks_a_gated_model(monkeypatch, gpu_with_disk, fake_hub, kaggle):
+    """The whole Kaggle path: no secret -> Kaggle's instructions; the secret attached -> the check passes."""
+    with pytest.raises(PermissionError, match=r"Add-ons -> Secrets -> Add Secret, label HF_TOKEN"):
+        fluxnb.check_checkpoint_access(GATED)
+    kaggle.secrets["HF_TOKEN"] = GOOD_TOKEN
+    fluxnb.check_checkpoint_access(GATED)
+
+
+@pytest.mark.parametrize("runtime, says, not_there", [
+    ("kaggle", "Choose a GPU: Settings -> Accelerator -> GPU T4 x2", "Change runtime type"),
+    ("colab", "Choose a GPU: Runtime -> Change runtime type -> T4 GPU", "Kaggle"),
+    ("local", "on Colab (Runtime -> Change runtime type -> T4 GPU", "Choose a GPU"),
+])
+def test_no_gpu_says_how_to_get_one_on_this_runtime(monkeypatch, runtime, says, not_there):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(fluxnb.environment, "runtime", lambda: runtime)
+    with pytest.raises(RuntimeError, match="No GPU in this runtime") as info:
+        fluxnb.check_checkpoint_access("black-forest-labs/FLUX.1-schnell")
+    assert says in str(info.value) and not_there not in str(info.value) and "FLUXNB_CHECKPOINT" in str(info.value)
+
+
+def test_no_network_on_kaggle_says_turn_internet_on(monkeypatch, gpu_with_disk, fake_hub):
+    import httpx
+    from huggingface_hub import HfApi
+
+    def unreachable(self, *args, **kwargs):
+        raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(HfApi, "auth_check", unreachable)
+    monkeypatch.setattr(fluxnb.environment, "runtime", lambda: "kaggle")
+    monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)
+    with pytest.raises(ConnectionError, match=r"cannot be reached \(ConnectError\) and someone/not-cached is not cached: "
+                                              r"turn Internet on \(Settings -> Internet"):
+        fluxnb.check_checkpoint_access("someone/not-cached")
+
+
 def test_no_network(monkeypatch, gpu_with_disk):
     from huggingface_hub import constants
 

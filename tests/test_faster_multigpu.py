@@ -192,3 +192,45 @@ def test_failure_excerpt_keeps_the_first_rank_failure_and_the_end():
     with pytest.warns(UserWarning, match="aborted once"):
         assert _gloo_aborted("traceback : Signal 6 (SIGABRT) received by PID 3444")
     assert not _gloo_aborted("exitcode  : 1 (pid: 3444)")
+
+
+def test_notebook_10_on_kaggle_writes_into_kaggle_working_and_its_ranks_get_the_secret_token(kaggle, monkeypatch, tmp_path):
+    """Notebook 10 as a Kaggle notebook starts it, up to torchrun (a CPU has no two GPUs to run the ranks
+    on): the outputs folder its parameters cell makes is Kaggle's kept /kaggle/working/outputs whatever the
+    kernel's folder, torchrun gets this interpreter, fluxnb's worker and an absolute --json there, and its
+    environment carries the token read from Kaggle's secret (no library reads that secret in a rank) and
+    the NCCL settings; and fluxnb's worker can be started from that folder with that environment."""
+    import sys
+
+    from fluxnb.lab.supervisor import Finished
+
+    kaggle.secrets["HF_TOKEN"] = "hf_kaggle_secret_value"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("FLUXNB_OUTPUT")  # conftest.py set it; a Kaggle kernel has none
+    output_dir = fluxnb.output_dir("multi-gpu")  # as in notebook 10's parameters cell
+    output_dir.mkdir(parents=True, exist_ok=True)
+    assert output_dir == kaggle.working / "outputs" / "multi-gpu"
+    started = {}
+
+    def torchrun(argv, timeout_s, **kwargs):  # what fluxnb.lab.supervisor.run_process would start
+        started.update(argv=argv, **kwargs)
+        json_path = Path(argv[argv.index("--json") + 1])
+        json_path.write_text(json.dumps({"mode": "cp", "world_size": 2}))  # what rank 0 writes
+        return Finished(0, "")
+
+    monkeypatch.setattr(multigpu, "run_process", torchrun)
+    out = multigpu.launch("cp", 2, "black-forest-labs/FLUX.1-dev", output_dir / "cp-2.json", "fp16", "nf4", 1024, 1024, 5, 0)
+    assert out == {"mode": "cp", "world_size": 2}
+    argv, env = started["argv"], started["env"]
+    assert argv[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "fluxnb.multigpu"]
+    assert argv[argv.index("--json") + 1] == str(kaggle.working / "outputs" / "multi-gpu" / "cp-2.json")
+    assert argv[argv.index("--dtype") + 1] == "fp16" and argv[argv.index("--quant") + 1] == "nf4"
+    assert started.get("cwd") is None  # the ranks start in the kernel's folder
+    assert env["HF_TOKEN"] == "hf_kaggle_secret_value" and env["KAGGLE_KERNEL_RUN_TYPE"] == "Interactive"
+    assert all(env[name] == value for name, value in multigpu.NCCL_SAFE_ENV.items())
+    rank = subprocess.run([sys.executable, "-m", "fluxnb.multigpu", "--help"], env=env, cwd=elsewhere,
+                          capture_output=True, text=True, timeout=300)
+    assert rank.returncode == 0 and "torchrun --nproc_per_node=2 -m fluxnb.multigpu" in rank.stdout, rank.stderr

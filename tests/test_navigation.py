@@ -142,6 +142,10 @@ def test_every_lesson_has_the_one_generated_setup_cell(tmp_path):
         assert "".join(cells[at]["source"]) == text and "".join(cells[at + 1]["source"]) == code, name
         if navigation.SETUP_KIND.get(name) == "backends":
             assert all(pinned[b] in code for b in navigation.BACKENDS), name
+        solved = _cells(SOLUTIONS / navigation.solutions_name(name))
+        at = next(k for k, c in enumerate(solved) if "".join(c["source"]).startswith(navigation.SETUP))
+        assert "".join(solved[at]["source"]) == navigation.SOLUTIONS_SETUP, f"{name}'s solutions: their setup markdown"
+        assert "".join(solved[at + 1]["source"]) == code, f"{name}'s solutions: the lesson's setup cell"
     (tmp_path / "requirements.txt").write_text("torchao==0.18.0\n")
     try:
         navigation.pins(("torchao", "sdnq"), tmp_path)
