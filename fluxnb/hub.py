@@ -29,6 +29,15 @@ Every byte a response body carries is counted (:meth:`StandInHub.bytes_sent`); w
 ``FLUXNB_HUB_LOG`` set, each finished transfer is appended there as one JSON line, which is how the
 course runner measures what each notebook downloads.
 
+Why not an existing server: olah (the self-hosted Hub mirror on PyPI, ``python -m olah.server``) is a
+mirror of an upstream Hub that caches what it proxies, in blocks; a repository of its own must be a git
+repository under its ``mirrors-path`` (read with GitPython), and its offline mode serves only what its
+cache holds. The stand-ins are folders fluxnb builds (34 GB of random weights for ``random-dev``), which
+would have to be committed to git or written in olah's cache format first, and olah runs as a server
+process of its own, which a learner on Binder or a workshop laptop would have to start by hand. The
+server here is the part of the Hub's answers the client reads, in the standard library, started inside
+the kernel by the parameters cell.
+
 huggingface_hub reads ``HF_ENDPOINT``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` once, when it is first
 imported, so :func:`serve` must run before that: the notebooks' parameters cell calls
 :func:`fluxnb.resolve_checkpoint` before anything imports diffusers or transformers. Called later, it
