@@ -165,7 +165,7 @@ def check_free_disk(path: str | os.PathLike[str], need_gb: float, what: str) -> 
     if free_gb < need_gb:
         raise OSError(
             f"{what} needs about {need_gb:.0f} GB of disk but {path} has {free_gb:.1f} GB free. "
-            "Free some space, or point HF_HOME / FLUXNB_CACHE at a larger disk, then run this cell again."
+            "Free some space, or point HF_HOME / FLUXNB_CACHE at a larger disk, then run it again."
         )
 
 
