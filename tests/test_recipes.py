@@ -284,12 +284,17 @@ def test_the_big_gpu_recipe_states_its_measured_need():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_recipes_use_only_the_libraries_and_fluxnb_only_for_stand_ins(path):
+def test_recipes_use_only_the_libraries_and_fluxnb_only_for_stand_ins_and_checks(path):
+    """The libraries, and of fluxnb only the checks before loading and the save (one import line) and the
+    stand-ins (inside the functions that resolve them)."""
     tree = _tree(path)
-    top = {(n.module if isinstance(n, ast.ImportFrom) else n.names[0].name).split(".")[0]
-           for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
-    assert top <= ALLOWED_IMPORTS, top - ALLOWED_IMPORTS
+    imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    top = {(n.module if isinstance(n, ast.ImportFrom) else n.names[0].name).split(".")[0] for n in imports}
+    assert top <= ALLOWED_IMPORTS | {"fluxnb"}, top - ALLOWED_IMPORTS
+    ours = [ast.unparse(n) for n in imports if ast.unparse(n).split()[1].startswith("fluxnb")]
+    assert ours == ["from fluxnb.recipe_checks import check_before_loading, save_or_keep"]
     for func in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
         for node in ast.walk(func):
             if isinstance(node, ast.Import) and any(a.name == "fluxnb" for a in node.names):
                 assert func.name in ("checkpoint_path", "prequantized_path"), f"{path.name}: fluxnb in {func.name}"
+
