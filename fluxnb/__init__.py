@@ -58,8 +58,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
 # rehearsal tooling (fluxnb.lab, course, fit) is not among them: ``import fluxnb.lab`` says what it loads.
 _SUBMODULES = frozenset({"capacity", "checkpoints", "cpu_bitsandbytes", "envelopes", "environment", "errors",
                          "exceptions", "faster", "game", "gguf_export", "hub", "klein", "memory", "multigpu", "planner",
-                         "prequantized", "quant_configs", "quant_metrics", "quantization", "recipes", "slices",
-                         "stages", "streaming", "studio"})
+                         "prequantized", "quant_configs", "quant_metrics", "quantization", "recipe_checks", "recipes",
+                         "slices", "stages", "streaming", "studio"})
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_HOME)
 

@@ -352,7 +352,7 @@ def _disk_advice(path: Path, free_gb: float) -> str:
         return (f"Free some space: on Kaggle the downloads and {KAGGLE_WORKING} share the session's disk, so delete "
                 f"what earlier runs left in {KAGGLE_WORKING} or downloads this notebook does not use ({hub_cache_dir()}), "
                 "then run this cell again.")
-    return "Free some space, or point HF_HOME / FLUXNB_CACHE at a larger disk, then run this cell again."
+    return "Free some space, or point HF_HOME / FLUXNB_CACHE at a larger disk, then run it again."
 
 
 def find_hub_token() -> str | None:

@@ -480,7 +480,7 @@ def check_hub_access(repo_id: str, token: str | None) -> None:
     except GatedRepoError as error:
         raise HubAccessError(
             f"{repo_id} is gated and this token has no access yet: open https://huggingface.co/{repo_id}, accept "
-            "the licence with the account the token belongs to, then run this cell again."
+            "the licence with the account the token belongs to, then run it again."
         ) from error
     except RepositoryNotFoundError as error:
         raise MissingFileError(

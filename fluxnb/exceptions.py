@@ -38,3 +38,8 @@ class HubAccessError(FluxnbError, PermissionError):
 
 class HubUnreachableError(FluxnbError, ConnectionError):
     """The Hugging Face Hub could not be reached (offline, a proxy, ``HF_HUB_OFFLINE=1``)."""
+
+
+class UnwritableFolderError(FluxnbError, OSError):
+    """A folder asked for output cannot be created or written (a path under a file, a read-only or full disk,
+    no permission): said before the work that would end there, not after it."""

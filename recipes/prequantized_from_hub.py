@@ -8,6 +8,14 @@ A 4-bit layer computes in the dtype it was saved with (fp16 here) unless told ot
 denoise, free, decode.
 
     python recipes/prequantized_from_hub.py --prompt "A cat holding a sign that says hello world" --out images
+
+--prequantized FOLDER_OR_ID loads another NF4 package (text_encoder_2/ and transformer/); it is checked
+before loading as the checkpoint is.
+
+Before anything loads, fluxnb's checks (fluxnb/recipe_checks.py) answer bad input -- settings, an --out
+that cannot be written, a checkpoint that is missing, gated without a token or too big for the disk --
+in one sentence, exit status 2. An image that cannot be saved in --out at the end is kept in the current
+folder (else the temp folder) and a line says where: exit status 1, as for NaN/inf latents.
 """
 
 import argparse
@@ -19,16 +27,15 @@ from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation (notebook 04)
 import torch  # after PYTORCH_CUDA_ALLOC_CONF: the allocator reads it when CUDA starts
-from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-from diffusers import BitsAndBytesConfig as DiffusersBitsAndBytesConfig
-from diffusers.image_processor import VaeImageProcessor
 from PIL import PngImagePlugin
-from transformers import BitsAndBytesConfig, CLIPTextModel, T5EncoderModel
+
+from fluxnb.recipe_checks import check_before_loading, save_or_keep  # this repository's checks (pip install -e .)
 
 
 RECIPE = "prequantized-nf4"
 PREQUANTIZED = "hf-internal-testing/flux.1-dev-nf4-pkg"  # text_encoder_2/ and transformer/ in NF4
 MODEL_ID = "black-forest-labs/FLUX.1-dev"
+STAND_INS = ("tiny", "random-dev", "random-schnell")  # fluxnb's, for tests and rehearsals
 BF16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 DTYPE = torch.bfloat16 if BF16 else torch.float16  # a T4 has no bf16: fp16
 TEXT_DTYPE = torch.float32 if DTYPE == torch.float16 else DTYPE  # T5 overflows in fp16 (notebook 01)
@@ -47,25 +54,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prequantized", default=None, help=f"NF4 package (default: {PREQUANTIZED})")
     parser.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens: dev 512, schnell 256")
-    args = parser.parse_args()
-    if args.height % 16 or args.width % 16 or min(args.height, args.width) <= 0:
-        parser.error(f"--height {args.height} --width {args.width}: both must be positive multiples of 16")
-    return args
+    return parser.parse_args()  # what FLUX can use is checked in main(), by check_before_loading
 
 
 def checkpoint_path(checkpoint: str) -> str:
     """A Hub id or a folder, as given. "tiny"/"random-dev" are fluxnb's offline stand-ins (tests, rehearsals)."""
-    if checkpoint not in ("tiny", "random-dev", "random-schnell"):
+    if checkpoint not in STAND_INS:
         return checkpoint
     import fluxnb  # only for the stand-ins: delete this branch when you copy the recipe
 
-    fluxnb.allow_bitsandbytes_on_cpu()  # the tiny test runs on a CPU
-    return fluxnb.resolve_checkpoint(MODEL_ID, choice=checkpoint)
+    resolved = fluxnb.resolve_checkpoint(MODEL_ID, choice=checkpoint)  # first: before huggingface_hub is imported
+    fluxnb.allow_bitsandbytes_on_cpu()  # the tiny test runs on a CPU (this imports diffusers)
+    return resolved
 
 
 def prequantized_path(checkpoint: str) -> str:
     """The NF4 package: the Hub's for FLUX.1-dev; fluxnb exports one for its stand-ins (tests, rehearsals)."""
-    if checkpoint not in ("tiny", "random-dev", "random-schnell"):
+    if checkpoint not in STAND_INS:
         return PREQUANTIZED
     import fluxnb  # only for the stand-ins: delete this branch when you copy the recipe
 
@@ -90,7 +95,8 @@ def flush() -> None:
 
 
 def save_png(image, folder: Path, settings: dict) -> Path:
-    """Save ``image`` with ``settings`` in its PNG metadata as image-0001.png, -0002, ...: never overwrites."""
+    """Save ``image`` with ``settings`` in its PNG metadata as image-0001.png, -0002, ...: never overwrites,
+    and a write that fails (a full disk) leaves no half PNG behind."""
     folder.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     for key, value in settings.items():
@@ -99,17 +105,29 @@ def save_png(image, folder: Path, settings: dict) -> Path:
     while True:
         path = folder / f"image-{n:04d}.png"
         try:
-            with open(path, "xb") as f:  # "x": fail rather than overwrite
-                image.save(f, format="PNG", pnginfo=info)
-            return path
+            f = open(path, "xb")  # "x": fail rather than overwrite
         except FileExistsError:
             n += 1
+            continue
+        try:
+            with f:
+                image.save(f, format="PNG", pnginfo=info)
+        except BaseException:
+            path.unlink(missing_ok=True)  # ours, cut off (a full disk): no half PNG is left behind
+            raise
+        return path
 
 
 def main() -> None:
     args = parse_args()
-    checkpoint = checkpoint_path(args.checkpoint)
-    prequantized = args.prequantized or prequantized_path(args.checkpoint)
+    package = args.prequantized or (None if args.checkpoint in STAND_INS else PREQUANTIZED)  # checked too
+    checkpoint = check_before_loading(args, MODEL_ID, checkpoint_path, nf4_package=package)  # bad input: exit 2
+    # the libraries only now: a bad argument costs a second, not their import (and the stand-ins are resolved)
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from diffusers.image_processor import VaeImageProcessor
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    prequantized = package or prequantized_path(args.checkpoint)  # a stand-in's: exported once by fluxnb
     start = time.perf_counter()
 
     # 1. encode: T5 as saved in NF4 (no quantization config), CLIP from the original; then free them
@@ -142,8 +160,9 @@ def main() -> None:
         generator=torch.Generator("cpu").manual_seed(args.seed),  # the same noise on any device
         output_type="latent",
     ).images
-    if not torch.isfinite(latents).all():
-        raise FloatingPointError("The latents contain NaN/inf: on a GPU without bf16, encode in float32 (TEXT_DTYPE).")
+    if not torch.isfinite(latents).all():  # exit status 1, before the VAE decodes noise
+        raise SystemExit("The latents contain NaN/inf, so nothing was decoded: on a GPU without bf16, encode the "
+                         "prompt in float32 (TEXT_DTYPE).")
     del pipe, transformer
     flush()
 
@@ -157,10 +176,12 @@ def main() -> None:
     image = VaeImageProcessor(vae_scale_factor=scale * 2).postprocess(pixels, output_type="pil")[0]
     settings = dict(recipe=RECIPE, prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                     height=args.height, width=args.width, checkpoint=args.checkpoint, dtype=DTYPE)
-    path = save_png(image, args.out, settings)
+    path = save_or_keep(save_png, image, args.out, settings)  # --out failing now: kept in . or the temp folder
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     print(json.dumps(dict(settings, dtype=str(DTYPE), image=str(path), seconds=round(time.perf_counter() - start, 1),
                           peak_vram_allocated_gib=peak and round(peak, 2))))
+    if path.parent != args.out:
+        raise SystemExit(1)  # not where --out asked: save_or_keep said where it is
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ bf16 where the GPUs have it, else fp16 with the text encoders in float32 (a T4; 
     python recipes/two_gpus.py --prompt "A cat holding a sign that says hello world" --out images
 
 With fewer than two GPUs it stops at once and says so (exit code 1): nothing is loaded.
+
+Before anything loads, fluxnb's checks (fluxnb/recipe_checks.py) answer bad input -- settings, an --out
+that cannot be written, a checkpoint that is missing, gated without a token or too big for the disk --
+in one sentence, exit status 2. An image that cannot be saved in --out at the end is kept in the current
+folder (else the temp folder) and a line says where: exit status 1, as for NaN/inf latents.
 """
 
 import argparse
@@ -25,9 +30,9 @@ from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation (notebook 04)
 import torch  # after PYTORCH_CUDA_ALLOC_CONF: the allocator reads it when CUDA starts
-from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-from diffusers.image_processor import VaeImageProcessor
 from PIL import PngImagePlugin
+
+from fluxnb.recipe_checks import check_before_loading, save_or_keep  # this repository's checks (pip install -e .)
 
 
 RECIPE = "two-gpus"
@@ -50,10 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--headroom-gib", type=float, default=3.0,
                         help="VRAM kept free on each GPU for activations (max_memory = total - this)")
     parser.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens: dev 512, schnell 256")
-    args = parser.parse_args()
-    if args.height % 16 or args.width % 16 or min(args.height, args.width) <= 0:
-        parser.error(f"--height {args.height} --width {args.width}: both must be positive multiples of 16")
-    return args
+    return parser.parse_args()  # what FLUX can use is checked in main(), by check_before_loading
 
 
 def checkpoint_path(checkpoint: str) -> str:
@@ -62,8 +64,9 @@ def checkpoint_path(checkpoint: str) -> str:
         return checkpoint
     import fluxnb  # only for the stand-ins: delete this branch when you copy the recipe
 
-    fluxnb.allow_bitsandbytes_on_cpu()  # the tiny test runs on a CPU
-    return fluxnb.resolve_checkpoint(MODEL_ID, choice=checkpoint)
+    resolved = fluxnb.resolve_checkpoint(MODEL_ID, choice=checkpoint)  # first: before huggingface_hub is imported
+    fluxnb.allow_bitsandbytes_on_cpu()  # the tiny test runs on a CPU (this imports diffusers)
+    return resolved
 
 
 def flush() -> None:
@@ -74,7 +77,8 @@ def flush() -> None:
 
 
 def save_png(image, folder: Path, settings: dict) -> Path:
-    """Save ``image`` with ``settings`` in its PNG metadata as image-0001.png, -0002, ...: never overwrites."""
+    """Save ``image`` with ``settings`` in its PNG metadata as image-0001.png, -0002, ...: never overwrites,
+    and a write that fails (a full disk) leaves no half PNG behind."""
     folder.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     for key, value in settings.items():
@@ -83,11 +87,17 @@ def save_png(image, folder: Path, settings: dict) -> Path:
     while True:
         path = folder / f"image-{n:04d}.png"
         try:
-            with open(path, "xb") as f:  # "x": fail rather than overwrite
-                image.save(f, format="PNG", pnginfo=info)
-            return path
+            f = open(path, "xb")  # "x": fail rather than overwrite
         except FileExistsError:
             n += 1
+            continue
+        try:
+            with f:
+                image.save(f, format="PNG", pnginfo=info)
+        except BaseException:
+            path.unlink(missing_ok=True)  # ours, cut off (a full disk): no half PNG is left behind
+            raise
+        return path
 
 
 def main() -> None:
@@ -96,7 +106,11 @@ def main() -> None:
         raise SystemExit(f"This recipe splits FLUX.1 over two GPUs and this machine has {torch.cuda.device_count()}: "
                          "skipped, nothing was loaded. One GPU: recipes/t4_staged_nf4_fp16.py (15 GB) or "
                          "recipes/card_8gb_staged_nf4_bf16.py (8 GB).")
-    checkpoint = checkpoint_path(args.checkpoint)
+    checkpoint = check_before_loading(args, MODEL_ID, checkpoint_path)  # bad input: one sentence, exit 2
+    # the libraries only now: a bad argument costs a second, not their import (and the stand-ins are resolved)
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from diffusers.image_processor import VaeImageProcessor
+
     max_memory = {i: f"{torch.cuda.get_device_properties(i).total_memory / 2**30 - args.headroom_gib:.1f}GiB"
                   for i in range(2)}
     start = time.perf_counter()
@@ -130,9 +144,9 @@ def main() -> None:
         generator=torch.Generator("cpu").manual_seed(args.seed),  # the same noise on any device
         output_type="latent",
     ).images
-    if not torch.isfinite(latents).all():
-        raise FloatingPointError("The latents contain NaN/inf: fp16 overflowed. Encode the prompt in float32 "
-                                 "(TEXT_DTYPE), or use GPUs with bf16.")
+    if not torch.isfinite(latents).all():  # exit status 1, before the VAE decodes noise
+        raise SystemExit("The latents contain NaN/inf (fp16 overflowed), so nothing was decoded: encode the prompt "
+                         "in float32 (TEXT_DTYPE), or use GPUs with bf16.")
     del pipe, transformer
     flush()
 
@@ -146,10 +160,12 @@ def main() -> None:
     image = VaeImageProcessor(vae_scale_factor=scale * 2).postprocess(pixels, output_type="pil")[0]
     settings = dict(recipe=RECIPE, prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                     height=args.height, width=args.width, checkpoint=args.checkpoint, dtype=DTYPE)
-    path = save_png(image, args.out, settings)
+    path = save_or_keep(save_png, image, args.out, settings)  # --out failing now: kept in . or the temp folder
     peaks = [round(torch.cuda.max_memory_allocated(i) / 2**30, 2) for i in range(2)]
     print(json.dumps(dict(settings, dtype=str(DTYPE), image=str(path), seconds=round(time.perf_counter() - start, 1),
                           peak_vram_allocated_gib=max(peaks), peak_vram_allocated_gib_per_gpu=peaks)))
+    if path.parent != args.out:
+        raise SystemExit(1)  # not where --out asked: save_or_keep said where it is
 
 
 if __name__ == "__main__":
