@@ -280,7 +280,8 @@ def _written_configs(notebook, dtype):
     the notebook's own imports and ``DTYPE = dtype``; calls whose arguments name other variables are left out."""
     import ast
 
-    trees = [ast.parse("\n".join(l for l in src.splitlines() if not l.lstrip().startswith("%"))) for src in _code(notebook)]
+    trees = [ast.parse("\n".join(l[:len(l) - len(l.lstrip())] + "pass" if l.lstrip().startswith("%") else l
+                                 for l in src.splitlines())) for src in _code(notebook)]
     namespace = {"torch": torch, "DTYPE": dtype, "SKIP": ["x_embedder", "context_embedder", "proj_out", "norm_out"]}
     for tree in trees:
         for node in ast.walk(tree):
