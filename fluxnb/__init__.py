@@ -1,8 +1,8 @@
 """fluxnb: the helper package of the course "FLUX.1 on small GPUs".
 
 What a lesson imports: the staged recipe the notebooks teach (:mod:`fluxnb.stages`), the checkpoint
-switch and the offline stand-ins (:mod:`fluxnb.checkpoints`, :mod:`fluxnb.prequantized`), served under the
-real repository ids by a local Hub endpoint (:mod:`fluxnb.hub`), measuring
+switch (:mod:`fluxnb.switch`) and the offline stand-ins (:mod:`fluxnb.checkpoints`, :mod:`fluxnb.prequantized`),
+served under the real repository ids by a local Hub endpoint (:mod:`fluxnb.hub`), measuring
 (:mod:`fluxnb.memory`), the machine (:mod:`fluxnb.environment`), checks that say what to do before
 anything loads (:mod:`fluxnb.errors`, :mod:`fluxnb.exceptions`), what fits (:mod:`fluxnb.capacity`,
 :mod:`fluxnb.planner`), block streaming (:mod:`fluxnb.streaming`), bitsandbytes on a CPU
@@ -32,8 +32,7 @@ __version__ = "0.1.0"
 # and ``python -m fluxnb.planner`` / ``python -m fluxnb.capacity`` find their module not imported yet
 # (runpy warns when the package's import has imported it before it runs as ``__main__``).
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "checkpoints": ("build_random", "build_tiny", "generation_settings", "is_stand_in", "parameter_counts",
-                    "resolve_checkpoint"),
+    "checkpoints": ("build_random", "build_tiny", "generation_settings", "is_stand_in", "parameter_counts"),
     "cpu_bitsandbytes": ("allow_bitsandbytes_on_cpu",),
     "envelopes": ("committed_run",),
     "environment": ("available_ram_gib", "check_free_disk", "find_hub_token", "free_vram_gib", "machine_info",
@@ -43,7 +42,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                "check_size_fits", "estimate_vram_gib", "load_image_with_settings", "oom_advice",
                "prompt_truncation_notice"),
     "memory": ("MemoryTracker", "StepTimer", "bytes_to_giga_bytes", "flush"),
-    "prequantized": ("download_gb", "download_plan", "download_text", "export_prequantized", "prequantized_checkpoint",
+    "prequantized": ("download_gb", "download_plan", "download_text", "export_prequantized",
                      "saved_quantized_dir"),
     "stages": ("NonFiniteLatentsError", "decode", "denoise", "embeddings_path", "encode_and_save", "encode_prompt",
                "execution_device", "load_denoising_pipeline", "load_embeddings", "load_pipeline_all_at_once",
@@ -52,6 +51,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "streaming": ("BlockStreamingConfig", "apply_block_streaming", "blocks_to_keep", "get_block_streamer",
                   "remove_block_streaming", "resident_blocks_that_fit"),
     "studio": ("Studio",),
+    "switch": ("prequantized_checkpoint", "resolve_checkpoint"),
 }
 # The lesson modules a notebook may reach as ``fluxnb.<module>`` after ``import fluxnb`` (``fluxnb.planner.eta``,
 # ``fluxnb.capacity.step_bytes``, ``fluxnb.streaming.transformer_blocks``): imported on first use too. The
@@ -59,7 +59,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
 _SUBMODULES = frozenset({"capacity", "checkpoints", "cpu_bitsandbytes", "envelopes", "environment", "errors",
                          "exceptions", "faster", "game", "gguf_export", "hub", "klein", "memory", "multigpu", "planner",
                          "prequantized", "quant_configs", "quant_metrics", "quantization", "recipe_checks", "recipes",
-                         "slices", "stages", "streaming", "studio"})
+                         "slices", "stages", "streaming", "studio", "switch"})
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_HOME)
 

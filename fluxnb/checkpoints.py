@@ -2,7 +2,7 @@
 
 The notebooks always name the real model (``black-forest-labs/FLUX.1-dev``, or
 ``black-forest-labs/FLUX.2-klein-4B`` for the FLUX.2 [klein] lesson) and pass it through
-:func:`resolve_checkpoint`. The environment variable ``FLUXNB_CHECKPOINT`` swaps it for a stand-in
+:func:`fluxnb.switch.resolve_checkpoint`. The environment variable ``FLUXNB_CHECKPOINT`` swaps it for a stand-in
 of the same family (:func:`family_of`: ``"flux1"`` or ``"klein"``):
 
 * unset or empty: the model id written in the notebook (downloaded from the Hub as usual);
@@ -230,40 +230,6 @@ def stand_in_kind(choice: str) -> str | None:
     return None if choice not in STAND_INS else ("tiny" if choice == "tiny" else "random")
 
 
-def resolve_checkpoint(model_id: str, choice: str | None = None) -> str:
-    """Return what ``from_pretrained`` should load for ``model_id``, honouring ``FLUXNB_CHECKPOINT``.
-
-    ``choice`` overrides the environment variable (a recipe's ``--checkpoint`` uses it).
-
-    * unset: ``model_id``, from the Hub;
-    * a stand-in (``tiny``, ``random-dev``, ``random-schnell``, ``random-klein``): ``model_id`` too, the real
-      repository id, now served by the stand-in Hub of this process (:func:`fluxnb.hub.serve`): the
-      notebook downloads it through huggingface_hub as it would the real model, into the stand-ins' own
-      cache. ``tiny`` serves the tiny stand-ins, any ``random-*`` the full-size random ones, each of the
-      repository's own model (FLUX.1-dev, -schnell or FLUX.2-klein-4B). The stand-in of ``model_id`` is
-      built here if it is not yet (a random one: about a minute on a GPU; refused without one), so no
-      download waits for a build. Without a GPU (the tiny course), diffusers' bitsandbytes quantizers
-      are opened for the CPU (:func:`fluxnb.cpu_bitsandbytes.allow_bitsandbytes_on_cpu`); on a GPU that
-      changes nothing. Must come before diffusers or transformers are imported (see :mod:`fluxnb.hub`);
-    * anything else: a Hub id or a local folder, used as given.
-    """
-    choice = (os.environ.get(ENV_VAR, "") if choice is None else choice).strip()
-    kind = stand_in_kind(choice)
-    if kind is None:
-        return choice or model_id
-    from fluxnb import hub
-
-    repository = hub.serve(kind).repositories.get(model_id.strip("/"))
-    if repository is None:
-        raise BadSettingError(f"FLUXNB_CHECKPOINT={choice} has stand-ins of {', '.join(hub.current().repositories)} only, "
-                         f"not of {model_id!r}: set MODEL_ID to one of them, or unset FLUXNB_CHECKPOINT.")
-    from fluxnb.cpu_bitsandbytes import allow_bitsandbytes_on_cpu
-
-    allow_bitsandbytes_on_cpu()  # no-op on a GPU; after serve(): it imports diffusers
-    repository.folder()  # built now, not while a download waits
-    return model_id
-
-
 def stand_in_folder(model_id: str, choice: str) -> str:
     """The folder of the stand-in ``choice`` of ``model_id``'s family, built on first use, or ``choice`` itself
     if it names no stand-in: for the tools that load a stand-in straight from disk (the benchmark, the dry
@@ -292,7 +258,7 @@ def random_variant(model_id: str, choice: str) -> str:
 
 def is_stand_in(checkpoint: str | os.PathLike[str]) -> str | None:
     """``"tiny"``, ``"random"`` or None: which kind of fluxnb stand-in ``checkpoint`` is: a stand-in's folder,
-    or a repository id that this process's stand-in Hub serves (:func:`resolve_checkpoint`)."""
+    or a repository id that this process's stand-in Hub serves (:func:`fluxnb.switch.resolve_checkpoint`)."""
     marker = Path(checkpoint) / _DONE
     if marker.is_file():
         return str(json.loads(marker.read_text())["kind"])

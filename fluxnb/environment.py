@@ -168,18 +168,9 @@ def available_ram_gib() -> float:
     return (available if left is None else min(available, left)) / GIB
 
 
-def missing_resources(vram_gib: float | None = None, ram_gib: float | None = None,
-                      checkpoint: str | None = None) -> str | None:
+def missing_resources(vram_gib: float | None = None, ram_gib: float | None = None) -> str | None:
     """None if this machine has ``vram_gib`` of free VRAM and ``ram_gib`` of available host RAM now,
-    else a sentence saying what is short (for a cell that runs a section only where it fits).
-
-    ``checkpoint``: what the section loads. The figures asked for are FLUX.1's; the tiny stand-in
-    (:func:`fluxnb.is_stand_in`) needs a few MB, so for it the answer is always None (it runs anywhere)."""
-    if checkpoint is not None:
-        from fluxnb.checkpoints import is_stand_in
-
-        if is_stand_in(checkpoint) == "tiny":
-            return None
+    else a sentence saying what is short (for a cell that runs a section only where it fits)."""
     short = []
     free = free_vram_gib()
     if vram_gib is not None and (free is None or free < vram_gib):

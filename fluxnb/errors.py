@@ -425,6 +425,15 @@ def oom_advice(height: int, width: int, recipe: str | None = None, vram_gib: flo
         ) from error
 
 
+def missing_resources_for(checkpoint: str, vram_gib: float | None = None, ram_gib: float | None = None) -> str | None:
+    """:func:`fluxnb.missing_resources` for a section that loads ``checkpoint``: the figures asked for are
+    FLUX.1's, and the tiny stand-in (:func:`fluxnb.is_stand_in`) needs a few MB, so for it the answer is None
+    (it runs anywhere); for any other checkpoint, what this machine lacks now, or None."""
+    if is_stand_in(checkpoint) == "tiny":
+        return None
+    return environment.missing_resources(vram_gib=vram_gib, ram_gib=ram_gib)
+
+
 # --- the Hub: missing repo, bad token, gated, no network ---------------------------------------------
 
 

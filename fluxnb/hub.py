@@ -4,7 +4,7 @@ With ``FLUXNB_CHECKPOINT=tiny`` (or ``random-dev``/``-schnell``/``-klein``), a n
 ``black-forest-labs/FLUX.1-dev`` and loads it with ``from_pretrained``: :func:`serve` starts, once per
 process, a small HTTP server on ``127.0.0.1`` that answers the part of the Hub's API that
 huggingface_hub's unchanged client uses to download a model, and points the client at it through the
-Hub's own switch, ``HF_ENDPOINT``. So a rehearsal runs the learner's path: ``model_info``, the file
+Hub's own switch, ``HF_ENDPOINT``. (:mod:`fluxnb.switch` says which repositories it holds.) So a rehearsal runs the learner's path: ``model_info``, the file
 tree, ``HEAD`` for each file's commit, ETag and size, the download into a Hugging Face cache, byte
 ranges for a safetensors header (``get_safetensors_metadata``), and a gated repository that refuses a
 request without a token (``GatedRepoError``) or with a revoked one.
@@ -68,8 +68,9 @@ STAND_IN_TOKEN = "hf_fluxnb_stand_in_token"
 """The token the stand-in Hub accepts for its gated repositories; :func:`serve` sets ``HF_TOKEN`` to it,
 so a learner's real token is never sent anywhere in a rehearsal."""
 KINDS = ("tiny", "random")
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".model", ".msgpack", ".h5", ".onnx")
-"""Files the Hub stores in LFS (its default ``.gitattributes``): answered with ``X-Linked-Etag``/``-Size``."""
+LFS_SUFFIXES = (".safetensors", ".gguf", ".model")
+"""Files of the stand-ins that the Hub stores in LFS (its default ``.gitattributes`` lists these among others):
+answered with ``X-Linked-Etag``/``-Size``. The stand-ins hold no other binary formats."""
 _HASHED_BYTES = 64 * 2**20  # files up to this size get their content's hash as ETag (see _etag)
 _CHUNK = 2**20
 
@@ -393,27 +394,6 @@ class _Handler(BaseHTTPRequestHandler):
 _SERVING: dict[str, Any] = {}  # kind, hub: the stand-in Hub this process started (at most one)
 
 
-def stand_in_repositories(kind: str) -> list[Repository]:
-    """The repositories a ``kind`` (``"tiny"`` or ``"random"``) stand-in Hub holds, each built on first use:
-    FLUX.1-dev (gated, as the real one), FLUX.1-schnell, FLUX.2-klein-4B, and the NF4 package of
-    FLUX.1-dev (``hf-internal-testing/flux.1-dev-nf4-pkg``) made from the stand-in."""
-    from fluxnb import checkpoints
-
-    build = checkpoints.build_tiny if kind == "tiny" else checkpoints.build_random
-    repositories = [Repository(f"black-forest-labs/{checkpoints.REPOSITORIES[variant]}",
-                               build=lambda variant=variant: build(variant), gated=variant == "dev")
-                    for variant in checkpoints.VARIANTS]
-
-    def package() -> Path:
-        from fluxnb import prequantized
-        from fluxnb.environment import pick_dtype
-
-        return prequantized.stand_in_package(kind, pick_dtype())
-
-    repositories.append(Repository("hf-internal-testing/flux.1-dev-nf4-pkg", build=package))
-    return repositories
-
-
 def serving() -> str | None:
     """``"tiny"`` or ``"random"`` if this process serves stand-ins (:func:`serve` ran), else None."""
     return _SERVING.get("kind")
@@ -424,16 +404,16 @@ def current() -> StandInHub | None:
     return _SERVING.get("hub")
 
 
-def serve(kind: str) -> StandInHub:
-    """Serve ``kind``'s stand-ins under the real repository ids, once per process, and point
-    huggingface_hub at them: ``HF_ENDPOINT`` (this server), ``HF_HUB_CACHE`` (the stand-ins' own
-    cache: ``$FLUXNB_HUB_CACHE``, default ``~/.cache/fluxnb/hub-{kind}``), ``HF_TOKEN``
-    (:data:`STAND_IN_TOKEN`) and ``HF_HUB_OFFLINE=0`` (the server is on this machine: nothing is
-    downloaded from the internet). Returns the running server.
+def serve(kind: str, repositories: Callable[[], list[Repository]], cache: str | os.PathLike[str]) -> StandInHub:
+    """Serve ``kind``'s stand-ins (``repositories()``, asked for once) under their real repository ids, once per
+    process, and point huggingface_hub at them: ``HF_ENDPOINT`` (this server), ``HF_HUB_CACHE`` (the stand-ins'
+    own cache: ``$FLUXNB_HUB_CACHE``, else ``cache``), ``HF_TOKEN`` (:data:`STAND_IN_TOKEN`) and
+    ``HF_HUB_OFFLINE=0`` (the server is on this machine: nothing is downloaded from the internet). Returns the
+    running server. :func:`fluxnb.switch.resolve_checkpoint` calls it, with fluxnb's stand-ins.
 
     Must run before huggingface_hub is imported (it reads these once, at import). If it was imported
-    already with another endpoint, raises :class:`HubTooLateError`, which says to restart the kernel.
-    A second call with the same kind returns the same server; with the other kind it is refused too.
+    already, raises :class:`HubTooLateError`, which says to restart the kernel. A second call with the
+    same kind returns the same server; with the other kind it is refused too.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be 'tiny' or 'random', not {kind!r}")
@@ -447,11 +427,9 @@ def serve(kind: str) -> StandInHub:
             f"FLUXNB_CHECKPOINT={kind} came after huggingface_hub was imported (by diffusers or transformers), "
             "which reads its Hub address once, at import: restart the kernel (Kernel -> Restart) and run the "
             "notebook from the top, where the parameters cell sets FLUXNB_CHECKPOINT before anything loads.")
-    from fluxnb.checkpoints import cache_dir
-
-    hub = StandInHub(stand_in_repositories(kind), log=os.environ.get(LOG_VAR) or None).start()
+    hub = StandInHub(repositories(), log=os.environ.get(LOG_VAR) or None).start()
     os.environ["HF_ENDPOINT"] = hub.url
-    os.environ["HF_HUB_CACHE"] = str(Path(os.environ.get(CACHE_VAR) or cache_dir() / f"hub-{kind}").expanduser())
+    os.environ["HF_HUB_CACHE"] = str(Path(os.environ.get(CACHE_VAR) or cache).expanduser())
     os.environ["HF_TOKEN"] = STAND_IN_TOKEN
     os.environ["HF_HUB_OFFLINE"] = "0"
     os.environ.pop("TRANSFORMERS_OFFLINE", None)

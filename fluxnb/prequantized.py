@@ -51,8 +51,7 @@ from pathlib import Path
 
 import torch
 
-from fluxnb.checkpoints import (ENV_VAR, KLEIN_PARTS, REAL_MAX_SHARD_BYTES, cache_dir, family_of, resolve_checkpoint,
-                                variant_of,
+from fluxnb.checkpoints import (KLEIN_PARTS, REAL_MAX_SHARD_BYTES, cache_dir, family_of, variant_of,
                                 write_hub_json)  # REAL_MAX_SHARD_BYTES: the 2024 libraries' shard sizes, as the Hub package was cut
 from fluxnb.environment import check_free_disk
 from fluxnb.memory import flush
@@ -121,36 +120,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def prequantized_checkpoint(model_id: str, dtype: torch.dtype, choice: str | None = None) -> str | None:
-    """Where the NF4 T5 and transformer for ``model_id`` come from, or None to quantize while loading.
-
-    Follows ``FLUXNB_CHECKPOINT`` (``choice`` overrides it) as :func:`fluxnb.resolve_checkpoint` does:
-
-    * unset, or a stand-in: the Hub package of the original FLUX.1 variant (:data:`PREQUANTIZED_REPOS`), None
-      if there is none (schnell, klein) or ``model_id`` is not the original (a fine-tune: its own weights
-      must be used). With a stand-in the stand-in Hub serves that package under its real id, made from the
-      stand-in (:func:`stand_in_package`, built here for ``dtype`` if it is not yet);
-    * anything else (a folder or Hub id): itself if it has the package layout (``text_encoder_2`` and
-      ``transformer`` whose ``config.json`` carry a ``quantization_config``), else None.
-    """
-    from fluxnb.checkpoints import stand_in_kind
-
-    choice = (os.environ.get(ENV_VAR, "") if choice is None else choice).strip()
-    variant = variant_of(model_id)
-    if choice and stand_in_kind(choice) is None:
-        return choice if all(_is_quantized(choice, part) for part in NF4_PARTS) else None
-    official = model_id.strip("/").lower() == ORIGINALS.get(variant, "").lower()  # no FLUX.1 package for klein
-    repo = PREQUANTIZED_REPOS.get(variant) if official else None
-    if repo is not None and choice:
-        from fluxnb import hub
-
-        resolve_checkpoint(model_id, choice)  # serves the stand-ins (before anything imports huggingface_hub)
-        served = hub.served_repository(repo)
-        if served is not None:
-            served.folder()  # the package is made now, not while a download waits
-    return repo
-
-
 def stand_in_package(kind: str, dtype: torch.dtype) -> Path:
     """The NF4 package of the ``kind`` (``"tiny"``/``"random"``) FLUX.1-dev stand-in, exported once per ``dtype``
     into the fluxnb cache (``tiny-flux.1-dev-nf4-float32`` ...), since each saved 4-bit layer carries its
@@ -162,7 +131,7 @@ def stand_in_package(kind: str, dtype: torch.dtype) -> Path:
     return export_prequantized(str(source), folder, dtype)
 
 
-def _is_quantized(source: str, part: str) -> bool:
+def is_quantized_part(source: str, part: str) -> bool:
     """Whether ``source``'s ``part/config.json`` (on disk, or fetched from the Hub) has a quantization_config."""
     config = Path(source) / part / "config.json"
     if not Path(source).is_dir():

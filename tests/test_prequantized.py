@@ -14,7 +14,8 @@ from huggingface_hub import HfApi, RepoFile
 
 import fluxnb
 from fluxnb import prequantized
-from fluxnb.prequantized import download_gb, download_plan, export_prequantized, prequantized_checkpoint
+from fluxnb.prequantized import download_gb, download_plan, export_prequantized
+from fluxnb.switch import prequantized_checkpoint
 
 DEV, SCHNELL = "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"
 HUB_PKG = "hf-internal-testing/flux.1-dev-nf4-pkg"

@@ -31,7 +31,7 @@ def test_building_the_stand_ins_writes_no_shard_bars_and_leaves_bars_on(tmp_path
         "from transformers.utils import logging\n"
         "fluxnb.allow_bitsandbytes_on_cpu()\n"
         "fluxnb.build_tiny('dev')\n"
-        "fluxnb.prequantized_checkpoint('black-forest-labs/FLUX.1-dev', torch.float32, choice='tiny')\n"
+        "fluxnb.prequantized.stand_in_package('tiny', torch.float32)\n"
         "print('bars on after:', logging.is_progress_bar_enabled())\n", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Writing model shards" not in done.stderr and "bars on after: True" in done.stdout

@@ -313,7 +313,7 @@ report, fault, script, *argv = sys.argv[1:]
 seen = {}
 import fluxnb
 
-real_resolve = fluxnb.checkpoints.resolve_checkpoint
+real_resolve = fluxnb.switch.resolve_checkpoint
 
 
 def resolve(*args, **kwargs):  # the stand-ins must be resolved before huggingface_hub is first imported
