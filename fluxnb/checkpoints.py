@@ -22,12 +22,12 @@ of the same family (:func:`family_of`: ``"flux1"`` or ``"klein"``):
   the FLUX.2 VAE; about 16 GB on disk, in ``black-forest-labs/FLUX.2-klein-4B``'s layout);
 * anything else: a Hub id or a local folder, used as given.
 
-The random stand-in always has the notebook's family, because the course runner sets one
-``FLUXNB_CHECKPOINT`` for every notebook: ``random-dev`` (or ``-schnell``) on a notebook that names
-klein gives ``random-klein``, and ``random-klein`` on a FLUX.1 notebook gives that notebook's FLUX.1
-variant (``random-dev`` for FLUX.1-dev). Within FLUX.1 the variant named wins, as before:
-``random-schnell`` on a dev notebook is schnell. A stand-in of the other family could not run the
-notebook's code at all (other pipeline class, other components).
+A notebook gets its stand-in through the Hub's own client: :func:`fluxnb.switch.resolve_checkpoint` returns the
+real id and the kernel's stand-in Hub (:mod:`fluxnb.hub`) serves each repository's own stand-in under it
+(``tiny`` the tiny ones, any ``random-*`` the random ones), so one ``FLUXNB_CHECKPOINT`` serves every notebook,
+FLUX.1 and klein alike. The tools that load a stand-in straight from its folder (the benchmark, the dry run)
+use :func:`stand_in_folder`, where ``random-schnell`` on FLUX.1-dev still means schnell's stand-in and any
+``random-*`` on klein means ``random-klein`` (:func:`random_variant`).
 
 Stand-ins are built once, into ``FLUXNB_CACHE`` (default ``~/.cache/fluxnb``), written to a temporary
 folder first and renamed when complete, so an interrupted build never leaves a half checkpoint.
