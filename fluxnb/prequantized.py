@@ -291,12 +291,17 @@ def download_plan(model_id: str, prequantized: str | None) -> list[DownloadItem]
         sources[prequantized] = sources.get(prequantized, ()) + NF4_PARTS
     plan = []
     for source, parts in sources.items():
-        items = _folder_items(source, Path(source), parts) if Path(source).is_dir() else _hub_items(source, parts)
-        if missing := _missing(items, parts):
-            raise FileNotFoundError(f"{source} has no {', '.join(missing)}: "
-                                    "is it a FLUX.1 checkpoint in diffusers' layout?")
-        plan += [item for item in items if _fetched(item.path)]
+        plan += files_plan(source, parts)
     return plan
+
+
+def files_plan(source: str, parts: tuple[str, ...]) -> list[DownloadItem]:
+    """The files ``from_pretrained`` reads under ``parts`` of one source (a Hub id or a folder), as :func:`download_plan`
+    lists them: e.g. ``files_plan(model_id, ("transformer",))`` for the whole transformer."""
+    items = _folder_items(source, Path(source), parts) if Path(source).is_dir() else _hub_items(source, parts)
+    if missing := _missing(items, parts):
+        raise FileNotFoundError(f"{source} has no {', '.join(missing)}: is it a FLUX.1 checkpoint in diffusers' layout?")
+    return [item for item in items if _fetched(item.path)]
 
 
 def download_gb(plan: list[DownloadItem], include_cached: bool = False) -> float:

@@ -28,7 +28,6 @@ import torch
 
 from fluxnb.gguf_export import make_gguf
 from fluxnb.quant_configs import build as build_config
-from fluxnb.slices import local_folder
 
 
 class BackendUnavailable(RuntimeError):
@@ -193,6 +192,16 @@ def quantization_config(scheme: str, dtype: torch.dtype, **options: Any) -> Any:
     return build_config(scheme, dtype, **options)
 
 
+def default_gguf_folder(checkpoint: str | os.PathLike[str]) -> Path:
+    """Where :func:`load_transformer` keeps the GGUF files it makes: ``gguf/`` in a checkpoint folder; for a Hub id,
+    ``gguf/<repo>`` in fluxnb's cache (never inside the Hugging Face cache's snapshot)."""
+    from fluxnb.checkpoints import cache_dir
+
+    if Path(checkpoint).is_dir():
+        return Path(checkpoint) / "gguf"
+    return cache_dir() / "gguf" / str(checkpoint).strip("/").replace("/", "--")
+
+
 def load_transformer(checkpoint: str | os.PathLike[str], scheme: str, dtype: torch.dtype,
                      gguf_folder: str | os.PathLike[str] | None = None, device: str | torch.device | None = None,
                      **options: Any) -> Any:
@@ -200,7 +209,8 @@ def load_transformer(checkpoint: str | os.PathLike[str], scheme: str, dtype: tor
 
     ``device`` defaults to the GPU if there is one. bitsandbytes (and torchao on a GPU) place each weight
     there while loading; the other backends load on the CPU and are moved. GGUF schemes first make a
-    ``.gguf`` file in ``gguf_folder`` (default: ``gguf/`` in the checkpoint's folder; reused once made).
+    ``.gguf`` file in ``gguf_folder`` (default: :func:`default_gguf_folder`; reused once made); of a Hub id
+    that needs its whole transformer on disk (:func:`fluxnb.slices.local_folder` says its size first).
     """
     from diffusers import FluxTransformer2DModel
 
@@ -210,7 +220,7 @@ def load_transformer(checkpoint: str | os.PathLike[str], scheme: str, dtype: tor
     backend = SCHEMES[scheme].backend
     if backend == "gguf":
         qtype = scheme.split("-", 1)[1].upper()
-        folder = Path(gguf_folder) if gguf_folder else local_folder(checkpoint) / "gguf"
+        folder = Path(gguf_folder) if gguf_folder else default_gguf_folder(checkpoint)
         path = make_gguf(checkpoint, folder / f"transformer-{qtype}.gguf", qtype)
         model = FluxTransformer2DModel.from_single_file(
             str(path), quantization_config=quantization_config(scheme, dtype, **options), config=checkpoint,
