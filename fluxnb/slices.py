@@ -84,6 +84,18 @@ class ShardHeader:
     header_bytes: int  # bytes the header's reading downloads (parse_safetensors_file_metadata's and the length's)
 
 
+
+SLICES_VAR = "FLUXNB_SLICES"  # where slices are kept; the course runner gives each notebook its own, as a fresh VM
+
+
+def slices_dir() -> Path:
+    """Where slices and the headers they were planned from are kept: ``$FLUXNB_SLICES``, else the fluxnb cache's
+    ``slices/``. Like the Hugging Face cache they come from, they go with the machine: on a fresh Colab VM a
+    notebook fetches its slice again (the course runner's per-notebook folder counts that)."""
+    from fluxnb.checkpoints import cache_dir
+
+    return Path(os.environ.get(SLICES_VAR) or cache_dir() / "slices").expanduser()
+
 def _keep(name: str, num_layers: int, num_single_layers: int) -> bool:
     """Whether tensor ``name`` belongs to a slice of the first blocks (the embedders and output layer always do)."""
     for prefix, limit in (("transformer_blocks.", num_layers), ("single_transformer_blocks.", num_single_layers)):
@@ -194,9 +206,7 @@ class _Hub:
         return dict(source=self.repo_id, commit=self.commit, num_layers=n, num_single_layers=m)
 
     def _headers_file(self) -> Path:
-        from fluxnb.checkpoints import cache_dir
-
-        return cache_dir() / "slices" / "headers" / f"{self.repo_id.replace('/', '--')}-{self.commit}.json"
+            return slices_dir() / "headers" / f"{self.repo_id.replace('/', '--')}-{self.commit}.json"
 
     def url(self, filename: str) -> str:
         from huggingface_hub import hf_hub_url
@@ -463,11 +473,9 @@ def slice_for(checkpoint: str | os.PathLike[str], blocks: tuple[int, int] | None
     """
     if blocks is None:
         return str(checkpoint)
-    from fluxnb.checkpoints import cache_dir
-
     source = _source(checkpoint, token, endpoint)
     n, m = _clamp(source.config, blocks)
-    return str(_write_slice(source, cache_dir() / "slices" / source.tag(n, m), n, m))
+    return str(_write_slice(source, slices_dir() / source.tag(n, m), n, m))
 
 
 def slice_checkpoint(checkpoint: str | os.PathLike[str], folder: str | os.PathLike[str],
@@ -484,9 +492,7 @@ def slice_checkpoint(checkpoint: str | os.PathLike[str], folder: str | os.PathLi
 
 
 def _is_made(source: _Local | _Hub, n: int, m: int) -> bool:
-    from fluxnb.checkpoints import cache_dir
-
-    done = cache_dir() / "slices" / source.tag(n, m) / TRANSFORMER / _DONE
+    done = slices_dir() / source.tag(n, m) / TRANSFORMER / _DONE
     return done.is_file() and json.loads(done.read_text()) == source.marker(n, m)
 
 

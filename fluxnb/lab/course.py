@@ -51,6 +51,7 @@ from fluxnb.lab.limits import RamCgroup, VramHolder
 from fluxnb.lab.supervisor import entry_command, run_process, signal_name
 from fluxnb.memory import anon_ram_bytes
 from fluxnb.prequantized import size_text
+from fluxnb.slices import SLICES_VAR
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 RESULTS_NAME = "course-results.json"
@@ -318,13 +319,14 @@ def run_course(output: Path, notebooks: list[Path], timeout_s: int = 1800, envel
 
 
 def _fresh_hub_cache(env: dict[str, str], output: Path, name: str) -> Path:
-    """Give the next kernel an empty Hugging Face cache and a download log of its own, as a fresh Colab VM has
-    (its stand-in Hub reads both from ``env``: :mod:`fluxnb.hub`); return the log's path."""
+    """Give the next kernel an empty Hugging Face cache, an empty slices folder and a download log of its own, as
+    a fresh Colab VM has (its stand-in Hub reads them from ``env``: :mod:`fluxnb.hub`); return the log's path."""
     cache, log = output / "hub-cache" / name, output / "downloads" / f"{name}.jsonl"
     shutil.rmtree(cache, ignore_errors=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.unlink(missing_ok=True)
     env[hub.CACHE_VAR], env[hub.LOG_VAR] = str(cache.resolve()), str(log.resolve())
+    env[SLICES_VAR] = str((cache / "slices").resolve())  # 05-07's slices are fetched again too
     return log
 
 
