@@ -275,3 +275,17 @@ def test_notebook_03_reads_01s_embeddings_and_loads_no_text_encoder():
     dev_files = [p for p in (out / "embeddings").glob("*.safetensors")
                  if "FLUX.1-dev" in fluxnb.load_embeddings(p, "cpu")[1]["checkpoint"]]
     assert len(dev_files) == 1, dev_files  # 01's file, read by 03: not a second one
+
+
+def test_the_committed_downloads_table_is_what_docs_results_show():
+    """docs/results.md's downloads come from committed runner results (benchmarks/results/downloads-*.json),
+    each notebook's bytes counted by the stand-in Hub, not computed from file lists."""
+    from benchmarks import report
+
+    runs = sorted((ROOT / "benchmarks" / "results").glob("downloads-*.json"))
+    assert runs, "no committed course run counted its downloads"
+    for path in runs:
+        rows = json.loads(path.read_text())["notebooks"]
+        assert len(rows) == 13 and all(r["passed"] and r["downloaded_bytes"] is not None for r in rows)
+        assert sum(r["downloaded_bytes"] for r in rows) == sum(sum(r["downloads"].values()) for r in rows) > 0
+    assert report.downloads_markdown().strip() in (ROOT / "docs" / "results.md").read_text()
