@@ -3,7 +3,8 @@ the tiny stand-in, types a prompt, clicks Generate, and the picture must appear 
 a PNG on disk.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` packages and ``selenium`` (requirements.txt).
-Without them the test is skipped, saying what to install. To keep the screenshot README shows:
+Without them the test is skipped, saying what to install; in CI (``CI=true``, where ``.ci/run`` installs
+them) it fails instead, so that CI cannot pass without it. To keep the screenshot README shows:
 
     FLUXNB_BROWSER_SCREENSHOT=docs/studio.png HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_browser.py
 
@@ -30,11 +31,27 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 TOKEN = "fluxnb-browser-test"
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="no Chromium: the browser test needs Debian's chromium and chromium-driver packages "
-           "(apt-get install chromium chromium-driver)",
-)
+
+def _missing() -> str | None:
+    """What the browser test lacks here, in one sentence; None when it can run."""
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        return ("no Chromium: the browser test needs Debian's chromium and chromium-driver packages "
+                "(apt-get install chromium chromium-driver)")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (requirements.txt)"
+    return None
+
+
+@pytest.fixture
+def needs_a_browser():
+    """Skip without Chromium, but fail in CI: there a skip would report a green run that never opened the Studio."""
+    missing = _missing()
+    if missing and os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail(f"CI={os.environ['CI']}: the browser test must run, not skip: {missing}; .ci/run installs them")
+    if missing:
+        pytest.skip(missing)
 
 
 def _free_port() -> int:
@@ -55,7 +72,7 @@ def _wait(what: str, condition, timeout: float, interval: float = 0.5):
 
 
 @pytest.fixture
-def lab(tmp_path):
+def lab(needs_a_browser, tmp_path):
     """JupyterLab on a free port, serving a copy of the notebook (the committed one stays untouched)."""
     root = tmp_path / "lab"
     root.mkdir()
@@ -100,8 +117,9 @@ def lab(tmp_path):
 
 
 @pytest.fixture
-def browser(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements.txt)")
+def browser(needs_a_browser, tmp_path):
+    from selenium import webdriver  # needs_a_browser checked it is there
+
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
@@ -200,3 +218,16 @@ def test_studio_generates_in_a_real_browser(lab, browser):
     assert int(stopped.group(1)) < 400
     assert len(browser.find_elements(By.CSS_SELECTOR, gallery)) == 2 and len(list(images_dir.glob("*.png"))) == 2
     print(f"browser test: {time.monotonic() - started:.0f} s from opening the notebook")
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", "1 error"), (None, "1 skipped")])  # a fixture's failure: an error
+def test_without_chromium_the_browser_test_skips_but_fails_in_ci(tmp_path, ci, outcome):
+    """Run the browser test where no Chromium can be found (an empty PATH): CI=true must turn the skip into a
+    failure that names what is missing."""
+    env = {k: v for k, v in os.environ.items() if k != "CI"} | {"PATH": str(tmp_path)} | ({"CI": ci} if ci else {})
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:randomly", "-p", "no:cacheprovider",
+                          f"{__file__}::test_studio_generates_in_a_real_browser"], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=120)
+    assert outcome in out.stdout and "no Chromium" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.returncode == (1 if ci else 0), out.stdout[-2000:]
+    assert ("must run, not skip" in out.stdout) == (ci is not None), out.stdout[-2000:]
