@@ -2,6 +2,7 @@
 fluxnb module imported) comes from the wheel step's venv, not from the checkout, and not as an editable install."""
 
 import importlib.metadata
+import json
 import os
 import pathlib
 import sys
@@ -18,8 +19,10 @@ for name, module in sorted(sys.modules.items()):
     if name.startswith("fluxnb"):
         where = pathlib.Path(module.__file__).resolve()
         assert where.is_relative_to(site) and not where.is_relative_to(root), f"{name} imported from {where}"
-files = [str(f) for f in importlib.metadata.files("fluxnb")]
-assert not any(f.endswith(".pth") or "__editable__" in f for f in files), "fluxnb is an editable install here"
+dist = importlib.metadata.distribution("fluxnb")
+direct_url = json.loads(dist.read_text("direct_url.json") or "{}")  # PEP 610: how pip installed it
+assert not direct_url.get("dir_info", {}).get("editable"), f"fluxnb is an editable install here: {direct_url}"
+assert not any("__editable__" in str(f) for f in dist.files), "fluxnb is an editable install here"
 import torch  # noqa: E402
 
 print(f"CI: wheel step: fluxnb {importlib.metadata.version('fluxnb')} from {site / 'fluxnb'} (torch "
