@@ -152,15 +152,16 @@ def check_size_fits(height: int, width: int, checkpoint: str | None = None, reci
     """Raise ``ValueError`` before loading if ``height`` x ``width`` cannot fit this GPU's VRAM.
 
     ``vram_gib``: the GPU's total (default: this one's, or the rehearsed envelope's); without a GPU,
-    or for the tiny stand-in (its memory is not FLUX's), nothing is checked. ``recipe``: a name in
+    or for the tiny stand-in on this machine (its memory is not FLUX's), nothing is checked. A ``vram_gib``
+    given asks about FLUX.1 on that GPU, whatever this machine runs. ``recipe``: a name in
     :data:`fluxnb.capacity.SIZE_MODEL_RECIPES` (default: the course's staged NF4 flow in this GPU's dtype).
     """
 
     check_side("height", height)
     check_side("width", width)
-    if checkpoint is not None and is_stand_in(checkpoint) == "tiny":
-        return
     if vram_gib is None:
+        if checkpoint is not None and is_stand_in(checkpoint) == "tiny":
+            return  # this machine runs the tiny stand-in, whose memory is not FLUX's: nothing to check here
         vram_gib = environment.machine_info().vram_gib
         if vram_gib is None:
             return
