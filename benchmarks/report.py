@@ -458,15 +458,15 @@ def write_measured_table(data: dict[str, Any] | None = None) -> str:
 
 
 DOWNLOADS_START, DOWNLOADS_END = "<!-- fluxnb:downloads-table:start -->", "<!-- fluxnb:downloads-table:end -->"
-DOWNLOADS = ROOT / "benchmarks" / "results"  # downloads-*.json: course runs whose notebooks each began with an empty cache
+DOWNLOADS = ROOT / "benchmarks" / "results" / "downloads"  # course runs whose notebooks each began with an empty cache
 
 
 def downloads_markdown(folder: Path = DOWNLOADS) -> str:
     """What each notebook downloads on a fresh VM, from the committed course runs that counted it
-    (``benchmarks/results/downloads-*.json``: the runner's results, :func:`fluxnb.lab.course.downloads_markdown`)."""
+    (``benchmarks/results/downloads/*.json``: the runner's results, :func:`fluxnb.lab.course.downloads_markdown`)."""
     from fluxnb.lab.course import downloads_markdown as table
 
-    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("downloads-*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     return "\n".join(table(run) for run in runs) if runs else "No course run has counted its downloads yet.\n"
 
 

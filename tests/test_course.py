@@ -271,18 +271,15 @@ def test_notebook_03_reads_01s_embeddings_and_loads_no_text_encoder():
     dev = [e["path"] for e in fetched if e["repo"] == "black-forest-labs/FLUX.1-dev"]
     assert dev and not [p for p in dev if p.startswith(("text_encoder", "tokenizer"))], dev  # the VAE, not T5
     assert not [e for e in fetched if e["repo"] == "hf-internal-testing/flux.1-dev-nf4-pkg"
-                and e["path"].startswith("text_encoder_2/")]
-    dev_files = [p for p in (out / "embeddings").glob("*.safetensors")
-                 if "FLUX.1-dev" in fluxnb.load_embeddings(p, "cpu")[1]["checkpoint"]]
-    assert len(dev_files) == 1, dev_files  # 01's file, read by 03: not a second one
+                and e["path"].startswith("text_encoder_2/")]  # 03 starts from an empty cache: encoding would fetch T5
 
 
 def test_the_committed_downloads_table_is_what_docs_results_show():
-    """docs/results.md's downloads come from committed runner results (benchmarks/results/downloads-*.json),
+    """docs/results.md's downloads come from committed runner results (benchmarks/results/downloads/*.json),
     each notebook's bytes counted by the stand-in Hub, not computed from file lists."""
     from benchmarks import report
 
-    runs = sorted((ROOT / "benchmarks" / "results").glob("downloads-*.json"))
+    runs = sorted((ROOT / "benchmarks" / "results" / "downloads").glob("*.json"))
     assert runs, "no committed course run counted its downloads"
     for path in runs:
         rows = json.loads(path.read_text())["notebooks"]
