@@ -323,7 +323,7 @@ def check_free_disk(path: str | os.PathLike[str], need_gb: float, what: str) -> 
     message says what to do there (on Google Drive: what the setup cell does instead)."""
     target = Path(path)
     path = _existing(target)
-    free_gb = shutil.disk_usage(path).free / 1e9
+    free_gb = _free_gb(path)
     if free_gb < need_gb:
         raise OSError(f"{what} needs about {need_gb:.0f} GB of disk but {path} has {free_gb:.1f} GB free. "
                       + _disk_advice(target, free_gb))

@@ -235,12 +235,18 @@ class _Handler(BaseHTTPRequestHandler):
         value = self.headers.get("Authorization") or ""
         return value.removeprefix("Bearer ").strip() or None
 
-    def _refused(self, repo: Repository) -> bool:
-        """Answer a revoked token, or a gated repository without an accepted token, as the Hub does."""
-        token = self._token()
-        if token is not None and token in self.hub.revoked:
+    def _revoked(self) -> bool:
+        """Answer a revoked token as the Hub does, for any repository and any request."""
+        if self._token() in self.hub.revoked:
             self._error(401, None, "Invalid credentials in Authorization header")
             return True
+        return False
+
+    def _refused(self, repo: Repository) -> bool:
+        """Answer a revoked token, or a gated repository without an accepted token, as the Hub does."""
+        if self._revoked():
+            return True
+        token = self._token()
         if repo.gated and token not in self.hub.tokens:
             if token is None:
                 self._error(401, "GatedRepo", f"Access to model {repo.repo_id} is restricted. You must have access "
@@ -297,9 +303,7 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repository(repo_id)
         if repo is None or not self._revision(repo, revision):
             return
-        token = self._token()
-        if token is not None and token in self.hub.revoked:
-            self._error(401, None, "Invalid credentials in Authorization header")
+        if self._revoked():  # the card of a gated repository is public; a revoked token is refused everywhere
             return
         siblings = [{"rfilename": path, "size": size, "blobId": repo.etag(path) if not is_lfs(path) else None,
                      **({"lfs": {"sha256": repo.etag(path), "size": size, "pointerSize": 134}} if is_lfs(path) else {})}
